@@ -1,0 +1,78 @@
+"""Fitness shaping: per-completion rewards -> one weight per population member.
+
+Higher reward is better everywhere (evosax minimises; we do not). All functions are pure, NaN-aware and never
+return NaN: a member with no valid reward gets shaped fitness 0, i.e. it is left out of the update, and a
+population whose valid fitness values are all equal gets all zeros (a zero update, not a division by zero).
+"""
+
+import torch
+
+
+def centered_rank(fitness: torch.Tensor) -> torch.Tensor:
+    """Ranks mapped linearly to [-0.5, 0.5]; ties share their average rank. NaN entries -> 0."""
+    shaped = torch.zeros_like(fitness, dtype=torch.float32)
+    valid = ~torch.isnan(fitness)
+    n = int(valid.sum())
+    if n < 2:
+        return shaped
+    values = fitness[valid].float()
+    # Average rank of ties: count of strictly smaller + (count of equal - 1) / 2.
+    smaller = (values.unsqueeze(0) < values.unsqueeze(1)).sum(dim=1).float()
+    equal = (values.unsqueeze(0) == values.unsqueeze(1)).sum(dim=1).float()
+    ranks = smaller + (equal - 1) / 2
+    shaped[valid] = ranks / (n - 1) - 0.5
+    return shaped
+
+
+def zscore(fitness: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(f - mean) / std over the valid members (population std). NaN entries and a zero spread -> 0."""
+    shaped = torch.zeros_like(fitness, dtype=torch.float32)
+    valid = ~torch.isnan(fitness)
+    if int(valid.sum()) < 2:
+        return shaped
+    values = fitness[valid].float()
+    std = values.std(unbiased=False)
+    if std <= eps:
+        return shaped
+    shaped[valid] = (values - values.mean()) / std
+    return shaped
+
+
+def no_shaping(fitness: torch.Tensor) -> torch.Tensor:
+    """Raw fitness, centered on its mean so a constant offset in the reward cannot bias the update."""
+    shaped = torch.zeros_like(fitness, dtype=torch.float32)
+    valid = ~torch.isnan(fitness)
+    if int(valid.sum()) < 2:
+        return shaped
+    values = fitness[valid].float()
+    shaped[valid] = values - values.mean()
+    return shaped
+
+
+FITNESS_SHAPINGS = {"centered_rank": centered_rank, "zscore": zscore, "none": no_shaping}
+
+
+def member_fitness(rewards: torch.Tensor, normalize_per_prompt: bool = False, eps: float = 1e-8) -> torch.Tensor:
+    """Collapse a ``(members, completions)`` reward matrix into one raw fitness per member.
+
+    ``rewards[i, j]`` is member ``i``'s reward on completion slot ``j``; every member saw the same prompt in slot
+    ``j``. NaN marks an unscorable completion and is ignored. With ``normalize_per_prompt`` each column is first
+    z-scored across members, so easy and hard prompts weigh the same. A member with no valid reward gets NaN.
+    """
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be (members, completions), got shape {tuple(rewards.shape)}")
+    rewards = rewards.float()
+    if normalize_per_prompt:
+        mean = torch.nanmean(rewards, dim=0, keepdim=True)
+        centered = rewards - mean
+        count = (~torch.isnan(rewards)).sum(dim=0, keepdim=True).clamp(min=1)
+        std = torch.sqrt(torch.nansum(centered**2, dim=0, keepdim=True) / count)
+        # A prompt on which every member scored the same carries no signal: it contributes 0, not NaN.
+        rewards = torch.where(std > eps, centered / std.clamp(min=eps), centered * 0)
+    return torch.nanmean(rewards, dim=1)
+
+
+def shape_fitness(fitness: torch.Tensor, method: str = "centered_rank") -> torch.Tensor:
+    if method not in FITNESS_SHAPINGS:
+        raise ValueError(f"unknown fitness_shaping {method!r}; choose one of {sorted(FITNESS_SHAPINGS)}")
+    return FITNESS_SHAPINGS[method](fitness)
