@@ -50,7 +50,8 @@ class ESConfig(GRPOConfig):
 
     Defaults that differ from GRPOConfig: ``learning_rate``, ``optim="sgd"``, ``max_grad_norm=0.0`` (a clipped ES
     step is a different algorithm), ``temperature=0.0`` (greedy, the published ES setting), ``num_generations=2``
-    and ``per_device_train_batch_size=64`` (32 distinct prompts per step), ``logging_steps=1``.
+    and ``per_device_train_batch_size=64`` (32 distinct prompts per step), ``logging_steps=1``,
+    ``gradient_checkpointing=False`` (there is no backward pass).
     """
 
     population_size: int = field(
@@ -138,6 +139,10 @@ class ESConfig(GRPOConfig):
                   "num_generations."},
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every X ES steps."})
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata={"help": "Recompute activations in the backward pass. ES has no backward pass, so it is off."},
+    )
 
     def __post_init__(self):
         self._check_es_fields()

@@ -1,0 +1,61 @@
+"""Fitness shaping against hand-computed values; NaN safety; per-prompt normalisation."""
+
+import math
+
+import pytest
+import torch
+
+from trl_es.core import member_fitness, shape_fitness
+
+
+def test_centered_rank_values_and_ties():
+    shaped = shape_fitness(torch.tensor([3.0, 1.0, 2.0, 10.0, 0.0]), "centered_rank")
+    # ranks 3, 1, 2, 4, 0 -> rank / 4 - 0.5
+    torch.testing.assert_close(shaped, torch.tensor([0.25, -0.25, 0.0, 0.5, -0.5]))
+    tied = shape_fitness(torch.tensor([1.0, 1.0, 2.0, 0.0]), "centered_rank")
+    # ranks 1.5, 1.5, 3, 0 -> / 3 - 0.5
+    torch.testing.assert_close(tied, torch.tensor([0.0, 0.0, 0.5, -0.5]))
+    assert math.isclose(float(tied.sum()), 0.0, abs_tol=1e-7)
+
+
+def test_zscore_and_none():
+    values = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    mean, std = 3.0, math.sqrt((4 + 1 + 0 + 9) / 4)
+    torch.testing.assert_close(shape_fitness(values, "zscore"), (values - mean) / std)
+    torch.testing.assert_close(shape_fitness(values, "none"), values - mean)
+
+
+@pytest.mark.parametrize("method", ["centered_rank", "zscore", "none"])
+def test_all_equal_gives_zeros_not_nan(method):
+    shaped = shape_fitness(torch.full((6,), 0.7), method)
+    assert torch.equal(shaped, torch.zeros(6))
+
+
+@pytest.mark.parametrize("method", ["centered_rank", "zscore", "none"])
+def test_nan_members_get_zero_and_do_not_poison_others(method):
+    shaped = shape_fitness(torch.tensor([1.0, float("nan"), 3.0, 2.0]), method)
+    assert not torch.isnan(shaped).any()
+    assert shaped[1] == 0
+    assert shaped[2] > shaped[3] > shaped[0]
+
+
+def test_unknown_shaping_is_named():
+    with pytest.raises(ValueError, match="unknown fitness_shaping 'rankz'"):
+        shape_fitness(torch.zeros(2), "rankz")
+
+
+def test_member_fitness_ignores_unscorable_completions():
+    rewards = torch.tensor([[1.0, float("nan"), 0.0], [float("nan")] * 3, [1.0, 1.0, 1.0]])
+    fitness = member_fitness(rewards)
+    assert fitness[0] == 0.5 and torch.isnan(fitness[1]) and fitness[2] == 1.0
+
+
+def test_member_fitness_per_prompt_normalisation_equalises_prompts():
+    # Prompt 0 has a large reward scale, prompt 1 a small one, prompt 2 gives every member the same reward.
+    rewards = torch.tensor([[100.0, 0.0, 5.0], [0.0, 1.0, 5.0]])
+    plain = member_fitness(rewards)
+    assert plain[0] > plain[1]  # dominated by prompt 0
+    normalized = member_fitness(rewards, normalize_per_prompt=True)
+    # each informative prompt now contributes +-1, the constant one 0: the members tie
+    torch.testing.assert_close(normalized, torch.zeros(2))
+    assert not torch.isnan(normalized).any()
