@@ -10,6 +10,7 @@ import logging
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from trl import GRPOConfig
 
 from .core.fitness import FITNESS_SHAPINGS
@@ -146,6 +147,9 @@ class ESConfig(GRPOConfig):
 
     def __post_init__(self):
         self._check_es_fields()
+        if self.bf16 is None and not torch.cuda.is_available():
+            # GRPOConfig turns bf16 on by default, which fails on a CPU-only machine; ES runs in fp32 there.
+            self.bf16 = False
         ignored = {
             name: getattr(self, name)
             for name in POLICY_GRADIENT_FIELDS
