@@ -1,0 +1,128 @@
+"""Bad input fails with an error naming the culprit, and the model's weights stay exactly as they were."""
+
+import pytest
+import torch
+from conftest import assert_same_weights, snapshot
+from datasets import Dataset
+
+from trl_es import ESConfig, ESTrainer
+from trl_es.rewards import RewardFunctionError
+from trl_es.tasks import arithmetic_dataset
+from test_trainer import es_config, length_reward
+
+
+def make_trainer(model_dir, tmp_path, reward_funcs, **overrides):
+    return ESTrainer(
+        model_dir,
+        reward_funcs=reward_funcs,
+        args=es_config(tmp_path, **overrides),
+        train_dataset=arithmetic_dataset("train", size=16),
+    )
+
+
+def test_missing_prompt_column_is_named(tiny_model_dir, tmp_path):
+    data = Dataset.from_dict({"question": ["1+1="], "answer": ["2"]})
+    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column \(columns: \['answer', 'question'\]\)"):
+        ESTrainer(tiny_model_dir, reward_funcs=length_reward, args=es_config(tmp_path), train_dataset=data)
+    with pytest.raises(ValueError, match="eval_dataset has no 'prompt' column"):
+        ESTrainer(
+            tiny_model_dir,
+            reward_funcs=length_reward,
+            args=es_config(tmp_path),
+            train_dataset=arithmetic_dataset("train", size=4),
+            eval_dataset=data,
+        )
+
+
+def exploding_reward(completions, **kwargs):
+    raise KeyError("no such column")
+
+
+def short_reward(completions, **kwargs):
+    return [1.0]
+
+
+def text_reward(completions, **kwargs):
+    return ["good"] * len(completions)
+
+
+@pytest.mark.parametrize(
+    "func, message",
+    [
+        (exploding_reward, r"Reward function 'exploding_reward' raised KeyError"),
+        (short_reward, r"Reward function 'short_reward' returned 1 values for 8 completions"),
+        (text_reward, r"Reward function 'text_reward' returned 'good' \(str\) for completion 0"),
+    ],
+)
+def test_broken_reward_function_is_named_and_weights_survive(tiny_model_dir, tmp_path, func, message):
+    trainer = make_trainer(tiny_model_dir, tmp_path, [length_reward, func])
+    before = snapshot(trainer.model)
+    with pytest.raises(RewardFunctionError, match=message):
+        trainer.train()
+    assert_same_weights(trainer.model, before)
+
+
+def test_member_with_only_unscorable_completions_is_left_out(tiny_model_dir, tmp_path):
+    calls = {"n": 0}
+
+    def first_member_unscorable(completions, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:  # the first reward call of the run scores member 0 of step 0
+            return [None] * len(completions)
+        return [float(len(c)) for c in completions]
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, first_member_unscorable, max_steps=1, logging_steps=1)
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert trainer.state.log_history[0]["es/invalid_members"] == 1.0
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_step_without_any_scorable_completion_raises_and_keeps_weights(tiny_model_dir, tmp_path):
+    def never_scores(completions, **kwargs):
+        return [None] * len(completions)
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, never_scores)
+    before = snapshot(trainer.model)
+    with pytest.raises(ValueError, match=r"no signal.*\['never_scores'\]"):
+        trainer.train()
+    assert_same_weights(trainer.model, before)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("population_size", 1, "population_size must be >= 2"),
+        ("population_size", 5, "population_size=5 is odd"),
+        ("sigma", 0.0, "sigma must be > 0"),
+        ("sigma", -1e-3, "sigma must be > 0"),
+        ("fitness_shaping", "rank", "fitness_shaping='rank' is unknown"),
+        ("perturbation", "dense", "perturbation='dense' is unknown"),
+        ("temperature", -1.0, "temperature must be >= 0"),
+    ],
+)
+def test_invalid_es_config_fields_are_named(tmp_path, field, value, message):
+    with pytest.raises(ValueError, match=message):
+        ESConfig(output_dir=str(tmp_path), report_to="none", **{field: value})
+
+
+def test_odd_population_is_fine_without_antithetic(tmp_path):
+    assert ESConfig(output_dir=str(tmp_path), report_to="none", population_size=5, antithetic=False).population_size == 5
+
+
+def test_policy_gradient_fields_warn_once(tmp_path):
+    with pytest.warns(UserWarning, match=r"ignored: \{'beta': 0.04, 'loss_type': 'grpo'\}") as record:
+        config = ESConfig(output_dir=str(tmp_path), report_to="none", beta=0.04, loss_type="grpo")
+    assert len([w for w in record if "ignored" in str(w.message)]) == 1
+    assert config.beta == 0.0  # no reference model is built for a loss ES does not have
+
+
+def test_hub_id_while_offline_is_explained(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OSError, match=r"Could not load model 'no-such-org/no-such-model'.*not a local folder"):
+        ESTrainer(
+            "no-such-org/no-such-model",
+            reward_funcs=length_reward,
+            args=es_config(tmp_path),
+            train_dataset=arithmetic_dataset("train", size=4),
+        )
