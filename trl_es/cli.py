@@ -80,10 +80,20 @@ def load_datasets(script_args: ESScriptArguments):
     if name.startswith(BUILTIN):
         from .tasks import arithmetic_dataset
 
-        if name != BUILTIN + "arithmetic":
-            raise ValueError(f"unknown built-in dataset {name!r}; available: ['builtin:arithmetic']")
-        train = arithmetic_dataset("train", conversational=script_args.conversational)
-        test = arithmetic_dataset("test", conversational=script_args.conversational)
+        from .tasks import hub_tasks
+
+        key = name[len(BUILTIN) :]
+        if key == "arithmetic":
+            train = arithmetic_dataset("train", conversational=script_args.conversational)
+            test = arithmetic_dataset("test", conversational=script_args.conversational)
+        elif key in ("gsm8k", "countdown"):  # need the hub: GPU recipes
+            data = getattr(hub_tasks, key)()
+            train, test = data["train"], data["test"]
+        else:
+            raise ValueError(
+                f"unknown built-in dataset {name!r}; available: "
+                "['builtin:arithmetic', 'builtin:gsm8k' (hub), 'builtin:countdown' (hub)]"
+            )
     else:
         from datasets import load_dataset
 

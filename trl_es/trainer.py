@@ -236,6 +236,11 @@ class ESTrainer(GRPOTrainer):
             torch.manual_seed(seed)
             yield
 
+    def _invalidate_vllm_weights(self) -> None:
+        """GRPO syncs weights to vLLM once per optimizer step; ES changes them once per member, so force a sync."""
+        if self.use_vllm:
+            self._last_loaded_step = -1
+
     def _score(self, rows: list[dict], prompts: list, completions: list, completion_ids: list) -> torch.Tensor:
         """Rewards per completion and reward function, ``(world * len(rows), num_funcs)``, rank-major."""
         return self._calculate_rewards(rows, prompts, completions, completion_ids).float()
@@ -298,6 +303,7 @@ class ESTrainer(GRPOTrainer):
             seed = self.es_noise.sampling_seed(step, members[0])
             # The weights are restored when this block exits, before any reward function runs.
             with self.perturbation_space.perturbed(step, members), self._seeded_sampling(seed):
+                self._invalidate_vllm_weights()
                 _, completion_ids, _, completions, *_ = self._generate(block_prompts)
             scores = self._score(block_rows, block_prompts, completions, completion_ids).cpu()
             # gathered rows are (process, member, row); regroup as (member, process * row)
@@ -312,6 +318,7 @@ class ESTrainer(GRPOTrainer):
                 }
             self._pending_extra_logs.clear()
 
+        self._invalidate_vllm_weights()  # vLLM still holds the last member's weights
         rewards = self._combine_reward_funcs(rewards_per_func)  # (members, completions)
         fitness = member_fitness(rewards, normalize_per_prompt=self.args.normalize_per_prompt)
         invalid = torch.isnan(fitness)

@@ -1,6 +1,7 @@
 """Built-in verifiable tasks and the tiny policies trained on them (the offline embedded default)."""
 
 from .arithmetic import ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
+from .hub_tasks import countdown_reward
 
 
-__all__ = ["ARITHMETIC_POLICY_DIR", "arithmetic_accuracy", "arithmetic_dataset"]
+__all__ = ["ARITHMETIC_POLICY_DIR", "arithmetic_accuracy", "arithmetic_dataset", "countdown_reward"]
