@@ -4,11 +4,11 @@ import pytest
 import torch
 from conftest import assert_same_weights, snapshot
 from datasets import Dataset
+from test_trainer import es_config, length_reward
 
 from trl_es import ESConfig, ESTrainer
 from trl_es.rewards import RewardFunctionError
 from trl_es.tasks import arithmetic_dataset
-from test_trainer import es_config, length_reward
 
 
 def make_trainer(model_dir, tmp_path, reward_funcs, **overrides):
@@ -22,7 +22,9 @@ def make_trainer(model_dir, tmp_path, reward_funcs, **overrides):
 
 def test_missing_prompt_column_is_named(tiny_model_dir, tmp_path):
     data = Dataset.from_dict({"question": ["1+1="], "answer": ["2"]})
-    with pytest.raises(ValueError, match=r"train_dataset has no 'prompt' column \(columns: \['answer', 'question'\]\)"):
+    with pytest.raises(
+        ValueError, match=r"train_dataset has no 'prompt' column \(columns: \['answer', 'question'\]\)"
+    ):
         ESTrainer(tiny_model_dir, reward_funcs=length_reward, args=es_config(tmp_path), train_dataset=data)
     with pytest.raises(ValueError, match="eval_dataset has no 'prompt' column"):
         ESTrainer(
@@ -107,7 +109,9 @@ def test_invalid_es_config_fields_are_named(tmp_path, field, value, message):
 
 
 def test_odd_population_is_fine_without_antithetic(tmp_path):
-    assert ESConfig(output_dir=str(tmp_path), report_to="none", population_size=5, antithetic=False).population_size == 5
+    assert (
+        ESConfig(output_dir=str(tmp_path), report_to="none", population_size=5, antithetic=False).population_size == 5
+    )
 
 
 def test_policy_gradient_fields_warn_once(tmp_path):

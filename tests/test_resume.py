@@ -10,9 +10,7 @@ from trl_es.tasks import arithmetic_dataset
 def test_resume_is_bit_exact(tiny_model_dir, tmp_path):
     def trainer(path):
         # Sampled decoding and Adam: the sampling seeds and the optimizer state must both resume exactly.
-        args = es_config(
-            path, max_steps=4, save_strategy="steps", save_steps=2, optim="adamw_torch", temperature=1.0
-        )
+        args = es_config(path, max_steps=4, save_strategy="steps", save_steps=2, optim="adamw_torch", temperature=1.0)
         return ESTrainer(
             tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=arithmetic_dataset("train", size=64)
         )

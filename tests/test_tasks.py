@@ -2,8 +2,7 @@
 
 import pytest
 
-from trl_es.tasks import arithmetic_accuracy, arithmetic_dataset, countdown_reward
-from trl_es.tasks import hub_tasks
+from trl_es.tasks import arithmetic_accuracy, arithmetic_dataset, countdown_reward, hub_tasks
 
 
 def test_arithmetic_splits_are_deterministic_and_disjoint():

@@ -167,9 +167,7 @@ def test_conversational_dataset_with_trl_accuracy_reward(tiny_model_dir, tmp_pat
 
     data = arithmetic_dataset("train", size=16, conversational=True)
     data = data.map(lambda row: {"solution": f"${row['answer']}$"})
-    trainer = ESTrainer(
-        tiny_model_dir, reward_funcs=accuracy_reward, args=es_config(tmp_path), train_dataset=data
-    )
+    trainer = ESTrainer(tiny_model_dir, reward_funcs=accuracy_reward, args=es_config(tmp_path), train_dataset=data)
     before = snapshot(trainer.model)
     trainer.train()
     assert "rewards/accuracy_reward/mean" in trainer.state.log_history[0]

@@ -76,11 +76,11 @@ def load_datasets(script_args: ESScriptArguments):
     """(train, test) datasets from a built-in task, a local file format, a local folder or a hub id."""
     name = script_args.dataset_name
     if not name:
-        raise ValueError("dataset_name is required (e.g. 'builtin:arithmetic', 'json' with dataset_data_files, or a hub id)")
+        raise ValueError(
+            "dataset_name is required (e.g. 'builtin:arithmetic', 'json' with dataset_data_files, or a hub id)"
+        )
     if name.startswith(BUILTIN):
-        from .tasks import arithmetic_dataset
-
-        from .tasks import hub_tasks
+        from .tasks import arithmetic_dataset, hub_tasks
 
         key = name[len(BUILTIN) :]
         if key == "arithmetic":

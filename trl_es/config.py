@@ -136,8 +136,9 @@ class ESConfig(GRPOConfig):
     )
     per_device_train_batch_size: int = field(
         default=64,
-        metadata={"help": "Rows per device per step; distinct prompts per step = generation_batch_size / "
-                  "num_generations."},
+        metadata={
+            "help": "Rows per device per step; distinct prompts per step = generation_batch_size / num_generations."
+        },
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every X ES steps."})
     gradient_checkpointing: bool = field(
@@ -151,9 +152,7 @@ class ESConfig(GRPOConfig):
             # GRPOConfig turns bf16 on by default, which fails on a CPU-only machine; ES runs in fp32 there.
             self.bf16 = False
         ignored = {
-            name: getattr(self, name)
-            for name in POLICY_GRADIENT_FIELDS
-            if getattr(self, name) != _GRPO_DEFAULTS[name]
+            name: getattr(self, name) for name in POLICY_GRADIENT_FIELDS if getattr(self, name) != _GRPO_DEFAULTS[name]
         }
         if ignored:
             warnings.warn(

@@ -55,7 +55,9 @@ def _checked(func, name: str):
             try:
                 output = await func(*args, **kwargs)
             except Exception as error:
-                raise RewardFunctionError(f"Reward function {name!r} raised {type(error).__name__}: {error}") from error
+                raise RewardFunctionError(
+                    f"Reward function {name!r} raised {type(error).__name__}: {error}"
+                ) from error
             return _check_output(name, output, len(kwargs["prompts"]))
 
         return checked_async
