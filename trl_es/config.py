@@ -18,7 +18,7 @@ from .core.fitness import FITNESS_SHAPINGS
 
 logger = logging.getLogger(__name__)
 
-PERTURBATIONS = ("auto", "full", "lora")
+PERTURBATIONS = ("auto", "full", "lora", "low_rank")
 # Fields read only by GRPO's policy-gradient loss; ES has no loss to apply them to.
 POLICY_GRADIENT_FIELDS = (
     "beta",
@@ -85,10 +85,32 @@ class ESConfig(GRPOConfig):
     perturbation: str = field(
         default="auto",
         metadata={
-            "help": "Which weights are evolved: 'full' (every trainable tensor, perturbed in place), 'lora' (only "
-            "the PEFT adapter weights; needs a PeftModel or `peft_config`), or 'auto' ('lora' for PEFT models, "
-            "else 'full').",
+            "help": "Which weights are evolved: 'full' (every trainable tensor, perturbed in place, one member per "
+            "generate call), 'lora' (only the PEFT adapter weights; needs a PeftModel or `peft_config`), "
+            "'low_rank' (rank-r perturbations of the Linear layers, every member in one batched generate call; "
+            "EGGROLL-style), or 'auto' ('lora' for PEFT models, else 'full').",
             "choices": list(PERTURBATIONS),
+        },
+    )
+    perturbation_rank: int = field(
+        default=1,
+        metadata={
+            "help": "Rank r of each member's perturbation A B^T / sqrt(r) of a weight matrix ('low_rank' only)."
+        },
+    )
+    perturbation_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "'low_rank' only: names (or name suffixes) of the nn.Linear layers to evolve, e.g. "
+            "['q_proj', 'v_proj']. Default: every Linear layer except the output head (lm_head). Embeddings, norms "
+            "and biases are not evolved in this space."
+        },
+    )
+    population_batch_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "'low_rank' only: how many members share one batched generate call (default: the whole "
+            "population). Lower it when N x prompts rows do not fit in memory."
         },
     )
     perturbation_restore: str = field(
@@ -183,6 +205,10 @@ class ESConfig(GRPOConfig):
             )
         if self.perturbation not in PERTURBATIONS:
             raise ValueError(f"perturbation={self.perturbation!r} is unknown; choose one of {list(PERTURBATIONS)}.")
+        if self.perturbation_rank < 1:
+            raise ValueError(f"perturbation_rank must be >= 1, got {self.perturbation_rank}.")
+        if self.population_batch_size is not None and not 1 <= self.population_batch_size:
+            raise ValueError(f"population_batch_size must be >= 1, got {self.population_batch_size}.")
         if self.perturbation_restore not in ("copy", "subtract"):
             raise ValueError(f"perturbation_restore must be 'copy' or 'subtract', got {self.perturbation_restore!r}.")
         if self.temperature < 0:

@@ -30,7 +30,15 @@ from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from .config import ESConfig
-from .core import InPlaceSpace, MemberNoise, PerturbationSpace, derive_seed, member_fitness, shape_fitness
+from .core import (
+    InPlaceSpace,
+    LowRankSpace,
+    MemberNoise,
+    PerturbationSpace,
+    derive_seed,
+    member_fitness,
+    shape_fitness,
+)
 from .rewards import wrap_reward_funcs
 
 
@@ -194,11 +202,46 @@ class ESTrainer(GRPOTrainer):
                 "perturbation='lora' evolves PEFT adapter weights, but the model has none. Pass a `peft_config` "
                 "(or a PeftModel), or use perturbation='full'."
             )
+        if requested == "low_rank":
+            if peft:
+                raise ValueError(
+                    "perturbation='low_rank' evolves the model's own Linear layers; it does not combine with PEFT "
+                    "adapters. Drop peft_config, or use perturbation='lora'."
+                )
+            self.perturbation_name = "low_rank"
+            return LowRankSpace(
+                self._low_rank_targets(),
+                self.es_noise,
+                self.args.sigma,
+                rank=self.args.perturbation_rank,
+                members_per_forward=self.args.population_batch_size,
+            )
         self.perturbation_name = "lora" if peft else "full"
         named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
         if not named:
             raise ValueError("The model has no trainable parameters (requires_grad=True) to evolve.")
         return InPlaceSpace(named, self.es_noise, self.args.sigma, restore=self.args.perturbation_restore)
+
+    def _low_rank_targets(self) -> list[tuple[str, torch.nn.Linear]]:
+        """Linear layers to evolve: the configured ones, or all but the output head (tied to the embeddings in
+        many models, where a low-rank output-side update would silently move the input embeddings too)."""
+        head = self.model.get_output_embeddings()
+        wanted = self.args.perturbation_target_modules
+        targets = []
+        for name, module in self.model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or not module.weight.requires_grad:
+                continue
+            if wanted is None:
+                if module is not head:
+                    targets.append((name, module))
+            elif any(name == w or name.endswith("." + w) for w in wanted):
+                targets.append((name, module))
+        if not targets:
+            raise ValueError(
+                f"perturbation_target_modules={wanted} matches no trainable nn.Linear layer of the model; "
+                f"Linear layers: {sorted({n.split('.')[-1] for n, m in self.model.named_modules() if isinstance(m, torch.nn.Linear)})}."
+            )
+        return targets
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

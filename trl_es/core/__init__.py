@@ -5,6 +5,7 @@ can be read and tested without a language model.
 """
 
 from .fitness import FITNESS_SHAPINGS, member_fitness, shape_fitness
+from .low_rank import LowRankSpace
 from .noise import MemberNoise, derive_seed
 from .spaces import InPlaceSpace, PerturbationSpace
 from .update import pseudo_gradient_coefficients
@@ -13,6 +14,7 @@ from .update import pseudo_gradient_coefficients
 __all__ = [
     "FITNESS_SHAPINGS",
     "InPlaceSpace",
+    "LowRankSpace",
     "MemberNoise",
     "PerturbationSpace",
     "derive_seed",

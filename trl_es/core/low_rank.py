@@ -1,0 +1,141 @@
+"""Low-rank population batching (EGGROLL-style): every member of the population in one batched forward.
+
+Member ``i`` perturbs each adapted weight ``W`` (out x in) by ``sigma * E_i`` with ``E_i = A_i B_i^T / sqrt(r)``,
+``A_i`` (out x r), ``B_i`` (in x r). Because
+
+    x (W + sigma E_i)^T = x W^T + (sigma / sqrt(r)) (x B_i) A_i^T,
+
+all members share the expensive ``x W^T`` and each adds a rank-r term. During ``perturbed(step, members)`` the
+adapted ``nn.Linear`` layers compute that term for every row of the batch, where the batch is laid out
+member-major: ``len(members)`` equal blocks of rows, block ``g`` belonging to ``members[g]``. No member's
+``W + sigma E_i`` is ever formed; the factors of the whole population (``N * r * (out + in)`` numbers per matrix)
+are drawn from the seeds once per ``perturbed`` context and dropped on exit.
+
+The update ``sum_i f_i A_i B_i^T`` is high rank in general; it is computed per matrix as one matmul.
+"""
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .noise import MemberNoise
+from .spaces import PerturbationSpace
+from .update import pseudo_gradient_coefficients
+
+
+class LowRankSpace(PerturbationSpace):
+    """Rank-``r`` perturbations of a set of ``nn.Linear`` layers, all members served by one forward.
+
+    Args:
+        named_linears: the layers to evolve, with stable names (the names seed the factors). Only their weights are
+            perturbed and updated; biases, embeddings, norms and untargeted layers stay as they are.
+        noise: member -> seeded direction mapping.
+        sigma: perturbation scale (of ``E_i``, whose entries have unit variance like full-rank Gaussian noise).
+        rank: ``r``.
+        members_per_forward: how many members one forward serves (default: the whole population).
+    """
+
+    def __init__(
+        self,
+        named_linears: Sequence[tuple[str, nn.Linear]],
+        noise: MemberNoise,
+        sigma: float,
+        rank: int = 1,
+        members_per_forward: int | None = None,
+    ):
+        super().__init__(noise, sigma)
+        if rank < 1:
+            raise ValueError(f"perturbation_rank must be >= 1, got {rank}")
+        if not named_linears:
+            raise ValueError("no Linear layers to perturb")
+        for name, module in named_linears:
+            if not isinstance(module, nn.Linear):
+                raise TypeError(f"low-rank perturbation needs nn.Linear layers; {name!r} is {type(module).__name__}")
+        self.named_linears = list(named_linears)
+        self.rank = rank
+        self.members_per_forward = members_per_forward or noise.population_size
+        # Tensors the update writes to: what the optimizer steps and what the update-norm metric reads.
+        self.named_params = [(f"{name}.weight", module.weight) for name, module in self.named_linears]
+
+    def num_parameters(self) -> int:
+        return sum(module.weight.numel() for _, module in self.named_linears)
+
+    def factors(self, step: int, direction: int, name: str, out_features: int, in_features: int, device) -> tuple:
+        """``(A, B)`` of one direction for one layer, fp32, from that direction's seed."""
+        both = self.noise.direction(step, direction, name, (out_features + in_features, self.rank), device)
+        return both[:out_features], both[out_features:]
+
+    def _member_factors(self, step: int, members: Sequence[int], name: str, module: nn.Linear):
+        """Stacked factors of ``members``: ``A`` (G, out, r) pre-scaled by sign * sigma / sqrt(r), ``B`` (G, in, r)."""
+        weight = module.weight
+        a_list, b_list = [], []
+        cache = {}
+        for member in members:
+            direction, sign = self.noise.direction_and_sign(member)
+            if direction not in cache:  # antithetic partners share their factors
+                cache[direction] = self.factors(step, direction, name, *weight.shape, weight.device)
+            a, b = cache[direction]
+            a_list.append(a * (sign * self.sigma / math.sqrt(self.rank)))
+            b_list.append(b)
+        return torch.stack(a_list).to(weight.dtype), torch.stack(b_list).to(weight.dtype)
+
+    @contextlib.contextmanager
+    def perturbed(self, step: int, members: Sequence[int]) -> Iterator[None]:
+        members = list(members)
+        patched = []
+        try:
+            with torch.no_grad():
+                for name, module in self.named_linears:
+                    a, b = self._member_factors(step, members, name, module)
+                    module.forward = _batched_member_forward(module, a, b)
+                    patched.append(module)
+            yield
+        finally:
+            # Deleting the instance attribute brings back the class's forward; the weights were never modified.
+            for module in patched:
+                del module.forward
+
+    def write_gradients(self, step: int, shaped_fitness: torch.Tensor) -> dict[str, float]:
+        coefficients = pseudo_gradient_coefficients(shaped_fitness, self.noise, self.sigma)
+        active = [(k, float(c)) for k, c in enumerate(coefficients.tolist()) if c != 0.0]
+        squared_norm = 0.0
+        with torch.no_grad():
+            for name, module in self.named_linears:
+                weight = module.weight
+                out_features, in_features = weight.shape
+                if not active:
+                    grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+                else:
+                    a_cols, b_cols = [], []
+                    for direction, coefficient in active:
+                        a, b = self.factors(step, direction, name, out_features, in_features, weight.device)
+                        a_cols.append(a * (coefficient / math.sqrt(self.rank)))
+                        b_cols.append(b)
+                    # sum_k c_k A_k B_k^T / sqrt(r) as one (out x K r) @ (K r x in) matmul, in fp32
+                    grad = torch.cat(a_cols, dim=1) @ torch.cat(b_cols, dim=1).T
+                squared_norm += float(grad.square().sum())
+                weight.grad = grad if weight.dtype == torch.float32 else grad.to(weight.dtype)
+        return {"grad_norm": squared_norm**0.5}
+
+
+def _batched_member_forward(module: nn.Linear, a: torch.Tensor, b: torch.Tensor):
+    """A replacement ``forward`` adding member ``g``'s ``(x B_g) A_g^T`` to the rows of block ``g``."""
+    members = a.shape[0]
+    a_t = a.transpose(1, 2).contiguous()  # (G, r, out): ready for the second bmm
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, module.weight, module.bias)
+        if x.shape[0] % members:
+            raise RuntimeError(
+                f"batch of {x.shape[0]} rows cannot be split into {members} member blocks; the low-rank space needs "
+                "member-major batches (len(members) equal blocks of rows)"
+            )
+        rows = x.reshape(members, -1, x.shape[-1])  # (G, rows per member * tokens, in)
+        delta = torch.bmm(torch.bmm(rows, b), a_t)  # (G, rows per member * tokens, out)
+        return out + delta.view(out.shape)
+
+    return forward
