@@ -60,12 +60,18 @@ class LowRankSpace(PerturbationSpace):
         self.members_per_forward = members_per_forward or noise.population_size
         # Tensors the update writes to: what the optimizer steps and what the update-norm metric reads.
         self.named_params = [(f"{name}.weight", module.weight) for name, module in self.named_linears]
+        # Factors drawn while the members generate are kept until the update of the same step (N r (out + in)
+        # numbers per matrix, the space's stated memory) so the update does not draw them again.
+        self._factor_cache: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def num_parameters(self) -> int:
         return sum(module.weight.numel() for _, module in self.named_linears)
 
     def factors(self, step: int, direction: int, name: str, out_features: int, in_features: int, device) -> tuple:
         """``(A, B)`` of one direction for one layer, fp32, from that direction's seed."""
+        cached = self._factor_cache.get((step, direction, name))
+        if cached is not None:
+            return cached
         both = self.noise.direction(step, direction, name, (out_features + in_features, self.rank), device)
         return both[:out_features], both[out_features:]
 
@@ -78,6 +84,7 @@ class LowRankSpace(PerturbationSpace):
             direction, sign = self.noise.direction_and_sign(member)
             if direction not in cache:  # antithetic partners share their factors
                 cache[direction] = self.factors(step, direction, name, *weight.shape, weight.device)
+                self._factor_cache[(step, direction, name)] = cache[direction]
             a, b = cache[direction]
             a_list.append(a * (sign * self.sigma / math.sqrt(self.rank)))
             b_list.append(b)
@@ -119,12 +126,13 @@ class LowRankSpace(PerturbationSpace):
                     grad = torch.cat(a_cols, dim=1) @ torch.cat(b_cols, dim=1).T
                 squared_norm += float(grad.square().sum())
                 weight.grad = grad if weight.dtype == torch.float32 else grad.to(weight.dtype)
+        self._factor_cache.clear()
         return {"grad_norm": squared_norm**0.5}
 
 
 def _batched_member_forward(module: nn.Linear, a: torch.Tensor, b: torch.Tensor):
     """A replacement ``forward`` adding member ``g``'s ``(x B_g) A_g^T`` to the rows of block ``g``."""
-    members = a.shape[0]
+    members, rank = a.shape[0], a.shape[2]
     a_t = a.transpose(1, 2).contiguous()  # (G, r, out): ready for the second bmm
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -135,7 +143,10 @@ def _batched_member_forward(module: nn.Linear, a: torch.Tensor, b: torch.Tensor)
                 "member-major batches (len(members) equal blocks of rows)"
             )
         rows = x.reshape(members, -1, x.shape[-1])  # (G, rows per member * tokens, in)
-        delta = torch.bmm(torch.bmm(rows, b), a_t)  # (G, rows per member * tokens, out)
-        return out + delta.view(out.shape)
+        x_b = torch.bmm(rows, b)  # (G, rows per member * tokens, r)
+        out_blocks = out.view(members, -1, out.shape[-1])
+        if rank == 1:  # an outer product: one fused multiply-add beats a matmul with inner dimension 1
+            return torch.addcmul(out_blocks, x_b, a_t).view(out.shape)
+        return torch.baddbmm(out_blocks, x_b, a_t).view(out.shape)  # out_g += (x_g B_g) A_g^T
 
     return forward
