@@ -20,11 +20,12 @@ import contextlib
 import logging
 import math
 import os
+import pickle
 import time
 from typing import Any
 
 import torch
-from accelerate.utils import is_peft_model
+from accelerate.utils import gather_object, is_peft_model
 from datasets import Dataset, IterableDataset
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import disable_dropout_in_model
@@ -175,7 +176,9 @@ class ESTrainer(GRPOTrainer):
             self._use_greedy_decoding()
         self.es_noise = MemberNoise(args.seed, args.population_size, args.antithetic)
         self.perturbation_space = self._build_perturbation_space()
+        self._check_population_split()
         self._es_micro_step = 0
+        self._step_comm_bytes = 0
         self._eval_batches = 0
         self._weights_before_update = None
 
@@ -214,13 +217,26 @@ class ESTrainer(GRPOTrainer):
                 self.es_noise,
                 self.args.sigma,
                 rank=self.args.perturbation_rank,
-                members_per_forward=self.args.population_batch_size,
+                # default: one batched generate per process, the population split evenly over processes
+                members_per_forward=self.args.population_batch_size
+                or max(1, self.es_noise.population_size // self.accelerator.num_processes),
             )
         self.perturbation_name = "lora" if peft else "full"
         named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
         if not named:
             raise ValueError("The model has no trainable parameters (requires_grad=True) to evolve.")
         return InPlaceSpace(named, self.es_noise, self.args.sigma, restore=self.args.perturbation_restore)
+
+    def _check_population_split(self) -> None:
+        """Each process evaluates whole member groups, the same number and size on every process."""
+        groups = self.perturbation_space.member_groups()
+        world = self.accelerator.num_processes
+        if len({len(group) for group in groups}) != 1 or len(groups) % world:
+            raise ValueError(
+                f"population_size={self.args.population_size} does not split into equal member groups of "
+                f"{self.perturbation_space.members_per_forward} (population_batch_size) over {world} processes; "
+                "choose a population_size divisible by processes x population_batch_size."
+            )
 
     def _low_rank_targets(self) -> list[tuple[str, torch.nn.Linear]]:
         """Linear layers to evolve: the configured ones, or all but the output head (tied to the embeddings in
@@ -331,17 +347,27 @@ class ESTrainer(GRPOTrainer):
 
     def _es_step(self, rows: list[dict[str, Any]]) -> torch.Tensor:
         step = self.state.global_step
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if world > 1:
+            # Every process scores its share of the population on the *whole* prompt batch (common random
+            # numbers across members), so the per-process prompt slices are pooled first. Only prompts and scalar
+            # rewards cross processes; every process then applies the same update from the seeds.
+            self._step_comm_bytes = world * len(pickle.dumps(rows))
+            rows = gather_object(rows)
         if self._greedy:
             rows = _distinct_rows(rows, self.num_generations)
         prompts = [row["prompt"] for row in rows]
-        num_rows, world = len(rows), self.accelerator.num_processes
-        population = self.es_noise.population_size
+        num_rows, population = len(rows), self.es_noise.population_size
 
-        # rewards_per_func[i, j, k]: member i, completion slot j (over all processes), reward function k.
-        rewards_per_func = torch.full((population, world * num_rows, len(self.reward_funcs)), float("nan"))
+        # rewards_per_func[i, j, k]: member i, completion slot j, reward function k.
+        rewards_per_func = torch.full((population, num_rows, len(self.reward_funcs)), float("nan"))
         member_completions: dict[int, list] = {}
         member_extras: dict[int, dict[str, list]] = {}
-        for members in self.perturbation_space.member_groups():
+        groups = self.perturbation_space.member_groups()
+        for round_start in range(0, len(groups), world):
+            # One round: process r evaluates groups[round_start + r]; all groups of a round have the same size, so
+            # every process makes the same collective calls (GRPO's generation and reward code gather).
+            members = groups[round_start + rank]
             block_rows, block_prompts = rows * len(members), prompts * len(members)
             seed = self.es_noise.sampling_seed(step, members[0])
             # The weights are restored when this block exits, before any reward function runs.
@@ -349,9 +375,11 @@ class ESTrainer(GRPOTrainer):
                 self._invalidate_vllm_weights()
                 _, completion_ids, _, completions, *_ = self._generate(block_prompts)
             scores = self._score(block_rows, block_prompts, completions, completion_ids).cpu()
-            # gathered rows are (process, member, row); regroup as (member, process * row)
-            scores = scores.view(world, len(members), num_rows, -1).transpose(0, 1).reshape(len(members), -1)
-            rewards_per_func[members] = scores.view(len(members), world * num_rows, -1)
+            self._step_comm_bytes += scores.numel() * scores.element_size() if world > 1 else 0
+            # gathered rows are (process, member of that process's group, prompt)
+            scores = scores.view(world, len(members), num_rows, -1)
+            for process in range(world):
+                rewards_per_func[groups[round_start + process]] = scores[process]
             for offset, member in enumerate(members):
                 member_completions[member] = completions[offset * num_rows : (offset + 1) * num_rows]
                 member_extras[member] = {
@@ -387,6 +415,8 @@ class ESTrainer(GRPOTrainer):
         metrics["es/best_member_reward"].append(float(valid_fitness.max()))
         metrics["es/worst_member_reward"].append(float(valid_fitness.min()))
         metrics["es/invalid_members"].append(float(invalid.sum()))
+        if world > 1:
+            metrics["es/comm_bytes"].append(float(self._step_comm_bytes))
         # Prompts on which every member scored the same carry no ES signal.
         spread = torch.nan_to_num(rewards, nan=0.0).std(dim=0, unbiased=False)
         metrics["es/frac_prompts_no_signal"].append(float((spread == 0).float().mean()))
@@ -398,15 +428,15 @@ class ESTrainer(GRPOTrainer):
         """Feed GRPO's completion log (``log_completions``) with the best member's rows; advantage = its fitness."""
         if not self.log_completions:
             return
-        best = int(torch.nan_to_num(fitness, nan=-math.inf).argmax())
-        num_local = len(prompts)
-        rank = self.accelerator.process_index
-        local = slice(rank * num_local, (rank + 1) * num_local)
+        # With several processes only this process's members have their completions here.
+        local = torch.full_like(fitness, -math.inf)
+        local[list(member_completions)] = torch.nan_to_num(fitness[list(member_completions)], nan=-math.inf)
+        best = int(local.argmax())
         self._logs["prompt"].extend(prompts)
         self._logs["completion"].extend(member_completions[best])
         for index, name in enumerate(self.reward_func_names):
-            self._logs["rewards"][name].extend(rewards_per_func[best, local, index].tolist())
-        self._logs["advantages"].extend([float(shaped[best])] * num_local)
+            self._logs["rewards"][name].extend(rewards_per_func[best, :, index].tolist())
+        self._logs["advantages"].extend([float(shaped[best])] * len(prompts))
         for column, values in member_extras[best].items():
             self._logs["extra"][column].extend(values)
 
