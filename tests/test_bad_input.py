@@ -130,3 +130,15 @@ def test_hub_id_while_offline_is_explained(tmp_path, monkeypatch):
             args=es_config(tmp_path),
             train_dataset=arithmetic_dataset("train", size=4),
         )
+
+
+def test_deepspeed_is_refused_with_a_reason(tiny_model_dir, tmp_path):
+    pytest.importorskip("deepspeed")
+    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
+    with pytest.raises(ValueError, match="does not support DeepSpeed yet"):
+        ESTrainer(
+            tiny_model_dir,
+            reward_funcs=length_reward,
+            args=es_config(tmp_path, deepspeed=config, use_cpu=True),
+            train_dataset=arithmetic_dataset("train", size=8),
+        )

@@ -168,6 +168,14 @@ class ESTrainer(GRPOTrainer):
                 ) from error
             raise
 
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            # DeepSpeed's ZeRO optimizer steps only from inside its own backward, and FSDP shards parameters;
+            # writing the ES update into p.grad reaches neither, so refuse rather than train nothing.
+            raise ValueError(
+                f"ESTrainer does not support {'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'} yet: the ES "
+                "update is written to p.grad for a plain torch optimizer. Launch with plain DDP "
+                "(`accelerate launch` / `torchrun` without a DeepSpeed or FSDP config)."
+            )
         # ES never backpropagates, so dropout would only add noise to the member comparison.
         disable_dropout_in_model(self.model)
         self.reward_funcs = wrap_reward_funcs(self.reward_funcs, self.reward_func_names)
