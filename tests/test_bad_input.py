@@ -1,5 +1,10 @@
 """Bad input fails with an error naming the culprit, and the model's weights stay exactly as they were."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import pytest
 import torch
 from conftest import assert_same_weights, snapshot
@@ -133,12 +138,20 @@ def test_hub_id_while_offline_is_explained(tmp_path, monkeypatch):
 
 
 def test_deepspeed_is_refused_with_a_reason(tiny_model_dir, tmp_path):
+    # In a subprocess: a DeepSpeed config sets process-wide state (environment, accelerate singletons).
     pytest.importorskip("deepspeed")
-    config = {"zero_optimization": {"stage": 2}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}
-    with pytest.raises(ValueError, match="does not support DeepSpeed yet"):
-        ESTrainer(
-            tiny_model_dir,
-            reward_funcs=length_reward,
-            args=es_config(tmp_path, deepspeed=config, use_cpu=True),
-            train_dataset=arithmetic_dataset("train", size=8),
-        )
+    code = f"""
+from test_trainer import es_config, length_reward
+from trl_es import ESTrainer
+from trl_es.tasks import arithmetic_dataset
+config = {{"zero_optimization": {{"stage": 2}}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}}
+try:
+    ESTrainer({tiny_model_dir!r}, reward_funcs=length_reward, train_dataset=arithmetic_dataset("train", size=8),
+              args=es_config({str(tmp_path)!r}, deepspeed=config, use_cpu=True))
+except ValueError as error:
+    print("REFUSED:", error)
+"""
+    tests_dir = pathlib.Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": f"{tests_dir}{os.pathsep}{tests_dir.parent}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert "REFUSED: ESTrainer does not support DeepSpeed yet" in out.stdout, out.stderr[-2000:]
