@@ -261,3 +261,23 @@ def test_default_args_and_grpo_conversion_log(tiny_model_dir, tmp_path, caplog, 
     assert trainer.args.max_grad_norm == 0.5  # explicitly set: kept (and warned about), not silently dropped
     default = ESTrainer(tiny_model_dir, reward_funcs=length_reward, train_dataset=Dataset.from_dict({"prompt": ["1"]}))
     assert isinstance(default.args, ESConfig)
+
+
+def test_reward_model_given_as_a_local_path(tiny_model_dir, tmp_path):
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(tiny_model_dir, num_labels=1)
+    reward_model = AutoModelForSequenceClassification.from_config(config)
+    reward_dir = tmp_path / "reward-model"
+    reward_model.save_pretrained(reward_dir)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(reward_dir)
+    trainer = ESTrainer(
+        tiny_model_dir,
+        reward_funcs=[str(reward_dir), length_reward],
+        args=es_config(tmp_path / "out", logging_steps=1),
+        train_dataset=arithmetic_dataset("train", size=16),
+    )
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert any(key.startswith("rewards/") and "reward-model" in key for key in trainer.state.log_history[0])
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
