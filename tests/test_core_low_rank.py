@@ -19,10 +19,10 @@ def explicit_member_model(model, space, step, member):
     copy = mlp()
     copy.load_state_dict(model.state_dict())
     direction, sign = space.noise.direction_and_sign(member)
-    for (name, module), (_, target) in zip(
+    for (name, _module), (_, target) in zip(
         space.named_linears, [(n, m) for n, m in copy.named_children() if isinstance(m, nn.Linear)]
     ):
-        a, b = space.factors(step, direction, name, *module.weight.shape, "cpu")
+        a, b = space.factors(step, direction, name)
         with torch.no_grad():
             target.weight += sign * space.sigma * (a @ b.T) / math.sqrt(space.rank)
     return copy
@@ -73,7 +73,7 @@ def test_update_equals_the_sum_of_rank_r_terms():
     expected = torch.zeros_like(module.weight)
     for member in range(4):
         direction, sign = noise.direction_and_sign(member)
-        a, b = space.factors(3, direction, name, *module.weight.shape, "cpu")
+        a, b = space.factors(3, direction, name)
         expected += shaped[member] * sign * (a @ b.T) / math.sqrt(2)
     expected *= -1 / (4 * 0.05)
     torch.testing.assert_close(module.weight.grad, expected, rtol=1e-5, atol=1e-6)

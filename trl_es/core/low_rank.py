@@ -8,8 +8,9 @@ Member ``i`` perturbs each adapted weight ``W`` (out x in) by ``sigma * E_i`` wi
 all members share the expensive ``x W^T`` and each adds a rank-r term. During ``perturbed(step, members)`` the
 adapted ``nn.Linear`` layers compute that term for every row of the batch, where the batch is laid out
 member-major: ``len(members)`` equal blocks of rows, block ``g`` belonging to ``members[g]``. No member's
-``W + sigma E_i`` is ever formed; the factors of the whole population (``N * r * (out + in)`` numbers per matrix)
-are drawn from the seeds once per ``perturbed`` context and dropped on exit.
+``W + sigma E_i`` is ever formed. The factors of the whole population (``N / 2 * r * (out + in)`` numbers per
+matrix with antithetic pairs) are drawn from one seeded generator per matrix and step, kept until that step's
+update and then dropped.
 
 The update ``sum_i f_i A_i B_i^T`` is high rank in general; it is computed per matrix as one matmul.
 """
@@ -62,42 +63,43 @@ class LowRankSpace(PerturbationSpace):
         self.named_params = [(f"{name}.weight", module.weight) for name, module in self.named_linears]
         # Factors drawn while the members generate are kept until the update of the same step (N r (out + in)
         # numbers per matrix, the space's stated memory) so the update does not draw them again.
-        self._factor_cache: dict[tuple[int, int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._factor_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def num_parameters(self) -> int:
         return sum(module.weight.numel() for _, module in self.named_linears)
 
-    def factors(self, step: int, direction: int, name: str, out_features: int, in_features: int, device) -> tuple:
-        """``(A, B)`` of one direction for one layer, fp32, from that direction's seed."""
-        cached = self._factor_cache.get((step, direction, name))
-        if cached is not None:
-            return cached
-        both = self.noise.direction(step, direction, name, (out_features + in_features, self.rank), device)
-        return both[:out_features], both[out_features:]
+    def _all_factors(self, step: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of every direction for one layer, ``(K, out, r)`` and ``(K, in, r)``, fp32, one draw."""
+        cached = self._factor_cache.get((step, name))
+        if cached is None:
+            out_features, in_features = weight.shape
+            both = self.noise.all_directions(step, name, (out_features + in_features, self.rank), weight.device)
+            cached = (both[:, :out_features], both[:, out_features:])
+            self._factor_cache[(step, name)] = cached
+        return cached
 
-    def _member_factors(self, step: int, members: Sequence[int], name: str, module: nn.Linear):
-        """Stacked factors of ``members``: ``A`` (G, out, r) pre-scaled by sign * sigma / sqrt(r), ``B`` (G, in, r)."""
-        weight = module.weight
-        a_list, b_list = [], []
-        cache = {}
-        for member in members:
-            direction, sign = self.noise.direction_and_sign(member)
-            if direction not in cache:  # antithetic partners share their factors
-                cache[direction] = self.factors(step, direction, name, *weight.shape, weight.device)
-                self._factor_cache[(step, direction, name)] = cache[direction]
-            a, b = cache[direction]
-            a_list.append(a * (sign * self.sigma / math.sqrt(self.rank)))
-            b_list.append(b)
-        return torch.stack(a_list).to(weight.dtype), torch.stack(b_list).to(weight.dtype)
+    def factors(self, step: int, direction: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of one direction for one layer (``E = A B^T / sqrt(r)``), fp32."""
+        weight = dict(self.named_linears)[name].weight
+        a, b = self._all_factors(step, name, weight)
+        return a[direction], b[direction]
 
     @contextlib.contextmanager
     def perturbed(self, step: int, members: Sequence[int]) -> Iterator[None]:
         members = list(members)
+        directions, signs = zip(*(self.noise.direction_and_sign(member) for member in members))
+        directions = torch.tensor(directions)
+        scales = torch.tensor(signs) * (self.sigma / math.sqrt(self.rank))
         patched = []
         try:
             with torch.no_grad():
                 for name, module in self.named_linears:
-                    a, b = self._member_factors(step, members, name, module)
+                    weight = module.weight
+                    a_all, b_all = self._all_factors(step, name, weight)
+                    index = directions.to(weight.device)
+                    # member g: sign_g * sigma / sqrt(r) * A_{d(g)} and B_{d(g)}; antithetic partners share factors
+                    a = (a_all[index] * scales.to(weight.device)[:, None, None]).to(weight.dtype)
+                    b = b_all[index].to(weight.dtype)
                     module.forward = _batched_member_forward(module, a, b)
                     patched.append(module)
             yield
@@ -108,22 +110,17 @@ class LowRankSpace(PerturbationSpace):
 
     def write_gradients(self, step: int, shaped_fitness: torch.Tensor) -> dict[str, float]:
         coefficients = pseudo_gradient_coefficients(shaped_fitness, self.noise, self.sigma)
-        active = [(k, float(c)) for k, c in enumerate(coefficients.tolist()) if c != 0.0]
         squared_norm = 0.0
         with torch.no_grad():
             for name, module in self.named_linears:
                 weight = module.weight
+                a_all, b_all = self._all_factors(step, name, weight)
+                scale = coefficients.to(weight.device)[:, None, None] / math.sqrt(self.rank)
                 out_features, in_features = weight.shape
-                if not active:
-                    grad = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-                else:
-                    a_cols, b_cols = [], []
-                    for direction, coefficient in active:
-                        a, b = self.factors(step, direction, name, out_features, in_features, weight.device)
-                        a_cols.append(a * (coefficient / math.sqrt(self.rank)))
-                        b_cols.append(b)
-                    # sum_k c_k A_k B_k^T / sqrt(r) as one (out x K r) @ (K r x in) matmul, in fp32
-                    grad = torch.cat(a_cols, dim=1) @ torch.cat(b_cols, dim=1).T
+                # sum_k c_k A_k B_k^T / sqrt(r) as one (out x K r) @ (K r x in) matmul, in fp32
+                left = (a_all * scale).permute(1, 0, 2).reshape(out_features, -1)
+                right = b_all.permute(1, 0, 2).reshape(in_features, -1)
+                grad = left @ right.T
                 squared_norm += float(grad.square().sum())
                 weight.grad = grad if weight.dtype == torch.float32 else grad.to(weight.dtype)
         self._factor_cache.clear()

@@ -68,6 +68,17 @@ class MemberNoise:
         gen = self.generator(step, direction, key, device)
         return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
 
+    def all_directions(self, step: int, key: str, shape, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Noise of every direction for one tensor in one draw, shape ``(num_directions, *shape)``.
+
+        Used where the per-direction tensors are tiny (low-rank factors): one generator instead of one per
+        direction. Row ``k`` is direction ``k``'s noise; it is seeded by (run seed, step, tensor) and the
+        population size, and shares no stream with ``direction()``.
+        """
+        gen = torch.Generator(device=device)
+        gen.manual_seed(derive_seed(self.seed, "all-directions", step, self.num_directions, key))
+        return torch.randn((self.num_directions, *shape), generator=gen, device=device, dtype=torch.float32)
+
     def member_noise(self, step: int, member: int, key: str, shape, device="cpu") -> torch.Tensor:
         """Signed noise ``eps_i`` of one member for one tensor (fp32)."""
         direction, sign = self.direction_and_sign(member)
