@@ -59,10 +59,18 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
     def plain():
         generate(model, everyone, new_tokens, pad)
 
+    breakdown = {"factors_and_patch": [], "generate": [], "update": []}
+
     def low_rank_step():
+        start = time.perf_counter()
         with low_rank.perturbed(0, list(range(members))):
+            patched = time.perf_counter()
             generate(model, everyone, new_tokens, pad)
+            generated = time.perf_counter()
         low_rank.write_gradients(0, fitness)
+        breakdown["factors_and_patch"].append(patched - start)
+        breakdown["generate"].append(generated - patched)
+        breakdown["update"].append(time.perf_counter() - generated)
 
     def full_step():
         for member in range(members):
@@ -94,6 +102,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "low_rank_vs_plain": median["plain"] / median["low_rank"],
         "low_rank_vs_sequential": median["full_sequential"] / median["low_rank"],
         "sequential_vs_plain_ceiling": median["full_sequential"] / median["plain"],
+        "low_rank_breakdown_s": {name: statistics.median(values) for name, values in breakdown.items()},
         "low_rank_factor_bytes_per_member": factor_numbers * 4,
         "full_noise_bytes_per_member": sum(p.numel() for p in model.parameters()) * 4,
     }
