@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from trl_es.cli import main, make_parser
+from trl_es.cli import main, parse_train_args
 
 
 RECIPES = sorted((pathlib.Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
@@ -26,7 +26,7 @@ def test_recipe_parses_and_starts_with_its_command(path):
         # TrainingArguments rejects bf16 on a machine without a GPU; everything else is parsed as written.
         assert "GPU" in path.read_text().splitlines()[1]
         args += ["--bf16", "false"]
-    script_args, es_args, model_args = make_parser().parse_args_and_config(args=args)
+    script_args, es_args, model_args = parse_train_args(args)
     assert model_args.model_name_or_path and script_args.dataset_name and script_args.reward_funcs
     assert es_args.population_size >= 2 and es_args.sigma > 0
 

@@ -189,12 +189,38 @@ def make_parser() -> TrlParser:
     return TrlParser((ESScriptArguments, ESConfig, ModelConfig), prog="trl-es train")
 
 
+def parse_train_args(argv: list[str]):
+    """``(script_args, ESConfig, ModelConfig)`` from ``--config recipe.yaml`` and ``--key value`` overrides.
+
+    Like ``TrlParser.parse_args_and_config``, but a recipe may carry the comparison sections: ``es:`` is merged into
+    the top level, ``grpo:`` and ``compare:`` (read by ``trl-es compare``) are skipped.
+    """
+    from .compare.plan import load_recipe, train_config
+
+    parser = make_parser()
+    argv = list(argv)
+    if "--config" in argv:
+        index = argv.index("--config")
+        if index + 1 >= len(argv):
+            raise ValueError("--config needs a recipe path")
+        path = argv[index + 1]
+        del argv[index : index + 2]
+        config = train_config(load_recipe(path))
+        for key, value in (config.pop("env", None) or {}).items():
+            os.environ[key] = str(value)
+        unknown = parser.set_defaults_with_config(**config)
+        if unknown:
+            raise ValueError(f"{path}: unknown keys {unknown[::2]}; keys must be fields of the train arguments")
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
 USAGE = """usage: trl-es <command> [--config recipe.yaml] [--key value ...]
 
 commands:
   train     train a model with ESTrainer (evolution strategies)
+  compare   ES against GRPO on the same recipe and budget (writes compare.json / .md / .png)
 
-Run `trl-es train --help` for every option.
+Run `trl-es train --help` or `trl-es compare --help` for every option.
 """
 
 
@@ -206,9 +232,14 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command == "train":
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-        script_args, training_args, model_args = make_parser().parse_args_and_config(args=rest)
+        script_args, training_args, model_args = parse_train_args(rest)
         train(script_args, training_args, model_args)
         return 0
+    if command == "compare":
+        from .compare.run import main as compare_main
+
+        logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+        return compare_main(rest)
     print(f"trl-es: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 
