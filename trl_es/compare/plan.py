@@ -80,6 +80,18 @@ def train_config(recipe: dict) -> dict:
     return config
 
 
+def _scalar(text: str):
+    """A command-line value as YAML reads it, except that ``1e-4`` is a number (YAML 1.1 wants ``1.0e-4``)."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                pass
+    return value
+
+
 def parse_overrides(argv: list[str]) -> dict:
     """``--key value`` pairs (``--grpo.learning_rate 1e-4`` targets a section); values parsed as YAML scalars."""
     overrides = {}
@@ -88,7 +100,7 @@ def parse_overrides(argv: list[str]) -> dict:
         key = argv[index]
         if not key.startswith("--") or index + 1 >= len(argv):
             raise ValueError(f"expected '--key value' pairs, got {argv[index:]!r}")
-        overrides[key[2:]] = yaml.safe_load(argv[index + 1])
+        overrides[key[2:]] = _scalar(argv[index + 1])
         index += 2
     return overrides
 
