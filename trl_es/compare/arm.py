@@ -22,6 +22,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from ..evaluation import greedy_accuracy
+
 
 class RolloutCounter:
     """Mixin for a GRPO-family trainer: counts generated completions and tokens while training."""
@@ -36,53 +38,6 @@ class RolloutCounter:
             self.rollouts += len(completion_ids)
             self.tokens_generated += sum(len(ids) for ids in completion_ids)
         return output
-
-
-def _completion_text(completion) -> str:
-    return completion if isinstance(completion, str) else completion[-1]["content"]
-
-
-@torch.no_grad()
-def greedy_accuracy(model, tokenizer, dataset, reward_func, max_new_tokens: int, batch_size: int) -> float:
-    """Mean reward of greedy completions of every held-out prompt (rows where the reward is None are skipped)."""
-    from trl.data_utils import is_conversational, maybe_apply_chat_template
-
-    was_training = model.training
-    model.eval()
-    padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    try:
-        for start in range(0, len(dataset), batch_size):
-            rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-            prompts = list(rows["prompt"])
-            conversational = is_conversational({"prompt": prompts[0]})
-            texts = [maybe_apply_chat_template({"prompt": p}, tokenizer)["prompt"] for p in prompts]
-            encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            output = model.generate(
-                **encoded,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-            completion_ids = output[:, encoded["input_ids"].shape[1] :].tolist()
-            completion_ids = [
-                ids[: ids.index(tokenizer.eos_token_id) + 1] if tokenizer.eos_token_id in ids else ids
-                for ids in completion_ids
-            ]
-            decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-            completions = [[{"role": "assistant", "content": t}] for t in decoded] if conversational else decoded
-            columns = {key: list(rows[key]) for key in rows.column_names if key not in ("prompt", "completion")}
-            rewards = reward_func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-            valid = [float(r) for r in rewards if r is not None]
-            total, count = total + sum(valid), count + len(valid)
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return total / count if count else float("nan")
 
 
 class BudgetCallback(TrainerCallback):

@@ -18,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
+from .. import evaluation
 from .arithmetic import ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
 
 
@@ -65,23 +66,9 @@ def build_model(tokenizer, hidden_size=128, num_layers=4, intermediate_size=256,
     return Qwen2ForCausalLM(config)
 
 
-@torch.no_grad()
 def greedy_accuracy(model, tokenizer, dataset, max_new_tokens=4, batch_size=250) -> float:
     """Held-out accuracy with greedy decoding (the same reward ES optimises)."""
-    was_training = model.training
-    model.eval()
-    tokenizer.padding_side = "left"
-    correct = 0.0
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start : start + batch_size]
-        inputs = tokenizer(rows["prompt"], return_tensors="pt", padding=True)
-        out = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-        )
-        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-        correct += sum(arithmetic_accuracy(texts, rows["answer"]))
-    model.train(was_training)
-    return correct / len(dataset)
+    return evaluation.greedy_accuracy(model, tokenizer, dataset, arithmetic_accuracy, max_new_tokens, batch_size)
 
 
 class StopAtAccuracy(TrainerCallback):

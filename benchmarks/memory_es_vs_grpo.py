@@ -1,0 +1,137 @@
+"""Peak memory of a few ES steps against a few GRPO steps where the weights dominate (~100M parameters, fp32).
+
+At the quickstart's size (0.6M parameters) the Python/torch baseline (~0.5 GB) hides the algorithms' memory, so
+this script uses a randomly initialised Qwen2-style model of ~101M parameters (hidden 768, 16 layers). Each
+variant runs in a process of its own (peak RSS = ``ru_maxrss`` of that process) with the same rollouts per step:
+
+  inference   one generate of the step's rows, no training: the floor (weights + KV cache + activations)
+  grpo        GRPOTrainer, AdamW (TRL's default), 8 prompts x 4 samples
+  es          ESTrainer, full space, defaults (copy restore, update-norm logging), 4 members x 8 prompts
+  es_lean     ESTrainer, full space, perturbation_restore=subtract and log_update_norm=False
+
+and the script prints each peak, the ratios ES / GRPO, and how far above inference each ES variant sits, in units
+of the fp32 weight size (the ES floor is inference plus one fp32 buffer, the pseudo-gradient in ``p.grad``).
+
+    python benchmarks/memory_es_vs_grpo.py [--json OUT.json]
+"""
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+
+
+HIDDEN, LAYERS, INTERMEDIATE = 768, 16, 2048
+PROMPTS, SAMPLES, NEW_TOKENS, STEPS = 8, 4, 8, 3
+VARIANTS = ("inference", "grpo", "es", "es_lean")
+
+
+def reward_length(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def run_variant(variant: str) -> dict:
+    import torch
+
+    from trl_es.tasks import arithmetic_dataset
+    from trl_es.tasks.build_policy import build_model, build_tokenizer
+
+    tokenizer = build_tokenizer()
+    model = build_model(tokenizer, hidden_size=HIDDEN, num_layers=LAYERS, intermediate_size=INTERMEDIATE, seed=0)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    parameters = sum(p.numel() for p in model.parameters())
+    dataset = arithmetic_dataset("train", size=PROMPTS * STEPS * 4)
+    common = dict(
+        output_dir=f"/tmp/memory_bench_{variant}",
+        max_steps=STEPS,
+        max_completion_length=NEW_TOKENS,
+        report_to="none",
+        save_strategy="no",
+        disable_tqdm=True,
+        logging_steps=1,
+        bf16=False,
+        seed=0,
+    )
+    start = time.perf_counter()
+    if variant == "inference":
+        tokenizer.padding_side = "left"
+        rows = [p for p in dataset["prompt"][:PROMPTS] for _ in range(SAMPLES)]
+        inputs = tokenizer(rows, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=NEW_TOKENS, do_sample=False)
+    elif variant == "grpo":
+        from trl import GRPOConfig, GRPOTrainer
+
+        args = GRPOConfig(**common, per_device_train_batch_size=PROMPTS * SAMPLES, num_generations=SAMPLES)
+        GRPOTrainer(model, reward_length, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    else:
+        from trl_es import ESConfig, ESTrainer
+
+        lean = variant == "es_lean"
+        args = ESConfig(
+            **common,
+            population_size=SAMPLES,
+            per_device_train_batch_size=PROMPTS * 2,
+            num_generations=2,  # greedy: the two repeats are generated once, so each member completes 8 prompts
+            sigma=1e-3,
+            perturbation="full",
+            perturbation_restore="subtract" if lean else "copy",
+            log_update_norm=not lean,
+        )
+        ESTrainer(model, reward_length, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+    return {
+        "variant": variant,
+        "parameters": parameters,
+        "weights_mb": parameters * 4 / 2**20,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "seconds": time.perf_counter() - start,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", help="write the measurements and ratios to this file")
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process mode
+    args = parser.parse_args()
+    if args.variant:
+        print(json.dumps(run_variant(args.variant)))
+        return
+    results = {}
+    for variant in VARIANTS:  # one at a time: two jobs on two cores disturb each other
+        output = subprocess.run(
+            [sys.executable, __file__, "--variant", variant], capture_output=True, text=True, check=False
+        )
+        if output.returncode != 0:
+            sys.exit(f"{variant} failed:\n{output.stderr[-3000:]}")
+        results[variant] = json.loads(output.stdout.strip().splitlines()[-1])
+        print(
+            f"{variant:>10}: peak RSS {results[variant]['peak_rss_mb']:8.0f} MB  ({results[variant]['seconds']:.0f} s)"
+        )
+    weights = results["es"]["weights_mb"]
+    floor = results["inference"]["peak_rss_mb"]
+    summary = {
+        "parameters": results["es"]["parameters"],
+        "weights_mb": round(weights, 1),
+        "peak_rss_mb": {v: round(r["peak_rss_mb"], 1) for v, r in results.items()},
+        "es_over_grpo": results["es"]["peak_rss_mb"] / results["grpo"]["peak_rss_mb"],
+        "es_lean_over_grpo": results["es_lean"]["peak_rss_mb"] / results["grpo"]["peak_rss_mb"],
+        "es_above_inference_in_weights": (results["es"]["peak_rss_mb"] - floor) / weights,
+        "es_lean_above_inference_in_weights": (results["es_lean"]["peak_rss_mb"] - floor) / weights,
+        "grpo_above_inference_in_weights": (results["grpo"]["peak_rss_mb"] - floor) / weights,
+    }
+    print(f"\nmodel: {summary['parameters'] / 1e6:.1f}M parameters, fp32 weights {weights:.0f} MB")
+    print(f"ES / GRPO peak RSS:       {summary['es_over_grpo']:.2f}  (lean: {summary['es_lean_over_grpo']:.2f})")
+    print(
+        "above inference, in fp32 weight sizes: "
+        f"ES {summary['es_above_inference_in_weights']:.2f}, ES lean {summary['es_lean_above_inference_in_weights']:.2f}, "
+        f"GRPO {summary['grpo_above_inference_in_weights']:.2f}  (ES floor: 1.0, the pseudo-gradient buffer)"
+    )
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(summary, file, indent=2)
+
+
+if __name__ == "__main__":
+    main()
