@@ -168,14 +168,15 @@ class ESTrainer(GRPOTrainer):
                 ) from error
             raise
 
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            # DeepSpeed's ZeRO optimizer steps only from inside its own backward, and FSDP shards parameters;
-            # writing the ES update into p.grad reaches neither, so refuse rather than train nothing.
+        if self.is_fsdp_enabled:
+            # FSDP shards the parameters behind its own flat handles; writing the ES update into p.grad reaches
+            # nothing, so refuse rather than train nothing.
             raise ValueError(
-                f"ESTrainer does not support {'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'} yet: the ES "
-                "update is written to p.grad for a plain torch optimizer. Launch with plain DDP "
-                "(`accelerate launch` / `torchrun` without a DeepSpeed or FSDP config)."
+                "ESTrainer does not support FSDP yet: the ES update is written to p.grad for a plain torch optimizer. "
+                "Launch with plain DDP or DeepSpeed ZeRO-3 (`accelerate launch` / `torchrun` without an FSDP config)."
             )
+        if self.is_deepspeed_enabled:
+            self._check_deepspeed()
         # ES never backpropagates, so dropout would only add noise to the member comparison.
         disable_dropout_in_model(self.model)
         self.reward_funcs = wrap_reward_funcs(self.reward_funcs, self.reward_func_names)
@@ -199,6 +200,24 @@ class ESTrainer(GRPOTrainer):
         if getattr(self, "generation_kwargs", None) is not None:
             self.generation_kwargs.update(greedy)
         # vLLM reads temperature=0 as greedy decoding already.
+
+    def _check_deepspeed(self) -> None:
+        from .deepspeed_space import check_deepspeed_config, zero_stage
+
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        if zero_stage(config) != 3:
+            raise ValueError(
+                f"ESTrainer supports DeepSpeed with ZeRO stage 3 only, got stage {zero_stage(config)}: stages 0-2 "
+                "step their optimizer from their own backward hooks, which ES never runs. Use "
+                '"zero_optimization": {"stage": 3}, or plain DDP (no DeepSpeed config) for a model that fits.'
+            )
+        if self.args.perturbation == "low_rank":
+            raise ValueError(
+                "perturbation='low_rank' is not supported under DeepSpeed ZeRO-3 (its batched members need the full "
+                "weight matrices); use perturbation='full' or 'lora'."
+            )
+        for warning in check_deepspeed_config(config):
+            logger.warning(warning)
 
     def _build_perturbation_space(self) -> PerturbationSpace:
         requested = self.args.perturbation
@@ -233,6 +252,17 @@ class ESTrainer(GRPOTrainer):
         named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
         if not named:
             raise ValueError("The model has no trainable parameters (requires_grad=True) to evolve.")
+        if self.is_deepspeed_enabled:
+            from .deepspeed_space import ZeRO3Space
+
+            # The engine exists only once train() has prepared the model; the space asks for it when it needs it.
+            return ZeRO3Space(
+                named,
+                self.es_noise,
+                self.args.sigma,
+                engine=lambda: self.deepspeed,
+                restore=self.args.perturbation_restore,
+            )
         return InPlaceSpace(named, self.es_noise, self.args.sigma, restore=self.args.perturbation_restore)
 
     def _check_population_split(self) -> None:
@@ -269,7 +299,9 @@ class ESTrainer(GRPOTrainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.args.log_update_norm:
+        # Under DeepSpeed this torch optimizer steps DeepSpeed's flat fp32 partitions, not the model's parameters:
+        # the update is measured around the engine's step instead (_step_deepspeed).
+        if self.args.log_update_norm and not self.is_deepspeed_enabled:
             optimizer.register_step_pre_hook(self._snapshot_weights)
             optimizer.register_step_post_hook(self._log_update_norm)
         return optimizer
@@ -350,8 +382,26 @@ class ESTrainer(GRPOTrainer):
         start = time.perf_counter()
         model.train()
         loss = self._es_step(inputs)
+        if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
+            self._step_deepspeed()
         self._metrics["train"]["step_time"].append(time.perf_counter() - start)
         return loss
+
+    def _step_deepspeed(self) -> None:
+        """Apply the pseudo-gradient written by the ZeRO-3 space through the engine's optimizer and scheduler.
+
+        Under DeepSpeed the Trainer's ``optimizer.step()`` and ``lr_scheduler.step()`` that follow are no-ops (the
+        engine steps inside ``accelerator.backward``, which ES never calls), so this is the step's only update.
+        """
+        from .deepspeed_space import step_engine
+
+        space = self.perturbation_space
+        before = [shard.clone() for shard in space.local_shards()] if self.args.log_update_norm else None
+        step_engine(self.deepspeed)
+        if before is not None:
+            update_norm, weight_norm = space.weight_and_update_norms(before)
+            self._metrics["train"]["es/update_norm"].append(update_norm)
+            self._metrics["train"]["es/update_to_weight_ratio"].append(update_norm / max(weight_norm, 1e-12))
 
     def _es_step(self, rows: list[dict[str, Any]]) -> torch.Tensor:
         step = self.state.global_step
