@@ -1,7 +1,7 @@
 """Run a few ES steps with or without DeepSpeed ZeRO-3 and save the full final weights; launched by test_zero3.py.
 
-python tests/zero3_worker.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH {plain,zero3}
-torchrun --nproc_per_node 2 tests/zero3_worker.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH zero3
+python tests/zero3_worker.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH {plain,zero3} [TEMPERATURE]
+torchrun --nproc_per_node 2 tests/zero3_worker.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH zero3 [TEMPERATURE]
 
 With zero3 it also checks, after training, that one member's perturbation reaches the gathered weights (including
 ZeRO-3's always-gathered "persistent" small parameters) and that restoring leaves every shard bit-identical.
@@ -26,8 +26,9 @@ ZERO3 = {
 }
 
 
-def length_reward(completions, **kwargs):
-    return [float(len(c)) for c in completions]
+def text_reward(completions, **kwargs):
+    # Depends on which tokens were generated, not only how many: greedy members of a random tiny model differ here.
+    return [float(sum(map(ord, c)) % 11) for c in completions]
 
 
 def full_weights(trainer):
@@ -52,10 +53,8 @@ def check_perturb_restore(trainer):
     after_shards = space.local_shards()
     after_full = full_weights(trainer)
     worst = 0.0
-    for name, param in trainer.model.named_parameters():
-        expected = before_full[name] + trainer.es_noise.member_noise(step, 1, name, before_full[name].shape) * (
-            trainer.args.sigma
-        )
+    for name, before in before_full.items():
+        expected = before + trainer.es_noise.member_noise(step, 1, name, before.shape) * trainer.args.sigma
         worst = max(worst, float((during[name] - expected).abs().max()))
     return {
         "persistent": sorted(n for n, p in trainer.model.named_parameters() if getattr(p, "ds_persist", False)),
@@ -71,6 +70,7 @@ def main():
     from trl_es.tasks import arithmetic_dataset
 
     model_dir, out_dir, per_device_batch, mode = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    temperature = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
     args = ESConfig(
         output_dir=out_dir,
         use_cpu=True,
@@ -82,7 +82,7 @@ def main():
         sigma=0.05,
         learning_rate=1e-3,
         lr_scheduler_type="linear",
-        temperature=1.0,
+        temperature=temperature,
         max_completion_length=4,
         save_strategy="no",
         disable_tqdm=True,
@@ -91,7 +91,7 @@ def main():
         deepspeed=ZERO3 if mode == "zero3" else None,
     )
     trainer = ESTrainer(
-        model_dir, reward_funcs=length_reward, args=args, train_dataset=arithmetic_dataset("train", size=64)
+        model_dir, reward_funcs=text_reward, args=args, train_dataset=arithmetic_dataset("train", size=64)
     )
     initial = full_weights(trainer)
     trainer.train()
@@ -106,8 +106,8 @@ def main():
     if mode == "zero3":
         result["engine_steps"] = trainer.deepspeed.global_steps
         result["perturb_restore"] = check_perturb_restore(trainer)
-    if trainer.accelerator.is_main_process:
-        torch.save(result, os.path.join(out_dir, "result.pt"))
+    # Every rank saves: the weights are gathered (the same everywhere), the shard checks are per rank.
+    torch.save(result, os.path.join(out_dir, f"result_rank{trainer.accelerator.process_index}.pt"))
 
 
 if __name__ == "__main__":

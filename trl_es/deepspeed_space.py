@@ -33,6 +33,21 @@ def zero_stage(engine_or_config) -> int:
     return int(engine_or_config.zero_optimization_stage())
 
 
+def init_deepspeed_comm(args) -> None:
+    """Hand DeepSpeed the process group that ``accelerate`` set up, before the model is loaded under ``zero.Init``.
+
+    On GPUs ``accelerate`` initialises ``deepspeed.comm`` itself. With ``use_cpu=True`` it only creates a torch
+    (gloo) group, so ``zero.Init`` would read a world size of 1 and reject the batch sizes that the HF integration
+    filled in for the real world size (``train_batch_size != micro_batch * grad_acc * 1``).
+    """
+    import deepspeed
+    import torch.distributed
+
+    _ = args.device  # creates accelerate's PartialState and, under torchrun, the torch process group
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
 def check_deepspeed_config(config: dict) -> list[str]:
     """Refuse the ZeRO-3 features that keep a second copy of the weights this space would not edit.
 
@@ -75,6 +90,9 @@ class ZeRO3Space(PerturbationSpace):
     """
 
     members_per_forward = 1
+    #: Every forward gathers all ranks' shards, so all ranks must evaluate the same member at the same time (the
+    #: trainer then splits the prompts over ranks instead of the population).
+    ranks_share_members = True
 
     def __init__(
         self,
