@@ -87,3 +87,60 @@ def test_zero3_two_processes_match_one_process(tiny_model_dir, tmp_path):
         assert not differing(one, result), f"1 vs 2 processes differ at {differing(one, result)[:5]}"
         assert result["global_step"] == result["engine_steps"] == 3
         check_perturb_restore(result)
+
+
+def fake_zero3_param(full: torch.Tensor, rank: int, world: int, captured: dict) -> torch.nn.Parameter:
+    """A stand-in for a ZeRO-3 parameter on ``rank`` of ``world``: an empty placeholder plus the padded flat shard."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    partition = -(-full.numel() // world)  # ceil: DeepSpeed pads the flattened tensor to world x partition
+    padded = torch.full((partition * world,), 777.0)  # sentinel padding: must never be touched
+    padded[: full.numel()] = full.flatten()
+    param = torch.nn.Parameter(torch.empty(0))
+    param.ds_tensor = padded[rank * partition : (rank + 1) * partition].clone()
+    param.ds_tensor.ds_numel = partition
+    param.ds_numel, param.ds_shape, param.ds_id = full.numel(), full.shape, 0
+    param.ds_process_group, param.ds_status = None, ZeroParamStatus.NOT_AVAILABLE
+
+    class Optimizer:  # what deepspeed.utils.safe_set_local_grad writes to
+        def set_local_grad_for_param(self, value, param):
+            captured[rank] = value.clone()
+
+    param._z3_optimizer = Optimizer()
+    return param
+
+
+def test_shards_with_padding_match_the_unsharded_space(monkeypatch):
+    """Three ranks, a tensor of 35 elements (partitions of 12, the last one padded): every rank perturbs, restores and
+    writes the gradient of exactly its slice of what the unsharded space does, and leaves the padding alone."""
+    from deepspeed import comm
+
+    from trl_es.core import InPlaceSpace, MemberNoise
+    from trl_es.deepspeed_space import ZeRO3Space
+
+    world, sigma, step, member = 3, 0.1, 4, 1
+    full = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    noise = MemberNoise(seed=3, population_size=4)
+    fitness = torch.tensor([0.5, -0.5, 0.25, -0.25])
+    reference = torch.nn.Parameter(full.clone())
+    plain = InPlaceSpace([("w", reference)], noise, sigma)
+    with plain.perturbed(step, [member]):
+        perturbed = reference.detach().flatten().clone()
+    plain.write_gradients(step, fitness)
+    grads: dict[int, torch.Tensor] = {}
+    monkeypatch.setattr(comm, "get_world_size", lambda group=None: 1)  # no all-reduce of the norm here
+    for rank in range(world):
+        monkeypatch.setattr(comm, "get_rank", lambda group=None, rank=rank: rank)
+        param = fake_zero3_param(full, rank, world, grads)
+        before = param.ds_tensor.clone()
+        space = ZeRO3Space([("w", param)], noise, sigma, engine=lambda: None)
+        start, partition = rank * param.ds_tensor.ds_numel, param.ds_tensor.ds_numel
+        real = min(partition, full.numel() - start)
+        with space.perturbed(step, [member]):
+            assert torch.equal(param.ds_tensor[:real], perturbed[start : start + real])
+            assert torch.equal(param.ds_tensor[real:], before[real:])  # padding untouched
+        assert torch.equal(param.ds_tensor, before)
+        space.write_gradients(step, fitness)
+        assert torch.equal(grads[rank][real:], torch.zeros(partition - real))
+    gathered = torch.cat([grads[rank] for rank in range(world)])[: full.numel()]
+    assert torch.equal(gathered, reference.grad.flatten())
