@@ -8,7 +8,10 @@ import pytest
 from trl_es.cli import main, parse_train_args
 
 
-RECIPES = sorted((pathlib.Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
+RECIPES_DIR = pathlib.Path(__file__).parent.parent / "recipes"
+# recipes/accelerate/ holds launcher configs (accelerate's format), not trl-es training recipes.
+RECIPES = sorted(path for path in RECIPES_DIR.rglob("*.yaml") if path.parent.name != "accelerate")
+ACCELERATE_CONFIGS = sorted((RECIPES_DIR / "accelerate").glob("*.yaml"))
 
 
 def test_there_are_recipes():
@@ -29,6 +32,20 @@ def test_recipe_parses_and_starts_with_its_command(path):
     script_args, es_args, model_args = parse_train_args(args)
     assert model_args.model_name_or_path and script_args.dataset_name and script_args.reward_funcs
     assert es_args.population_size >= 2 and es_args.sigma > 0
+
+
+@pytest.mark.parametrize("path", ACCELERATE_CONFIGS, ids=lambda p: p.name)
+def test_accelerate_config_parses_and_starts_with_its_command(path):
+    from accelerate.commands.config.config_args import ClusterConfig
+
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith(
+        f"# accelerate launch --config_file recipes/accelerate/{path.name} -m trl_es.cli train"
+    )
+    recipe = first_line.split("--config ")[-1].strip()
+    assert (RECIPES_DIR.parent / recipe).is_file(), f"{path.name} launches a recipe that does not exist: {recipe}"
+    config = ClusterConfig.from_yaml_file(path)  # accelerate's own loader: unknown keys are an error
+    assert config.distributed_type.value == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == 3
 
 
 def test_cli_train_writes_results(tmp_path):

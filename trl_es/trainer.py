@@ -139,6 +139,10 @@ class ESTrainer(GRPOTrainer):
         if environment_factory is None:
             _check_prompt_column(train_dataset, "train_dataset")
             _check_prompt_column(eval_dataset, "eval_dataset")
+        if args.deepspeed:
+            from .deepspeed_space import init_deepspeed_comm
+
+            init_deepspeed_comm(args)
 
         try:
             super().__init__(
@@ -168,14 +172,15 @@ class ESTrainer(GRPOTrainer):
                 ) from error
             raise
 
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            # DeepSpeed's ZeRO optimizer steps only from inside its own backward, and FSDP shards parameters;
-            # writing the ES update into p.grad reaches neither, so refuse rather than train nothing.
+        if self.is_fsdp_enabled:
+            # FSDP shards the parameters behind its own flat handles; writing the ES update into p.grad reaches
+            # nothing, so refuse rather than train nothing.
             raise ValueError(
-                f"ESTrainer does not support {'DeepSpeed' if self.is_deepspeed_enabled else 'FSDP'} yet: the ES "
-                "update is written to p.grad for a plain torch optimizer. Launch with plain DDP "
-                "(`accelerate launch` / `torchrun` without a DeepSpeed or FSDP config)."
+                "ESTrainer does not support FSDP yet: the ES update is written to p.grad for a plain torch optimizer. "
+                "Launch with plain DDP or DeepSpeed ZeRO-3 (`accelerate launch` / `torchrun` without an FSDP config)."
             )
+        if self.is_deepspeed_enabled:
+            self._check_deepspeed()
         # ES never backpropagates, so dropout would only add noise to the member comparison.
         disable_dropout_in_model(self.model)
         self.reward_funcs = wrap_reward_funcs(self.reward_funcs, self.reward_func_names)
@@ -199,6 +204,24 @@ class ESTrainer(GRPOTrainer):
         if getattr(self, "generation_kwargs", None) is not None:
             self.generation_kwargs.update(greedy)
         # vLLM reads temperature=0 as greedy decoding already.
+
+    def _check_deepspeed(self) -> None:
+        from .deepspeed_space import check_deepspeed_config, zero_stage
+
+        config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+        if zero_stage(config) != 3:
+            raise ValueError(
+                f"ESTrainer supports DeepSpeed with ZeRO stage 3 only, got stage {zero_stage(config)}: stages 0-2 "
+                "step their optimizer from their own backward hooks, which ES never runs. Use "
+                '"zero_optimization": {"stage": 3}, or plain DDP (no DeepSpeed config) for a model that fits.'
+            )
+        if self.args.perturbation == "low_rank":
+            raise ValueError(
+                "perturbation='low_rank' is not supported under DeepSpeed ZeRO-3 (its batched members need the full "
+                "weight matrices); use perturbation='full' or 'lora'."
+            )
+        for warning in check_deepspeed_config(config):
+            logger.warning(warning)
 
     def _build_perturbation_space(self) -> PerturbationSpace:
         requested = self.args.perturbation
@@ -233,12 +256,24 @@ class ESTrainer(GRPOTrainer):
         named = [(name, param) for name, param in self.model.named_parameters() if param.requires_grad]
         if not named:
             raise ValueError("The model has no trainable parameters (requires_grad=True) to evolve.")
+        if self.is_deepspeed_enabled:
+            from .deepspeed_space import ZeRO3Space
+
+            # The engine exists only once train() has prepared the model; the space asks for it when it needs it.
+            return ZeRO3Space(
+                named,
+                self.es_noise,
+                self.args.sigma,
+                engine=lambda: self.deepspeed,
+                restore=self.args.perturbation_restore,
+            )
         return InPlaceSpace(named, self.es_noise, self.args.sigma, restore=self.args.perturbation_restore)
 
     def _check_population_split(self) -> None:
         """Each process evaluates whole member groups, the same number and size on every process."""
         groups = self.perturbation_space.member_groups()
-        world = self.accelerator.num_processes
+        # Ranks that share members (ZeRO-3) split the prompts, not the population.
+        world = 1 if getattr(self.perturbation_space, "ranks_share_members", False) else self.accelerator.num_processes
         if len({len(group) for group in groups}) != 1 or len(groups) % world:
             raise ValueError(
                 f"population_size={self.args.population_size} does not split into equal member groups of "
@@ -269,7 +304,9 @@ class ESTrainer(GRPOTrainer):
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.args.log_update_norm:
+        # Under DeepSpeed this torch optimizer steps DeepSpeed's flat fp32 partitions, not the model's parameters:
+        # the update is measured around the engine's step instead (_step_deepspeed).
+        if self.args.log_update_norm and not self.is_deepspeed_enabled:
             optimizer.register_step_pre_hook(self._snapshot_weights)
             optimizer.register_step_post_hook(self._log_update_norm)
         return optimizer
@@ -350,8 +387,26 @@ class ESTrainer(GRPOTrainer):
         start = time.perf_counter()
         model.train()
         loss = self._es_step(inputs)
+        if self.is_deepspeed_enabled and self.accelerator.sync_gradients:
+            self._step_deepspeed()
         self._metrics["train"]["step_time"].append(time.perf_counter() - start)
         return loss
+
+    def _step_deepspeed(self) -> None:
+        """Apply the pseudo-gradient written by the ZeRO-3 space through the engine's optimizer and scheduler.
+
+        Under DeepSpeed the Trainer's ``optimizer.step()`` and ``lr_scheduler.step()`` that follow are no-ops (the
+        engine steps inside ``accelerator.backward``, which ES never calls), so this is the step's only update.
+        """
+        from .deepspeed_space import step_engine
+
+        space = self.perturbation_space
+        before = [shard.clone() for shard in space.local_shards()] if self.args.log_update_norm else None
+        step_engine(self.deepspeed)
+        if before is not None:
+            update_norm, weight_norm = space.weight_and_update_norms(before)
+            self._metrics["train"]["es/update_norm"].append(update_norm)
+            self._metrics["train"]["es/update_to_weight_ratio"].append(update_norm / max(weight_norm, 1e-12))
 
     def _es_step(self, rows: list[dict[str, Any]]) -> torch.Tensor:
         step = self.state.global_step
@@ -362,21 +417,35 @@ class ESTrainer(GRPOTrainer):
             # rewards cross processes; every process then applies the same update from the seeds.
             self._step_comm_bytes = world * len(pickle.dumps(rows))
             rows = gather_object(rows)
+        # ZeRO-3 holds only a shard of the weights per rank and a forward gathers every rank's shard, so all ranks
+        # must act as the same member at once: they split the prompts instead of the population.
+        sharded = world > 1 and getattr(self.perturbation_space, "ranks_share_members", False)
         if self._greedy:
-            rows = _distinct_rows(rows, self.num_generations)
+            distinct = _distinct_rows(rows, self.num_generations)
+            rows = distinct if not sharded or len(distinct) % world == 0 else rows
         prompts = [row["prompt"] for row in rows]
         num_rows, population = len(rows), self.es_noise.population_size
+        groups = self.perturbation_space.member_groups()
+        if sharded:
+            share = num_rows // world  # rows of the pooled batch are a multiple of world (world x per-device rows)
+            rows_here, prompts_here = (
+                rows[rank * share : (rank + 1) * share],
+                prompts[rank * share : (rank + 1) * share],
+            )
+            rounds = [[group] * world for group in groups]
+        else:
+            rows_here, prompts_here = rows, prompts
+            rounds = [groups[start : start + world] for start in range(0, len(groups), world)]
 
         # rewards_per_func[i, j, k]: member i, completion slot j, reward function k.
         rewards_per_func = torch.full((population, num_rows, len(self.reward_funcs)), float("nan"))
         member_completions: dict[int, list] = {}
         member_extras: dict[int, dict[str, list]] = {}
-        groups = self.perturbation_space.member_groups()
-        for round_start in range(0, len(groups), world):
-            # One round: process r evaluates groups[round_start + r]; all groups of a round have the same size, so
-            # every process makes the same collective calls (GRPO's generation and reward code gather).
-            members = groups[round_start + rank]
-            block_rows, block_prompts = rows * len(members), prompts * len(members)
+        for round_groups in rounds:
+            # One round: process r evaluates round_groups[r]; all groups of a round have the same size, so every
+            # process makes the same collective calls (GRPO's generation and reward code gather).
+            members, n_here = round_groups[rank], len(rows_here)
+            block_rows, block_prompts = rows_here * len(members), prompts_here * len(members)
             seed = self.es_noise.sampling_seed(step, members[0])
             # The weights are restored when this block exits, before any reward function runs.
             with self.perturbation_space.perturbed(step, members), self._seeded_sampling(seed):
@@ -384,18 +453,42 @@ class ESTrainer(GRPOTrainer):
                 _, completion_ids, _, completions, *_ = self._generate(block_prompts)
             scores = self._score(block_rows, block_prompts, completions, completion_ids).cpu()
             self._step_comm_bytes += scores.numel() * scores.element_size() if world > 1 else 0
-            # gathered rows are (process, member of that process's group, prompt)
-            scores = scores.view(world, len(members), num_rows, -1)
-            for process in range(world):
-                rewards_per_func[groups[round_start + process]] = scores[process]
-            for offset, member in enumerate(members):
-                member_completions[member] = completions[offset * num_rows : (offset + 1) * num_rows]
-                member_extras[member] = {
-                    column: values[offset * num_rows : (offset + 1) * num_rows]
-                    for column, values in self._pending_extra_logs.items()
-                    if len(values) == len(block_rows)
-                }
+            # gathered rows are (process, member of that process's group, that process's prompts)
+            scores = scores.view(world, len(members), n_here, -1)
+            if sharded:
+                rewards_per_func[members] = scores.transpose(0, 1).reshape(len(members), num_rows, -1)
+            else:
+                for process in range(world):
+                    rewards_per_func[round_groups[process]] = scores[process]
+            logs = {
+                member: (
+                    completions[offset * n_here : (offset + 1) * n_here],
+                    {
+                        column: values[offset * n_here : (offset + 1) * n_here]
+                        for column, values in self._pending_extra_logs.items()
+                        if len(values) == len(block_rows)
+                    },
+                )
+                for offset, member in enumerate(members)
+            }
             self._pending_extra_logs.clear()
+            if sharded:
+                # Each rank completed its share of the prompts: pool the texts so the completion log is whole.
+                self._step_comm_bytes += world * len(pickle.dumps(logs))
+                parts = gather_object([logs])
+                logs = {
+                    member: (
+                        [text for part in parts for text in part[member][0]],
+                        {
+                            column: [value for part in parts for value in part[member][1][column]]
+                            for column in parts[0][member][1]
+                            if all(column in part[member][1] for part in parts)
+                        },
+                    )
+                    for member in members
+                }
+            for member, (texts, extras) in logs.items():
+                member_completions[member], member_extras[member] = texts, extras
 
         self._invalidate_vllm_weights()  # vLLM still holds the last member's weights
         rewards = self._combine_reward_funcs(rewards_per_func)  # (members, completions)
