@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import free_port
 
 
 WORKER = str(pathlib.Path(__file__).with_name("distributed_worker.py"))
@@ -28,7 +29,7 @@ def test_one_and_two_processes_give_identical_weights(tiny_model_dir, tmp_path, 
     # global batch 16 rows in both runs: 16 per device x 1 process, 8 per device x 2 processes
     run([sys.executable, WORKER, tiny_model_dir, str(one), "16", perturbation, temperature], tmp_path)
     run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29531"]
+        ["torchrun", "--nproc_per_node", "2", "--master_port", free_port()]
         + [WORKER, tiny_model_dir, str(two), "8", perturbation, temperature],
         tmp_path,
     )

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from conftest import free_port
 
 
 pytest.importorskip("deepspeed")
@@ -50,8 +51,8 @@ def check_perturb_restore(result):
 
 def test_zero3_single_process_matches_plain_run_bit_for_bit(tiny_model_dir, tmp_path):
     # Sampled decoding: one process generates every row either way, so even the sampling streams coincide.
-    plain = run_single(tmp_path, tiny_model_dir, "plain", "plain", "1.0", "29571")
-    zero3 = run_single(tmp_path, tiny_model_dir, "zero3", "zero3", "1.0", "29572")
+    plain = run_single(tmp_path, tiny_model_dir, "plain", "plain", "1.0", free_port())
+    zero3 = run_single(tmp_path, tiny_model_dir, "zero3", "zero3", "1.0", free_port())
     assert plain["space"] == "InPlaceSpace" and zero3["space"] == "ZeRO3Space"
     moved = [name for name, w in zero3["weights"].items() if not torch.equal(w, zero3["initial"][name])]
     assert len(moved) == len(zero3["weights"]), "ZeRO-3 ES left some weights unchanged"
@@ -71,11 +72,11 @@ def test_zero3_single_process_matches_plain_run_bit_for_bit(tiny_model_dir, tmp_
 def test_zero3_two_processes_match_one_process(tiny_model_dir, tmp_path):
     # Greedy decoding: under ZeRO-3 the ranks evaluate the same member on different prompts, so with sampling each
     # rank would draw its own stream and the runs would agree only in distribution.
-    one = run_single(tmp_path, tiny_model_dir, "one", "zero3", "0.0", "29573")
+    one = run_single(tmp_path, tiny_model_dir, "one", "zero3", "0.0", free_port())
     two = tmp_path / "two"
     two.mkdir()
     run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29574"]
+        ["torchrun", "--nproc_per_node", "2", "--master_port", free_port()]
         + [WORKER, tiny_model_dir, str(two), "8", "zero3", "0.0"],
         tmp_path,
     )
