@@ -56,6 +56,9 @@ def run_variant(variant: str) -> dict:
     )
     start = time.perf_counter()
     if variant == "inference":
+        # Load the same libraries as the trainers, so the floor holds the same Python/torch/TRL baseline.
+        import trl_es.trainer  # noqa: F401
+
         tokenizer.padding_side = "left"
         rows = [p for p in dataset["prompt"][:PROMPTS] for _ in range(SAMPLES)]
         inputs = tokenizer(rows, return_tensors="pt", padding=True)

@@ -21,7 +21,7 @@ def test_quickstart_plan_gives_both_arms_the_same_budget():
     assert plan.shared["max_completion_length"] == 4 and plan.shared["seed"] == 42
     # the top level is the ES arm; the grpo section is the GRPO arm (TRL defaults otherwise)
     assert es["population_size"] == 32 and es["optim"] == "sgd" and es["learning_rate"] == 4e-4
-    assert grpo["learning_rate"] == 3e-4 and grpo["num_generations"] == 8 and "population_size" not in grpo
+    assert grpo["learning_rate"] == 6e-4 and grpo["num_generations"] == 8 and "population_size" not in grpo
     assert "optim" not in grpo and "temperature" in grpo
     # 32 members x 128 distinct prompts per ES step; 256 completions per GRPO step
     assert rollouts_per_step("es", es) == 32 * 128 and rollouts_per_step("grpo", grpo) == 256
@@ -52,7 +52,7 @@ def test_overrides_target_sections_and_bad_sections_are_named():
 def test_grid_is_centred_on_each_arms_learning_rate():
     plan = make_plan(load_recipe(QUICKSTART))
     assert plan.grids["es"] == pytest.approx([2e-4, 4e-4, 8e-4])
-    assert plan.grids["grpo"] == pytest.approx([1.5e-4, 3e-4, 6e-4])
+    assert plan.grids["grpo"] == pytest.approx([3e-4, 6e-4, 1.2e-3])
 
 
 def _run(rollouts, seconds, accuracy, **scalars):
@@ -147,3 +147,15 @@ def test_a_failing_arm_is_reported_and_the_other_arm_is_still_written(tiny_model
     (error,) = report["arms"]["grpo"]["errors"]
     assert "not_a_field" in error["error"]
     assert "failed" in (out / "compare.md").read_text()
+
+
+def test_grid_reports_each_arms_best_learning_rate_by_mean_final_accuracy():
+    from trl_es.compare.report import build_arm
+
+    def runs(*finals):
+        return [{"final_eval_accuracy": final} for final in finals]
+
+    arm = build_arm({}, {1e-4: runs(0.4, 0.6), 3e-4: runs(0.55, 0.55), 1e-3: runs(0.9, 0.1)}, errors=[])
+    assert arm["learning_rate"] == 3e-4 and arm["mean_final_eval_accuracy"] == 0.55
+    assert [g["learning_rate"] for g in arm["grid"]] == [1e-4, 3e-4, 1e-3]
+    assert build_arm({}, {}, errors=[{"error": "boom"}])["learning_rate"] is None

@@ -1,6 +1,7 @@
 """``trl-es``: the command line, in the style of ``trl grpo --config recipe.yaml``.
 
     trl-es train --config recipes/quickstart.yaml [--learning_rate 3e-4 ...]
+    trl-es compare --config recipes/quickstart.yaml --output_dir outputs/compare [--seeds 3] [--grid]
 
 YAML keys (and ``--key value`` overrides, which win) are the fields of ``ESScriptArguments`` below, of
 [`ESConfig`] (all of ``GRPOConfig`` included) and of TRL's ``ModelConfig`` (``model_name_or_path``, ``use_peft``,

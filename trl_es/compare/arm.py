@@ -1,6 +1,6 @@
 """One arm of a comparison (GRPO or ES, one learning rate, one seed), run in a process of its own.
 
-    python -m trl_es.compare.arm SPEC.json
+    python -m trl_es.compare.arm SPEC.json RESULT.json
 
 so that its peak memory (``ru_maxrss`` of this process) is its own. The arm trains with the unmodified
 ``GRPOTrainer`` or ``ESTrainer``; two small additions make the arms comparable:
@@ -8,8 +8,9 @@ so that its peak memory (``ru_maxrss`` of this process) is its own. The arm trai
 * ``RolloutCounter`` counts the completions and tokens every training-time ``_generate`` call really produced
   (ES with greedy decoding generates each distinct prompt once per member; GRPO every row of its batch);
 * ``BudgetCallback`` evaluates held-out accuracy (greedy, the same code for both arms) at the start and every
-  ``eval_every_rollouts`` rollouts (and on the matching wall-clock schedule when there is a time budget), keeps the training wall-clock without evaluation time, and stops training at
-  the rollout or wall-clock budget, whichever comes first.
+  ``eval_every_rollouts`` rollouts (and on the matching wall-clock schedule when there is a time budget), keeps
+  the training wall-clock without evaluation time, and stops training at the rollout or wall-clock budget,
+  whichever comes first.
 """
 
 import json

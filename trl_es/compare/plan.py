@@ -121,20 +121,26 @@ def _es_only_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(ESConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
 
 
+def _arm_setting(arm: str, config: dict, key: str):
+    """``config[key]``, else the default of the arm's config class (``ESConfig`` or TRL's ``GRPOConfig``)."""
+    if key in config:
+        return config[key]
+    from trl import GRPOConfig
+
+    from ..config import ESConfig
+
+    return next(f.default for f in dataclasses.fields(ESConfig if arm == "es" else GRPOConfig) if f.name == key)
+
+
 def rollouts_per_step(arm: str, config: dict) -> int:
     """Completions one optimizer step generates on one process, from the arm's settings.
 
     ES: every member completes each distinct prompt (once under greedy decoding, ``num_generations`` times when
     sampling). GRPO: one generation batch serves ``num_iterations`` optimizer steps.
     """
-    from trl import GRPOConfig
-
-    from ..config import ESConfig
-
-    defaults = {f.name: f.default for f in dataclasses.fields(ESConfig if arm == "es" else GRPOConfig)}
 
     def get(key):
-        return config.get(key, defaults[key])
+        return _arm_setting(arm, config, key)
 
     rows = get("per_device_train_batch_size") * get("gradient_accumulation_steps")
     if arm == "es":
@@ -190,6 +196,6 @@ def make_plan(recipe: dict, overrides: dict | None = None) -> ComparePlan:
     grid = compare.get("grid") or {}
     grids = {}
     for name, config in arms.items():
-        base = config.get("learning_rate", 1e-4 if name == "es" else 1e-6)
+        base = _arm_setting(name, config, "learning_rate")
         grids[name] = [float(lr) for lr in grid.get(name, [base * f for f in GRID_FACTORS])]
     return ComparePlan(shared, arms, int(budget_rollouts), budget_seconds, eval_points, grids)

@@ -16,7 +16,7 @@ import sys
 import time
 from pathlib import Path
 
-from .plan import load_recipe, make_plan
+from .plan import load_recipe, make_plan, parse_overrides
 from .report import build_arm, write_report
 
 
@@ -52,8 +52,7 @@ def _run_one(spec: dict, run_dir: Path) -> dict:
 
 
 def compare(config_path: str, output_dir: str, seeds: int = 1, grid: bool = False, overrides=None) -> dict:
-    from .plan import parse_overrides
-
+    """Run every (seed, arm, learning rate) in its own process and write the report; returns the report dict."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     plan = make_plan(load_recipe(config_path), parse_overrides(overrides or []))
