@@ -48,6 +48,11 @@ def main():
             {"weights": weights, "log": trainer.state.log_history, "world": trainer.accelerator.num_processes},
             os.path.join(out_dir, "result.pt"),
         )
+    # Leave together and close the process group: a rank that exits while another still holds gloo connections can
+    # abort in gloo's threads ("terminate called without an active exception"), and torchrun then fails the run.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

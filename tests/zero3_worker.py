@@ -108,6 +108,11 @@ def main():
         result["perturb_restore"] = check_perturb_restore(trainer)
     # Every rank saves: the weights are gathered (the same everywhere), the shard checks are per rank.
     torch.save(result, os.path.join(out_dir, f"result_rank{trainer.accelerator.process_index}.pt"))
+    # Leave together and close the process group: a rank that exits while another still holds gloo connections can
+    # abort in gloo's threads ("terminate called without an active exception"), and torchrun then fails the run.
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
