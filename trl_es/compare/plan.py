@@ -6,7 +6,7 @@ A recipe is an ES training recipe plus two optional sections::
     dataset_name: ...
     learning_rate: 4.0e-4          # every other top-level key belongs to the ES arm (a train recipe is an ES recipe)
     es: {...}                      # optional: more ES-arm settings (win over top-level keys)
-    grpo: {...}                    # the GRPO arm's own settings, on top of GRPO_ARM_DEFAULTS
+    grpo: {...}                    # the GRPO arm's own settings, on top of TRL's GRPOConfig defaults
     compare: {budget_rollouts: ..., budget_seconds: ..., eval_points: ..., grid: {es: [...], grpo: [...]}}
 
 ``trl-es train`` reads the same file and ignores ``grpo`` and ``compare`` (``es`` is merged in).
@@ -36,11 +36,11 @@ SHARED_TRAINING_KEYS = (
     "reward_weights",
     "dataloader_num_workers",
 )
-# The GRPO arm starts from TRL's own GRPOConfig defaults (DAPO loss, beta=0, 8 generations, temperature 1, AdamW);
-# these only make the run measurable on any machine. Learning rate and batch belong in the recipe's `grpo:`
-# section: TRL's default learning rate (1e-6) is tuned for billion-parameter models.
-GRPO_ARM_DEFAULTS = {"save_strategy": "no", "report_to": "none", "disable_tqdm": True}
-ES_ARM_DEFAULTS = {"save_strategy": "no", "report_to": "none", "disable_tqdm": True}
+# Both arms otherwise start from their config class's defaults: for GRPO that is TRL's GRPOConfig (DAPO loss, beta=0,
+# 8 generations, temperature 1, AdamW). These only keep a comparison run quiet and free of checkpoints. Learning rate
+# and batch belong in the recipe's `grpo:` section: TRL's default learning rate (1e-6) is tuned for billion-parameter
+# models.
+ARM_DEFAULTS = {"save_strategy": "no", "report_to": "none", "disable_tqdm": True}
 GRID_FACTORS = (0.5, 1.0, 2.0)
 
 
@@ -189,7 +189,7 @@ def make_plan(recipe: dict, overrides: dict | None = None) -> ComparePlan:
     if eval_points < 1:
         raise ValueError(f"compare.eval_points must be >= 1, got {eval_points}")
 
-    arms = {"es": {**ES_ARM_DEFAULTS, **es}, "grpo": {**GRPO_ARM_DEFAULTS, **grpo}}
+    arms = {"es": {**ARM_DEFAULTS, **es}, "grpo": {**ARM_DEFAULTS, **grpo}}
     for name, config in arms.items():
         # Each arm's LR schedule spans the budget: max_steps is the number of its steps the budget pays for.
         config["max_steps"] = math.ceil(budget_rollouts / rollouts_per_step(name, config))
