@@ -1,6 +1,6 @@
 """From one recipe to two arms on the same budget (no model is loaded here).
 
-A recipe is an ES training recipe plus two optional sections::
+A recipe is an ES training recipe plus three optional sections::
 
     model_name_or_path: ...        # shared: script and model keys, and SHARED_TRAINING_KEYS
     dataset_name: ...
