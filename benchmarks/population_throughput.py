@@ -25,7 +25,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_es.core import InPlaceSpace, LowRankSpace, MemberNoise
+from trl_es.core import InPlaceSpace, LowRankSpace, MemberNoise, pseudo_gradient_coefficients
 from trl_es.tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset
 from trl_es.tasks.build_policy import build_model, build_tokenizer
 
@@ -67,7 +67,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
             patched = time.perf_counter()
             generate(model, everyone, new_tokens, pad)
             generated = time.perf_counter()
-        low_rank.write_gradients(0, fitness)
+        low_rank.write_gradients(0, pseudo_gradient_coefficients(fitness, low_rank.noise, low_rank.sigma))
         breakdown["factors_and_patch"].append(patched - start)
         breakdown["generate"].append(generated - patched)
         breakdown["update"].append(time.perf_counter() - generated)
@@ -76,7 +76,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         for member in range(members):
             with full.perturbed(0, [member]):
                 generate(model, one, new_tokens, pad)
-        full.write_gradients(0, fitness)
+        full.write_gradients(0, pseudo_gradient_coefficients(fitness, full.noise, full.sigma))
 
     variants = {"plain": plain, "low_rank": low_rank_step, "full_sequential": full_step}
     times = {name: [] for name in variants}

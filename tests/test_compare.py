@@ -6,8 +6,9 @@ import pathlib
 import pytest
 import yaml
 
-from trl_es.compare.plan import load_recipe, make_plan, parse_overrides, rollouts_per_step, train_config
+from trl_es.compare.plan import make_plan, rollouts_per_step
 from trl_es.compare.report import accuracy_at, summarize
+from trl_es.recipes import load_recipe, parse_overrides, train_config
 
 
 QUICKSTART = pathlib.Path(__file__).parent.parent / "recipes" / "quickstart.yaml"

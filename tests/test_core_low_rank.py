@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from trl_es.core import LowRankSpace, MemberNoise
+from trl_es.core import LowRankSpace, MemberNoise, pseudo_gradient_coefficients
 
 
 def mlp():
@@ -68,7 +68,7 @@ def test_update_equals_the_sum_of_rank_r_terms():
     noise = MemberNoise(1, 4, antithetic=True)
     space = LowRankSpace(linears, noise, sigma=0.05, rank=2)
     shaped = torch.tensor([0.5, -0.5, -1 / 6, 1 / 6])
-    space.write_gradients(3, shaped)
+    space.write_gradients(3, pseudo_gradient_coefficients(shaped, space.noise, space.sigma))
     name, module = linears[0]
     expected = torch.zeros_like(module.weight)
     for member in range(4):
@@ -99,6 +99,6 @@ def test_low_rank_es_climbs_a_quadratic():
     for step in range(150):
         rewards = member_rewards()
         ranks = rewards.argsort().argsort().float() / 31 - 0.5
-        space.write_gradients(step, ranks)
+        space.write_gradients(step, pseudo_gradient_coefficients(ranks, space.noise, space.sigma))
         optimizer.step()
     assert float(-((layer.weight.detach() - target) ** 2).sum()) > 0.3 * start

@@ -12,7 +12,9 @@ def test_antithetic_pairs_with_equal_fitness_cancel():
 
     param = torch.nn.Parameter(torch.randn(8))
     space = InPlaceSpace([("w", param)], noise, sigma=0.1)
-    space.write_gradients(0, torch.tensor([0.3, 0.3, -0.1, -0.1, 0.5, 0.5]))
+    space.write_gradients(
+        0, pseudo_gradient_coefficients(torch.tensor([0.3, 0.3, -0.1, -0.1, 0.5, 0.5]), space.noise, space.sigma)
+    )
     assert torch.equal(param.grad, torch.zeros(8))
 
 
@@ -34,7 +36,12 @@ def _es_gradient(theta, reward, population, sigma, step=0, shaping="zscore"):
     for member in range(population):
         with space.perturbed(step, [member]):
             fitness[member] = reward(param.detach())
-    space.write_gradients(step, shape_fitness(member_fitness(fitness[:, None]), shaping))
+    space.write_gradients(
+        step,
+        pseudo_gradient_coefficients(
+            shape_fitness(member_fitness(fitness[:, None]), shaping), space.noise, space.sigma
+        ),
+    )
     return param.grad
 
 
@@ -75,7 +82,9 @@ def test_sgd_on_the_es_gradient_climbs_the_reward():
         for member in range(20):
             with space.perturbed(step, [member]):
                 fitness[member] = reward(param.detach())
-        space.write_gradients(step, shape_fitness(fitness, "centered_rank"))
+        space.write_gradients(
+            step, pseudo_gradient_coefficients(shape_fitness(fitness, "centered_rank"), space.noise, space.sigma)
+        )
         optimizer.step()
     assert reward(param.detach()) > 0.2 * start  # distance to the optimum shrank at least 5x (start is negative)
 
@@ -84,6 +93,6 @@ def test_low_precision_weights_get_an_fp32_accumulated_update():
     param = torch.nn.Parameter(torch.zeros(1000, dtype=torch.bfloat16))
     space = InPlaceSpace([("w", param)], MemberNoise(0, 64), sigma=1e-3)
     shaped = torch.linspace(-0.5, 0.5, 64)
-    space.write_gradients(0, shaped)
+    space.write_gradients(0, pseudo_gradient_coefficients(shaped, space.noise, space.sigma))
     assert param.grad.dtype == torch.bfloat16
     assert param.grad.abs().sum() > 0

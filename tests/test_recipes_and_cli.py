@@ -5,7 +5,8 @@ import pathlib
 
 import pytest
 
-from trl_es.cli import main, parse_train_args
+from trl_es.cli import main
+from trl_es.recipes import parse_train_args
 
 
 RECIPES_DIR = pathlib.Path(__file__).parent.parent / "recipes"
@@ -77,8 +78,9 @@ def test_cli_usage_and_unknown_command(capsys):
 
 
 def test_unknown_builtin_and_reward_names_are_clear(tmp_path):
-    from trl_es.cli import ESScriptArguments, load_datasets, resolve_model
+    from trl_es.recipes import ESScriptArguments
     from trl_es.rewards import resolve_reward_func
+    from trl_es.scripts.train import load_datasets, resolve_model
 
     with pytest.raises(ValueError, match="unknown built-in dataset 'builtin:nope'"):
         load_datasets(ESScriptArguments(dataset_name="builtin:nope"))

@@ -116,8 +116,8 @@ def test_shards_with_padding_match_the_unsharded_space(monkeypatch):
     writes the gradient of exactly its slice of what the unsharded space does, and leaves the padding alone."""
     from deepspeed import comm
 
-    from trl_es.core import InPlaceSpace, MemberNoise
-    from trl_es.deepspeed_space import ZeRO3Space
+    from trl_es.core import InPlaceSpace, MemberNoise, pseudo_gradient_coefficients
+    from trl_es.integrations.deepspeed import ZeRO3Space
 
     world, sigma, step, member = 3, 0.1, 4, 1
     full = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
@@ -127,7 +127,7 @@ def test_shards_with_padding_match_the_unsharded_space(monkeypatch):
     plain = InPlaceSpace([("w", reference)], noise, sigma)
     with plain.perturbed(step, [member]):
         perturbed = reference.detach().flatten().clone()
-    plain.write_gradients(step, fitness)
+    plain.write_gradients(step, pseudo_gradient_coefficients(fitness, plain.noise, plain.sigma))
     grads: dict[int, torch.Tensor] = {}
     monkeypatch.setattr(comm, "get_world_size", lambda group=None: 1)  # no all-reduce of the norm here
     for rank in range(world):
@@ -141,7 +141,7 @@ def test_shards_with_padding_match_the_unsharded_space(monkeypatch):
             assert torch.equal(param.ds_tensor[:real], perturbed[start : start + real])
             assert torch.equal(param.ds_tensor[real:], before[real:])  # padding untouched
         assert torch.equal(param.ds_tensor, before)
-        space.write_gradients(step, fitness)
+        space.write_gradients(step, pseudo_gradient_coefficients(fitness, space.noise, space.sigma))
         assert torch.equal(grads[rank][real:], torch.zeros(partition - real))
     gathered = torch.cat([grads[rank] for rank in range(world)])[: full.numel()]
     assert torch.equal(gathered, reference.grad.flatten())

@@ -47,14 +47,16 @@ def check_perturb_restore(trainer):
     """Perturb member 1 (a negative antithetic member) of the next step and restore; return what was observed."""
     space, step = trainer.perturbation_space, trainer.state.global_step
     before_full = full_weights(trainer)
-    before_shards = [shard.clone() for shard in space.local_shards()]
+    before_shards = [shard.clone() for shard in space.local_tensors()]
     with space.perturbed(step, [1]):
         during = full_weights(trainer)
-    after_shards = space.local_shards()
+    after_shards = space.local_tensors()
     after_full = full_weights(trainer)
     worst = 0.0
     for name, before in before_full.items():
-        expected = before + trainer.es_noise.member_noise(step, 1, name, before.shape) * trainer.args.sigma
+        expected = (
+            before + trainer.perturbation_space.noise.member_noise(step, 1, name, before.shape) * trainer.args.sigma
+        )
         worst = max(worst, float((during[name] - expected).abs().max()))
     return {
         "persistent": sorted(n for n, p in trainer.model.named_parameters() if getattr(p, "ds_persist", False)),

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
-from .core.fitness import FITNESS_SHAPINGS
+from .core import FITNESS_SHAPINGS, RESTORE_MODES, STRATEGIES
 
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,14 @@ class ESConfig(GRPOConfig):
         default=True,
         metadata={"help": "Mirrored sampling: members come in pairs (+eps, -eps), which cancels even-order noise."},
     )
+    strategy: str = field(
+        default="gaussian",
+        metadata={
+            "help": "Search strategy: 'gaussian' (seeded Gaussian ES: the fitness-weighted sum of the members' noise "
+            "is the pseudo-gradient handed to the optimizer).",
+            "choices": list(STRATEGIES),
+        },
+    )
     fitness_shaping: str = field(
         default="centered_rank",
         metadata={
@@ -118,7 +126,7 @@ class ESConfig(GRPOConfig):
         metadata={
             "help": "How weights are restored after a member is evaluated: 'copy' (bit-exact, holds one copy of "
             "the evolved weights) or 'subtract' (regenerates and subtracts the noise; no copy, ~1e-7 drift).",
-            "choices": ["copy", "subtract"],
+            "choices": list(RESTORE_MODES),
         },
     )
     log_update_norm: bool = field(
@@ -209,8 +217,12 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"perturbation_rank must be >= 1, got {self.perturbation_rank}.")
         if self.population_batch_size is not None and not 1 <= self.population_batch_size:
             raise ValueError(f"population_batch_size must be >= 1, got {self.population_batch_size}.")
-        if self.perturbation_restore not in ("copy", "subtract"):
-            raise ValueError(f"perturbation_restore must be 'copy' or 'subtract', got {self.perturbation_restore!r}.")
+        if self.perturbation_restore not in RESTORE_MODES:
+            raise ValueError(
+                f"perturbation_restore must be one of {list(RESTORE_MODES)}, got {self.perturbation_restore!r}."
+            )
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"strategy={self.strategy!r} is unknown; choose one of {list(STRATEGIES)}.")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
 

@@ -1,13 +1,12 @@
 """Held-out evaluation shared by the policy builder and the A/B harness: greedy completions scored by a reward."""
 
 import torch
+from trl.data_utils import is_conversational, maybe_apply_chat_template
 
 
 @torch.no_grad()
 def greedy_accuracy(model, tokenizer, dataset, reward_func, max_new_tokens: int, batch_size: int) -> float:
     """Mean reward of greedy completions of every held-out prompt (rows where the reward is None are skipped)."""
-    from trl.data_utils import is_conversational, maybe_apply_chat_template
-
     was_training = model.training
     model.eval()
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"

@@ -22,8 +22,13 @@ import time
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
+from ..config import ESConfig
 from ..evaluation import greedy_accuracy
+from ..recipes import ESScriptArguments
+from ..scripts.train import load_datasets, load_reward_funcs, resolve_model
+from ..trainer import ESTrainer
 
 
 class RolloutCounter:
@@ -96,12 +101,6 @@ class BudgetCallback(TrainerCallback):
 
 def run_arm(spec: dict) -> dict:
     """Train one arm as ``spec`` says and return its result record (curve and scalars)."""
-    from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
-
-    from ..cli import ESScriptArguments, load_datasets, load_reward_funcs, resolve_model
-    from ..config import ESConfig
-    from ..trainer import ESTrainer
-
     arm, seed = spec["arm"], spec["seed"]
     config_cls, trainer_cls = (ESConfig, ESTrainer) if arm == "es" else (GRPOConfig, GRPOTrainer)
     parser = TrlParser((ESScriptArguments, config_cls, ModelConfig))

@@ -9,17 +9,20 @@ A recipe is an ES training recipe plus three optional sections::
     grpo: {...}                    # the GRPO arm's own settings, on top of TRL's GRPOConfig defaults
     compare: {budget_rollouts: ..., budget_seconds: ..., eval_points: ..., grid: {es: [...], grpo: [...]}}
 
-``trl-es train`` reads the same file and ignores ``grpo`` and ``compare`` (``es`` is merged in).
+``trl-es train`` reads the same file and ignores ``grpo`` and ``compare`` (``es`` is merged in); the format
+itself (loading, overrides) lives in ``trl_es/recipes.py``.
 """
 
 import dataclasses
 import math
 from dataclasses import dataclass, field
 
-import yaml
+from trl import GRPOConfig, ModelConfig
+
+from ..config import ESConfig
+from ..recipes import SECTIONS, ESScriptArguments
 
 
-SECTIONS = ("es", "grpo", "compare")
 # Training keys that define the task or the measurement rather than an algorithm: both arms use the same value.
 SHARED_TRAINING_KEYS = (
     "seed",
@@ -62,62 +65,11 @@ class ComparePlan:
         return dataclasses.asdict(self)
 
 
-def load_recipe(path: str) -> dict:
-    with open(path) as file:
-        recipe = yaml.safe_load(file)
-    if not isinstance(recipe, dict):
-        raise ValueError(f"recipe {path} must contain a YAML mapping")
-    for section in SECTIONS:
-        if section in recipe and not isinstance(recipe[section] or {}, dict):
-            raise ValueError(f"recipe {path}: section {section!r} must be a mapping of config fields")
-    return recipe
-
-
-def train_config(recipe: dict) -> dict:
-    """The keys ``trl-es train`` uses: top level plus the ``es`` section, without the comparison-only sections."""
-    config = {key: value for key, value in recipe.items() if key not in SECTIONS}
-    config.update(recipe.get("es") or {})
-    return config
-
-
-def _scalar(text: str):
-    """A command-line value as YAML reads it, except that ``1e-4`` is a number (YAML 1.1 wants ``1.0e-4``)."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                pass
-    return value
-
-
-def parse_overrides(argv: list[str]) -> dict:
-    """``--key value`` pairs (``--grpo.learning_rate 1e-4`` targets a section); values parsed as YAML scalars."""
-    overrides = {}
-    index = 0
-    while index < len(argv):
-        key = argv[index]
-        if not key.startswith("--") or index + 1 >= len(argv):
-            raise ValueError(f"expected '--key value' pairs, got {argv[index:]!r}")
-        overrides[key[2:]] = _scalar(argv[index + 1])
-        index += 2
-    return overrides
-
-
 def _script_and_model_keys() -> set[str]:
-    from trl import ModelConfig
-
-    from ..cli import ESScriptArguments
-
     return {f.name for cls in (ESScriptArguments, ModelConfig) for f in dataclasses.fields(cls)}
 
 
 def _es_only_keys() -> set[str]:
-    from trl import GRPOConfig
-
-    from ..config import ESConfig
-
     return {f.name for f in dataclasses.fields(ESConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
 
 
@@ -125,10 +77,6 @@ def _arm_setting(arm: str, config: dict, key: str):
     """``config[key]``, else the default of the arm's config class (``ESConfig`` or TRL's ``GRPOConfig``)."""
     if key in config:
         return config[key]
-    from trl import GRPOConfig
-
-    from ..config import ESConfig
-
     return next(f.default for f in dataclasses.fields(ESConfig if arm == "es" else GRPOConfig) if f.name == key)
 
 

@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from .plan import load_recipe, make_plan, parse_overrides
+from ..recipes import load_recipe, parse_overrides
+from .plan import make_plan
 from .report import build_arm, write_report
 
 

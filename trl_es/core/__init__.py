@@ -1,24 +1,43 @@
-"""Pure-torch ES core: seeds -> noise -> perturbation -> fitness shaping -> pseudo-gradient.
+"""Pure-torch ES core: seeds -> noise -> perturbation -> fitness shaping -> strategy update.
 
 Nothing in this package imports transformers or trl (``tests/test_core_imports.py`` enforces it), so the ES math
-can be read and tested without a language model.
+can be read and tested without a language model. Files, in the order data flows through a step:
+
+* ``noise.py``      member -> seeded direction -> noise tensor (never stored)
+* ``spaces.py``     where the noise reaches the model (in place; ``low_rank.py``: batched rank-r members)
+* ``layout.py``     which process evaluates which member on which prompts
+* ``fitness.py``    rewards -> one raw fitness per member -> shaped fitness
+* ``update.py``     shaped fitness -> per-direction pseudo-gradient coefficients
+* ``strategies/``   ask / tell: how a search uses the above (``gaussian.py``: seeded Gaussian ES)
 """
 
 from .fitness import FITNESS_SHAPINGS, member_fitness, shape_fitness
+from .layout import Round, check_population_split, distinct_rows, place_scores, plan_rounds
 from .low_rank import LowRankSpace
 from .noise import MemberNoise, derive_seed
-from .spaces import InPlaceSpace, PerturbationSpace
+from .spaces import RESTORE_MODES, InPlaceSpace, PerturbationSpace
+from .strategies import STRATEGIES, GaussianES, Strategy, StrategyUpdate
 from .update import pseudo_gradient_coefficients
 
 
 __all__ = [
     "FITNESS_SHAPINGS",
+    "RESTORE_MODES",
+    "STRATEGIES",
+    "GaussianES",
     "InPlaceSpace",
     "LowRankSpace",
     "MemberNoise",
     "PerturbationSpace",
+    "Round",
+    "Strategy",
+    "StrategyUpdate",
+    "check_population_split",
     "derive_seed",
+    "distinct_rows",
     "member_fitness",
+    "place_scores",
+    "plan_rounds",
     "pseudo_gradient_coefficients",
     "shape_fitness",
 ]

@@ -25,7 +25,6 @@ from torch.nn import functional as F
 
 from .noise import MemberNoise
 from .spaces import PerturbationSpace
-from .update import pseudo_gradient_coefficients
 
 
 class LowRankSpace(PerturbationSpace):
@@ -37,7 +36,8 @@ class LowRankSpace(PerturbationSpace):
         noise: member -> seeded direction mapping.
         sigma: perturbation scale (of ``E_i``, whose entries have unit variance like full-rank Gaussian noise).
         rank: ``r``.
-        members_per_forward: how many members one forward serves (default: the whole population).
+        members_per_forward: how many members one forward serves (default: the whole population;
+            ``ESConfig.population_batch_size``).
     """
 
     def __init__(
@@ -65,8 +65,8 @@ class LowRankSpace(PerturbationSpace):
         # numbers per matrix, the space's stated memory) so the update does not draw them again.
         self._factor_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def num_parameters(self) -> int:
-        return sum(module.weight.numel() for _, module in self.named_linears)
+    def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
+        return self.named_params
 
     def _all_factors(self, step: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of every direction for one layer, ``(K, out, r)`` and ``(K, in, r)``, fp32, one draw."""
@@ -108,9 +108,7 @@ class LowRankSpace(PerturbationSpace):
             for module in patched:
                 del module.forward
 
-    def write_gradients(self, step: int, shaped_fitness: torch.Tensor) -> dict[str, float]:
-        coefficients = pseudo_gradient_coefficients(shaped_fitness, self.noise, self.sigma)
-        squared_norm = 0.0
+    def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         with torch.no_grad():
             for name, module in self.named_linears:
                 weight = module.weight
@@ -121,10 +119,8 @@ class LowRankSpace(PerturbationSpace):
                 left = (a_all * scale).permute(1, 0, 2).reshape(out_features, -1)
                 right = b_all.permute(1, 0, 2).reshape(in_features, -1)
                 grad = left @ right.T
-                squared_norm += float(grad.square().sum())
                 weight.grad = grad if weight.dtype == torch.float32 else grad.to(weight.dtype)
         self._factor_cache.clear()
-        return {"grad_norm": squared_norm**0.5}
 
 
 def _batched_member_forward(module: nn.Linear, a: torch.Tensor, b: torch.Tensor):

@@ -66,11 +66,6 @@ def build_model(tokenizer, hidden_size=128, num_layers=4, intermediate_size=256,
     return Qwen2ForCausalLM(config)
 
 
-def greedy_accuracy(model, tokenizer, dataset, max_new_tokens=4, batch_size=250) -> float:
-    """Held-out accuracy with greedy decoding (the same reward ES optimises)."""
-    return evaluation.greedy_accuracy(model, tokenizer, dataset, arithmetic_accuracy, max_new_tokens, batch_size)
-
-
 class StopAtAccuracy(TrainerCallback):
     def __init__(self, tokenizer, eval_set, target, eval_every, min_steps):
         self.tokenizer, self.eval_set = tokenizer, eval_set
@@ -80,7 +75,7 @@ class StopAtAccuracy(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if state.global_step < self.min_steps or state.global_step % self.eval_every:
             return
-        accuracy = greedy_accuracy(model, self.tokenizer, self.eval_set)
+        accuracy = evaluation.greedy_accuracy(model, self.tokenizer, self.eval_set, arithmetic_accuracy, 4, 250)
         self.history.append((state.global_step, accuracy))
         print(f"step {state.global_step}: held-out accuracy {accuracy:.3f}", flush=True)
         if accuracy >= self.target:
@@ -126,7 +121,9 @@ def main(argv=None):
     )
     trainer.train()
     seconds = time.perf_counter() - start
-    final = greedy_accuracy(model, tokenizer, arithmetic_dataset("test", size=500))
+    final = evaluation.greedy_accuracy(
+        model, tokenizer, arithmetic_dataset("test", size=500), arithmetic_accuracy, 4, 250
+    )
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(args.output_dir)

@@ -18,12 +18,11 @@ LR scheduler and weight decay configured in the Trainer apply to DeepSpeed's fp3
 DeepSpeed is imported lazily: importing this module costs nothing when DeepSpeed is not used.
 """
 
-import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from .core import MemberNoise, PerturbationSpace, pseudo_gradient_coefficients
+from ..core import InPlaceSpace, MemberNoise
 
 
 def zero_stage(engine_or_config) -> int:
@@ -34,18 +33,36 @@ def zero_stage(engine_or_config) -> int:
 
 
 def init_deepspeed_comm(args) -> None:
-    """Hand DeepSpeed the process group that ``accelerate`` set up, before the model is loaded under ``zero.Init``.
+    """With a DeepSpeed config in ``args``: hand DeepSpeed the process group that ``accelerate`` set up, before the model is loaded under ``zero.Init``.
 
     On GPUs ``accelerate`` initialises ``deepspeed.comm`` itself. With ``use_cpu=True`` it only creates a torch
     (gloo) group, so ``zero.Init`` would read a world size of 1 and reject the batch sizes that the HF integration
     filled in for the real world size (``train_batch_size != micro_batch * grad_acc * 1``).
     """
+    if not args.deepspeed:
+        return
     import deepspeed
     import torch.distributed
 
     _ = args.device  # creates accelerate's PartialState and, under torchrun, the torch process group
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         deepspeed.comm.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False)
+
+
+def check_zero3_trainer(config: dict, perturbation: str) -> list[str]:
+    """Refuse what ES cannot run under DeepSpeed; return warnings for settings that change the update."""
+    if zero_stage(config) != 3:
+        raise ValueError(
+            f"ESTrainer supports DeepSpeed with ZeRO stage 3 only, got stage {zero_stage(config)}: stages 0-2 "
+            "step their optimizer from their own backward hooks, which ES never runs. Use "
+            '"zero_optimization": {"stage": 3}, or plain DDP (no DeepSpeed config) for a model that fits.'
+        )
+    if perturbation == "low_rank":
+        raise ValueError(
+            "perturbation='low_rank' is not supported under DeepSpeed ZeRO-3 (its batched members need the full "
+            "weight matrices); use perturbation='full' or 'lora'."
+        )
+    return check_deepspeed_config(config)
 
 
 def check_deepspeed_config(config: dict) -> list[str]:
@@ -77,8 +94,13 @@ def check_deepspeed_config(config: dict) -> list[str]:
     return warnings
 
 
-class ZeRO3Space(PerturbationSpace):
+class ZeRO3Space(InPlaceSpace):
     """The ``full`` / ``lora`` space for parameters partitioned by DeepSpeed ZeRO-3 (one member per forward).
+
+    It is :class:`~trl_es.core.InPlaceSpace` with only the local view changed: a tensor's local numbers are this
+    rank's unpadded ``ds_tensor`` shard, and its noise is the full tensor's seeded noise cut to that shard. Perturb,
+    restore and the pseudo-gradient run the base class's code on those views, so a ZeRO-3 run moves exactly the
+    numbers an unsharded run does, on any number of ranks.
 
     Args:
         named_params: the ZeRO-3 parameters to evolve, with the same names as the non-DeepSpeed run (they seed the
@@ -89,10 +111,11 @@ class ZeRO3Space(PerturbationSpace):
         restore: ``"copy"`` (bit-exact; holds a copy of this rank's shards) or ``"subtract"``.
     """
 
-    members_per_forward = 1
     #: Every forward gathers all ranks' shards, so all ranks must evaluate the same member at the same time (the
     #: trainer then splits the prompts over ranks instead of the population).
     ranks_share_members = True
+    #: Under DeepSpeed the engine, not the Trainer's optimizer wrapper, applies the update (:meth:`step_optimizer`).
+    steps_own_optimizer = True
 
     def __init__(
         self,
@@ -102,26 +125,20 @@ class ZeRO3Space(PerturbationSpace):
         engine: Callable[[], object],
         restore: str = "copy",
     ):
-        super().__init__(noise, sigma)
-        if restore not in ("copy", "subtract"):
-            raise ValueError(f"restore must be 'copy' or 'subtract', got {restore!r}")
-        if not named_params:
-            raise ValueError("no parameters to perturb")
         missing = [name for name, param in named_params if not hasattr(param, "ds_tensor")]
         if missing:
             raise ValueError(f"not ZeRO-3 partitioned parameters: {missing[:5]}")
-        self.named_params = list(named_params)
+        super().__init__(named_params, noise, sigma, restore=restore)
         self.engine = engine
-        self.restore = restore
-
-    # ------------------------------------------------------------------ shards
 
     def num_parameters(self) -> int:
         return sum(param.ds_numel for _, param in self.named_params)
 
-    @staticmethod
-    def _shard(param: torch.nn.Parameter) -> tuple[torch.Tensor, int, int]:
-        """(the real, unpadded part of this rank's shard, its offset in the flattened tensor, its length).
+    def _full_shape(self, param) -> tuple[int, ...]:
+        return tuple(param.ds_shape)
+
+    def _local(self, param) -> tuple[torch.Tensor, int]:
+        """(the real, unpadded part of this rank's shard, its offset in the flattened tensor).
 
         ``param.ds_tensor`` is read each time: DeepSpeed's optimizer re-points it into its flat buffers.
         """
@@ -130,18 +147,17 @@ class ZeRO3Space(PerturbationSpace):
         partition = param.ds_tensor.ds_numel
         start = dist.get_rank(group=param.ds_process_group) * partition
         length = max(0, min(partition, param.ds_numel - start))
-        return param.ds_tensor.narrow(0, 0, length), start, length
+        return param.ds_tensor.narrow(0, 0, length), start
 
-    def local_shards(self) -> list[torch.Tensor]:
-        """This rank's unpadded shards (views), e.g. to measure the update."""
-        return [self._shard(param)[0] for _, param in self.named_params]
+    def _store_gradient(self, param, grad: torch.Tensor) -> None:
+        from deepspeed.utils import safe_set_local_grad
 
-    def _noise_slice(self, step: int, direction: int, name: str, param, start: int, length: int) -> torch.Tensor:
-        # The full tensor's noise, then this rank's slice: the same numbers as an unsharded run, on any world size.
-        full = self.noise.direction(step, direction, name, tuple(param.ds_shape), param.ds_tensor.device)
-        return full.view(-1).narrow(0, start, length)
+        # fp32, padded to the partition size DeepSpeed expects (the padding's gradient is zero).
+        padded = torch.zeros(param.ds_tensor.ds_numel, dtype=torch.float32, device=param.ds_tensor.device)
+        padded[: grad.numel()] = grad
+        safe_set_local_grad(param, padded)
 
-    def _release_gathered(self) -> None:
+    def _before_edit(self) -> None:
         """Free every gathered full copy, so the next forward or ``GatheredParameters`` gathers the current shards."""
         engine = self.engine()
         optimizer = getattr(engine, "optimizer", None)
@@ -156,63 +172,11 @@ class ZeRO3Space(PerturbationSpace):
         if available:
             available[0].partition(param_list=available)
 
-    def _add_noise(self, step: int, member: int, scale: float) -> None:
-        for name, param in self.named_params:
-            shard, start, length = self._shard(param)
-            if length:
-                # Same calls and rounding as InPlaceSpace._add_noise, on this rank's slice of the result.
-                eps = self.noise.member_noise(step, member, name, tuple(param.ds_shape), shard.device)
-                shard.add_(eps.view(-1).narrow(0, start, length).mul_(scale).to(shard.dtype))
+    def sum_over_processes(self, value: torch.Tensor) -> torch.Tensor:
+        return _sum_over_ranks(value, self.named_params[0][1])
 
-    # ------------------------------------------------------------------ PerturbationSpace
-
-    @contextlib.contextmanager
-    def perturbed(self, step: int, members: Sequence[int]) -> Iterator[None]:
-        if len(members) != 1:
-            raise ValueError(f"ZeRO3Space evaluates one member at a time, got {list(members)}")
-        (member,) = members
-        with torch.no_grad():
-            self._release_gathered()
-            backup = [shard.clone() for shard in self.local_shards()] if self.restore == "copy" else None
-            try:
-                self._add_noise(step, member, self.sigma)
-                yield
-            finally:
-                # Restore even when generation or a reward function raised; then drop any gathered perturbed copy.
-                self._release_gathered()
-                if backup is not None:
-                    for shard, saved in zip(self.local_shards(), backup, strict=True):
-                        shard.copy_(saved)
-                else:
-                    self._add_noise(step, member, -self.sigma)
-
-    def write_gradients(self, step: int, shaped_fitness: torch.Tensor) -> dict[str, float]:
-        from deepspeed.utils import safe_set_local_grad
-
-        coefficients = pseudo_gradient_coefficients(shaped_fitness, self.noise, self.sigma).tolist()
-        squared_norm = torch.zeros((), dtype=torch.float64)
-        with torch.no_grad():
-            for name, param in self.named_params:
-                _, start, length = self._shard(param)
-                # fp32, padded to the partition size DeepSpeed expects (the padding's gradient is zero).
-                grad = torch.zeros(param.ds_tensor.ds_numel, dtype=torch.float32, device=param.ds_tensor.device)
-                if length:
-                    for direction, coefficient in enumerate(coefficients):
-                        if coefficient != 0.0:
-                            eps = self._noise_slice(step, direction, name, param, start, length)
-                            grad[:length].add_(eps, alpha=coefficient)
-                squared_norm += grad.double().square().sum()
-                safe_set_local_grad(param, grad)
-        return {"grad_norm": float(_sum_over_ranks(squared_norm, self.named_params[0][1])) ** 0.5}
-
-    def weight_and_update_norms(self, before: list[torch.Tensor]) -> tuple[float, float]:
-        """(norm of the update since ``before``, norm of ``before``) over the whole model, summed over ranks."""
-        sums = torch.zeros(2, dtype=torch.float64)
-        for shard, saved in zip(self.local_shards(), before, strict=True):
-            sums[0] += (shard.double() - saved.double()).square().sum()
-            sums[1] += saved.double().square().sum()
-        sums = _sum_over_ranks(sums, self.named_params[0][1])
-        return float(sums[0]) ** 0.5, float(sums[1]) ** 0.5
+    def step_optimizer(self) -> None:
+        step_engine(self.engine())
 
 
 def _sum_over_ranks(value: torch.Tensor, param) -> torch.Tensor:

@@ -1,0 +1,63 @@
+"""The strategy interface, in the ``ask`` / ``tell`` shape of evosax (which minimises; we maximise fitness)."""
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ..spaces import PerturbationSpace
+
+
+@dataclass
+class StrategyUpdate:
+    """What a strategy did with one step's fitness, for logging and for the seed log.
+
+    Attributes:
+        shaped: the weight each member received, ``(population,)``.
+        coefficients: the per-direction coefficients written as ``t.grad = sum_k c_k eps_k(t)`` for the optimizer
+            to step; ``None`` when the strategy set the evolved tensors itself.
+    """
+
+    shaped: torch.Tensor
+    coefficients: torch.Tensor | None
+
+
+class Strategy(ABC):
+    """Decides the members of a step and how their fitness moves the evolved tensors of a space.
+
+    One ES step calls, in order: ``ask(step)``; for every group of ``member_groups()``, ``perturbed(step, group)``
+    around the group's generation; ``tell(step, fitness)`` with one raw fitness per member (higher is better, NaN
+    for a member with no scorable completion). Then the Trainer's optimizer steps ``space.named_tensors()`` from the
+    gradients ``tell`` wrote, and ``space.after_update()`` runs.
+    """
+
+    def __init__(self, space: PerturbationSpace):
+        self.space = space
+
+    @property
+    def population_size(self) -> int:
+        return self.space.noise.population_size
+
+    def member_groups(self) -> list[list[int]]:
+        return self.space.member_groups()
+
+    def ask(self, step: int) -> None:  # noqa: B027 (an optional hook)
+        """Prepare the members of ``step`` (seeded strategies have nothing to prepare)."""
+
+    def perturbed(self, step: int, members: Sequence[int]) -> contextlib.AbstractContextManager[None]:
+        """Context in which the model acts as ``members``; the weights are exactly restored on exit."""
+        return self.space.perturbed(step, members)
+
+    @abstractmethod
+    def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
+        """Turn one raw fitness per member into an update of the space's tensors."""
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold to resume the search exactly (nothing for stateless strategies)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")

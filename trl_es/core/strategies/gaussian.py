@@ -1,0 +1,30 @@
+"""Seeded Gaussian ES (OpenAI-ES / Qiu et al. / EGGROLL): the pseudo-gradient of the shaped fitness.
+
+``g = -(1 / (N sigma)) sum_i f_i eps_i`` is written to ``t.grad``, so the configured torch optimizer, learning-rate
+schedule and weight decay act on it as on any gradient. Each member is a seed: nothing but the shaped fitness is
+needed to rebuild the step.
+"""
+
+import torch
+
+from ..fitness import shape_fitness
+from ..spaces import PerturbationSpace
+from ..update import pseudo_gradient_coefficients
+from .base import Strategy, StrategyUpdate
+
+
+class GaussianES(Strategy):
+    """Args:
+    space: where the members' seeded noise lives.
+    fitness_shaping: a name of ``core.fitness.FITNESS_SHAPINGS``.
+    """
+
+    def __init__(self, space: PerturbationSpace, fitness_shaping: str = "centered_rank"):
+        super().__init__(space)
+        self.fitness_shaping = fitness_shaping
+
+    def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
+        shaped = shape_fitness(fitness, self.fitness_shaping)
+        coefficients = pseudo_gradient_coefficients(shaped, self.space.noise, self.space.sigma)
+        self.space.write_gradients(step, coefficients)
+        return StrategyUpdate(shaped=shaped, coefficients=coefficients)

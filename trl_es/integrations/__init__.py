@@ -1,0 +1,1 @@
+"""Integrations with distributed back-ends; each module imports its back-end lazily."""

@@ -1,0 +1,1 @@
+"""The commands behind ``trl-es``: each module has a ``main(argv)``."""

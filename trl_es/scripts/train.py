@@ -1,0 +1,134 @@
+"""``trl-es train``: load a recipe's model, data and rewards, train with ``ESTrainer``, report held-out accuracy.
+
+The ``compare`` harness loads its arms with the same functions, so both commands read a recipe the same way.
+"""
+
+import os
+import sys
+
+from datasets import load_dataset
+from trl import ModelConfig, get_peft_config
+
+from ..recipes import BUILTIN, ESScriptArguments, parse_train_args
+from ..rewards import resolve_reward_func
+from ..tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset, hub_tasks
+from ..trainer import ESTrainer
+
+
+def resolve_model(name: str) -> str:
+    if name.startswith(BUILTIN):
+        builtin = {"arithmetic-policy": ARITHMETIC_POLICY_DIR}
+        key = name[len(BUILTIN) :]
+        if key not in builtin:
+            raise ValueError(f"unknown built-in model {name!r}; available: {[BUILTIN + k for k in builtin]}")
+        return str(builtin[key])
+    return name
+
+
+def load_datasets(script_args: ESScriptArguments):
+    """(train, test) datasets from a built-in task, a local file format, a local folder or a hub id."""
+    name = script_args.dataset_name
+    if not name:
+        raise ValueError(
+            "dataset_name is required (e.g. 'builtin:arithmetic', 'json' with dataset_data_files, or a hub id)"
+        )
+    if name.startswith(BUILTIN):
+        key = name[len(BUILTIN) :]
+        if key == "arithmetic":
+            train = arithmetic_dataset("train", conversational=script_args.conversational)
+            test = arithmetic_dataset("test", conversational=script_args.conversational)
+        elif key in ("gsm8k", "countdown"):  # need the hub: GPU recipes
+            data = getattr(hub_tasks, key)()
+            train, test = data["train"], data["test"]
+        else:
+            raise ValueError(
+                f"unknown built-in dataset {name!r}; available: "
+                "['builtin:arithmetic', 'builtin:gsm8k' (hub), 'builtin:countdown' (hub)]"
+            )
+    else:
+        try:
+            data = load_dataset(name, name=script_args.dataset_config, data_files=script_args.dataset_data_files)
+        except (OSError, ConnectionError, ValueError) as error:
+            raise type(error)(
+                f"Could not load dataset {name!r}: {error}. Without network access only local files and folders "
+                "load; use 'builtin:arithmetic', or 'json'/'csv' with dataset_data_files."
+            ) from error
+        train = data[script_args.dataset_train_split]
+        test = data[script_args.dataset_test_split] if script_args.dataset_test_split in data else None
+    if script_args.dataset_train_size is not None:
+        train = train.select(range(min(script_args.dataset_train_size, len(train))))
+    if test is not None and script_args.dataset_test_size is not None:
+        test = test.select(range(min(script_args.dataset_test_size, len(test))))
+    return train, test
+
+
+def load_reward_funcs(script_args: ESScriptArguments) -> list:
+    sys.path.insert(0, os.getcwd())  # dotted paths may point into the user's working directory
+    funcs = [resolve_reward_func(spec) for spec in script_args.reward_funcs or []]
+    if script_args.reward_model_name_or_path:
+        funcs.append(script_args.reward_model_name_or_path)
+    if not funcs:
+        raise ValueError("reward_funcs is empty: name at least one reward function (e.g. 'arithmetic_accuracy').")
+    return funcs
+
+
+def _accuracy(metrics: dict, reward_name: str) -> float | None:
+    return metrics.get(f"eval_rewards/{reward_name}/mean")
+
+
+def train(script_args: ESScriptArguments, training_args, model_args: ModelConfig) -> dict:
+    """Train with ESTrainer; write the model, ``train_results.json`` and ``eval_results.json`` to output_dir."""
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required (e.g. 'builtin:arithmetic-policy', a local path or hub id)")
+    model = resolve_model(model_args.model_name_or_path)
+    model_init_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation:
+        model_init_kwargs["attn_implementation"] = model_args.attn_implementation
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+
+    train_dataset, test_dataset = load_datasets(script_args)
+    reward_funcs = load_reward_funcs(script_args)
+    trainer = ESTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=test_dataset,
+        peft_config=get_peft_config(model_args),
+    )
+    accuracy_name = script_args.accuracy_reward or trainer.reward_func_names[0]
+    if accuracy_name not in trainer.reward_func_names:
+        raise ValueError(f"accuracy_reward={accuracy_name!r} is not one of {trainer.reward_func_names}")
+
+    before = None
+    if test_dataset is not None and script_args.eval_before_training:
+        before = trainer.evaluate()
+        trainer.accelerator.print(f"held-out accuracy before ES: {_accuracy(before, accuracy_name):.4f}")
+
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+
+    eval_metrics = {}
+    if test_dataset is not None:
+        eval_metrics = trainer.evaluate()
+        eval_metrics["eval_accuracy_after"] = _accuracy(eval_metrics, accuracy_name)
+        eval_metrics["eval_accuracy"] = eval_metrics["eval_accuracy_after"]
+        if before is not None:
+            eval_metrics["eval_accuracy_before"] = _accuracy(before, accuracy_name)
+        eval_metrics["eval_accuracy_reward"] = accuracy_name
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+        summary = f"held-out accuracy after ES: {eval_metrics['eval_accuracy_after']:.4f}"
+        if before is not None:
+            summary += f" (before: {eval_metrics['eval_accuracy_before']:.4f})"
+        trainer.accelerator.print(summary)
+    return {"train": result.metrics, "eval": eval_metrics}
+
+
+def main(argv: list[str]) -> int:
+    script_args, training_args, model_args = parse_train_args(argv)
+    train(script_args, training_args, model_args)
+    return 0

@@ -1,0 +1,97 @@
+"""From a model and an ``ESConfig`` to the search: which perturbation space, which strategy.
+
+The trainer calls :func:`build_search` once; every choice that depends on the model (PEFT adapters or not, which
+Linear layers) or on the launcher (DeepSpeed ZeRO-3 shards) is made here, so the training step never branches on
+them.
+"""
+
+import logging
+
+import torch
+from accelerate.utils import is_peft_model
+
+from .core import STRATEGIES, InPlaceSpace, LowRankSpace, MemberNoise, PerturbationSpace, Strategy
+from .integrations.deepspeed import ZeRO3Space, check_zero3_trainer
+
+
+logger = logging.getLogger(__name__)
+
+
+def build_search(trainer) -> tuple[PerturbationSpace, Strategy]:
+    """The perturbation space and strategy for ``trainer.model`` under ``trainer.args``."""
+    args = trainer.args
+    noise = MemberNoise(args.seed, args.population_size, args.antithetic)
+    space = build_space(trainer, noise)
+    strategy = STRATEGIES[args.strategy](space, fitness_shaping=args.fitness_shaping)
+    return space, strategy
+
+
+def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
+    args, model = trainer.args, trainer.model
+    requested = args.perturbation
+    peft = is_peft_model(model)
+    if requested == "full" and peft:
+        raise ValueError(
+            "perturbation='full' evolves every weight, but the model carries PEFT adapters and only their weights "
+            "are trainable. Use perturbation='lora' (or 'auto'), or train without peft_config."
+        )
+    if requested == "lora" and not peft:
+        raise ValueError(
+            "perturbation='lora' evolves PEFT adapter weights, but the model has none. Pass a `peft_config` "
+            "(or a PeftModel), or use perturbation='full'."
+        )
+    if trainer.is_deepspeed_enabled:
+        for warning in check_zero3_trainer(trainer.accelerator.state.deepspeed_plugin.deepspeed_config, requested):
+            logger.warning(warning)
+    if requested == "low_rank":
+        if peft:
+            raise ValueError(
+                "perturbation='low_rank' evolves the model's own Linear layers; it does not combine with PEFT "
+                "adapters. Drop peft_config, or use perturbation='lora'."
+            )
+        return LowRankSpace(
+            low_rank_targets(model, args.perturbation_target_modules),
+            noise,
+            args.sigma,
+            rank=args.perturbation_rank,
+            # default: one batched generate per process, the population split evenly over processes
+            members_per_forward=args.population_batch_size
+            or max(1, noise.population_size // trainer.accelerator.num_processes),
+        )
+    named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
+    if not named:
+        raise ValueError("The model has no trainable parameters (requires_grad=True) to evolve.")
+    if trainer.is_deepspeed_enabled:
+        # The engine exists only once train() has prepared the model; the space asks for it when it needs it.
+        return ZeRO3Space(
+            named, noise, args.sigma, engine=lambda: trainer.deepspeed, restore=args.perturbation_restore
+        )
+    return InPlaceSpace(named, noise, args.sigma, restore=args.perturbation_restore)
+
+
+def space_name(space: PerturbationSpace, model) -> str:
+    if isinstance(space, LowRankSpace):
+        return "low_rank"
+    return "lora" if is_peft_model(model) else "full"
+
+
+def low_rank_targets(model, wanted: list[str] | None) -> list[tuple[str, torch.nn.Linear]]:
+    """Linear layers to evolve: the ``wanted`` ones (names or name suffixes), or all but the output head (tied to the
+    embeddings in many models, where a low-rank output-side update would silently move the input embeddings too)."""
+    head = model.get_output_embeddings()
+    targets = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or not module.weight.requires_grad:
+            continue
+        if wanted is None:
+            if module is not head:
+                targets.append((name, module))
+        elif any(name == w or name.endswith("." + w) for w in wanted):
+            targets.append((name, module))
+    if not targets:
+        linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise ValueError(
+            f"perturbation_target_modules={wanted} matches no trainable nn.Linear layer of the model; "
+            f"Linear layers: {linears}."
+        )
+    return targets
