@@ -48,3 +48,29 @@ def snapshot(model) -> dict[str, torch.Tensor]:
 def assert_same_weights(model, before: dict[str, torch.Tensor]) -> None:
     for name, param in model.named_parameters():
         assert torch.equal(param.detach(), before[name]), f"{name} changed"
+
+
+def length_reward(completions, **kwargs):
+    return [float(len(c)) / 4 for c in completions]
+
+
+def es_config(tmp_path, **overrides):
+    values = dict(
+        output_dir=str(tmp_path),
+        report_to="none",
+        bf16=False,
+        max_steps=2,
+        per_device_train_batch_size=8,
+        num_generations=2,
+        population_size=4,
+        sigma=0.05,
+        learning_rate=1e-3,
+        max_completion_length=4,
+        save_strategy="no",
+        disable_tqdm=True,
+        temperature=1.0,  # sampled completions: rewards differ between members even on a random tiny model
+    )
+    values.update(overrides)
+    from trl_es import ESConfig
+
+    return ESConfig(**values)

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_same_weights, snapshot
+from conftest import assert_same_weights, es_config, length_reward, snapshot
 from datasets import Dataset
-from test_trainer import es_config, length_reward
 
 from trl_es import ESConfig, ESTrainer
 from trl_es.rewards import RewardFunctionError
@@ -142,7 +141,7 @@ def test_deepspeed_below_zero_stage_3_is_refused_with_a_reason(tiny_model_dir, t
     # In a subprocess: a DeepSpeed config sets process-wide state (environment, accelerate singletons).
     pytest.importorskip("deepspeed")
     code = f"""
-from test_trainer import es_config, length_reward
+from conftest import es_config, length_reward
 from trl_es import ESTrainer
 from trl_es.tasks import arithmetic_dataset
 config = {{"zero_optimization": {{"stage": 2}}, "train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto"}}

@@ -1,7 +1,7 @@
 """Resuming from a checkpoint gives bit-identical weights to an uninterrupted run (CPU)."""
 
 import torch
-from test_trainer import es_config, length_reward
+from conftest import es_config, length_reward
 
 from trl_es import ESTrainer
 from trl_es.tasks import arithmetic_dataset

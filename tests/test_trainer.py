@@ -4,36 +4,12 @@ import logging
 
 import pytest
 import torch
-from conftest import assert_same_weights, snapshot
+from conftest import assert_same_weights, es_config, length_reward, snapshot
 from datasets import Dataset, IterableDataset
 from trl import GRPOConfig, GRPOTrainer
 
 from trl_es import ESConfig, ESTrainer
 from trl_es.tasks import arithmetic_accuracy, arithmetic_dataset
-
-
-def length_reward(completions, **kwargs):
-    return [float(len(c)) / 4 for c in completions]
-
-
-def es_config(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path),
-        report_to="none",
-        bf16=False,
-        max_steps=2,
-        per_device_train_batch_size=8,
-        num_generations=2,
-        population_size=4,
-        sigma=0.05,
-        learning_rate=1e-3,
-        max_completion_length=4,
-        save_strategy="no",
-        disable_tqdm=True,
-        temperature=1.0,  # sampled completions: rewards differ between members even on a random tiny model
-    )
-    values.update(overrides)
-    return ESConfig(**values)
 
 
 def grpo_script(trainer_cls, model_dir, output_dir):
@@ -143,6 +119,12 @@ def test_reward_function_kinds_weights_none_and_logging_hooks(tiny_model_dir, tm
         args=es_config(tmp_path, reward_weights=[1.0, 0.5], log_completions=True, logging_steps=1),
         train_dataset=arithmetic_dataset("train", size=16),
     )
+    # reward_weights combine the functions as GRPO does; a completion no function scored stays unscorable (NaN).
+    nan = float("nan")
+    per_func = torch.tensor([[[1.0, 2.0], [nan, 4.0], [nan, nan]]])
+    torch.testing.assert_close(
+        trainer._combine_reward_funcs(per_func), torch.tensor([[2.0, 2.0, nan]]), equal_nan=True
+    )
     trainer.train()
     keys = {key for log in trainer.state.log_history for key in log}
     assert "my_metric" in keys and "rewards/async_length_reward/mean" in keys
@@ -171,9 +153,10 @@ def test_conversational_dataset_with_trl_accuracy_reward(tiny_model_dir, tmp_pat
     before = snapshot(trainer.model)
     trainer.train()
     assert "rewards/accuracy_reward/mean" in trainer.state.log_history[0]
-    # accuracy is 0 for a random model, so fitness is flat and the update may be zero; the step must still run.
+    # A random model never answers right: every member scores 0, so the fitness is flat and the update exactly zero.
     assert trainer.state.global_step == 2
-    del before
+    assert all(log["reward"] == 0.0 for log in trainer.state.log_history if "reward" in log)
+    assert_same_weights(trainer.model, before)
 
 
 def test_peft_evolves_only_the_adapter(tiny_model_dir, tmp_path):

@@ -4,8 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import snapshot
-from test_trainer import es_config, length_reward
+from conftest import es_config, length_reward, snapshot
 from transformers import AutoModelForCausalLM
 
 from trl_es import ESTrainer
