@@ -1,5 +1,6 @@
 """Bad input fails with an error naming the culprit, and the model's weights stay exactly as they were."""
 
+import logging
 import os
 import pathlib
 import subprocess
@@ -84,15 +85,29 @@ def test_member_with_only_unscorable_completions_is_left_out(tiny_model_dir, tmp
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
-def test_step_without_any_scorable_completion_raises_and_keeps_weights(tiny_model_dir, tmp_path):
-    def never_scores(completions, **kwargs):
-        return [None] * len(completions)
+def test_step_without_any_scorable_completion_warns_skips_the_update_and_goes_on(tiny_model_dir, tmp_path, caplog):
+    def none_on_the_first_step(completions, trainer_state, **kwargs):
+        if trainer_state.global_step == 0:
+            return [None] * len(completions)
+        return [float(len(c)) for c in completions]
 
-    trainer = make_trainer(tiny_model_dir, tmp_path, never_scores)
+    trainer = make_trainer(tiny_model_dir, tmp_path, none_on_the_first_step, max_steps=1)
     before = snapshot(trainer.model)
-    with pytest.raises(ValueError, match=r"no signal.*\['never_scores'\]"):
+    with caplog.at_level(logging.WARNING, logger="trl_es.trainer"):
         trainer.train()
-    assert_same_weights(trainer.model, before)
+    assert "every reward function (none_on_the_first_step) returned None" in caplog.text
+    assert_same_weights(trainer.model, before)  # GRPO warns and goes on; ES makes no update on that step
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, none_on_the_first_step, max_steps=2)
+    trainer.train()
+    assert trainer.state.global_step == 2
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_image_column_is_refused_by_name(tiny_model_dir, tmp_path):
+    data = Dataset.from_dict({"prompt": ["1+1="] * 4, "image": [None] * 4})
+    with pytest.raises(ValueError, match="train_dataset has an 'image' column"):
+        ESTrainer(tiny_model_dir, reward_funcs=length_reward, args=es_config(tmp_path), train_dataset=data)
 
 
 @pytest.mark.parametrize(

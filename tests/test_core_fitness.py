@@ -59,3 +59,21 @@ def test_member_fitness_per_prompt_normalisation_equalises_prompts():
     # each informative prompt now contributes +-1, the constant one 0: the members tie
     torch.testing.assert_close(normalized, torch.zeros(2))
     assert not torch.isnan(normalized).any()
+
+
+def test_combine_reward_functions_sum_and_normalize_then_sum_by_hand():
+    from trl_es.core import combine_reward_functions
+
+    nan = float("nan")
+    # 2 members x 2 completion slots x 2 functions; function 1 has a 100x larger scale
+    per_func = torch.tensor([[[1.0, 100.0], [0.0, nan]], [[0.0, 300.0], [nan, nan]]])
+    weights = torch.tensor([1.0, 0.5])
+    summed = combine_reward_functions(per_func, weights, "sum_then_normalize")
+    torch.testing.assert_close(summed, torch.tensor([[51.0, 0.0], [150.0, nan]]), equal_nan=True)
+    # normalise each function across members per slot: slot 0 -> f0 (+1, -1), f1 (-1, +1) (std 0.5 and 100)
+    normalized = combine_reward_functions(per_func, weights, "normalize_then_sum")
+    e0, e1 = 0.5 / (0.5 + 1e-4), 100.0 / (100.0 + 1e-4)
+    expected = torch.tensor([[e0 - 0.5 * e1, 0.0], [-e0 + 0.5 * e1, nan]])
+    torch.testing.assert_close(normalized, expected, equal_nan=True)
+    with pytest.raises(ValueError, match="multi_objective_aggregation='mean'"):
+        combine_reward_functions(per_func, weights, "mean")

@@ -264,3 +264,21 @@ def test_reward_model_given_as_a_local_path(tiny_model_dir, tmp_path):
     trainer.train()
     assert any(key.startswith("rewards/") and "reward-model" in key for key in trainer.state.log_history[0])
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_num_iterations_runs_that_many_es_steps_on_each_generation_batch(tiny_model_dir, tmp_path):
+    seen = {}
+
+    def record_prompts(prompts, completions, trainer_state, **kwargs):
+        seen.setdefault(trainer_state.global_step, set()).update(prompts)
+        return [float(len(c)) for c in completions]
+
+    data = arithmetic_dataset("train", size=16)
+    args = es_config(tmp_path, num_iterations=2, max_steps=-1, num_train_epochs=1)
+    trainer = ESTrainer(tiny_model_dir, reward_funcs=record_prompts, args=args, train_dataset=data)
+    assert trainer.args.num_iterations == 2
+    trainer.train()
+    # 16 prompts, 4 distinct per step, each batch used twice: 8 optimizer steps, as GRPO makes with these settings.
+    grpo = GRPOTrainer(tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=data)
+    assert trainer.state.global_step == len(grpo.get_train_dataloader()) == 8
+    assert seen[0] == seen[1] and seen[2] == seen[3] and seen[0] != seen[2]

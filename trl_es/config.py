@@ -26,7 +26,6 @@ POLICY_GRADIENT_FIELDS = (
     "epsilon",
     "epsilon_high",
     "delta",
-    "num_iterations",
     "scale_rewards",
     "importance_sampling_level",
     "mask_truncated_completions",
@@ -188,8 +187,10 @@ class ESConfig(GRPOConfig):
             warnings.warn(
                 f"ES has no policy-gradient loss, so these fields are ignored: {ignored}.", UserWarning, stacklevel=3
             )
-        # Reset them to values that make GRPOTrainer build no reference model and reuse no generations.
-        self.beta, self.num_iterations, self.sync_ref_model, self.use_liger_kernel = 0.0, 1, False, False
+        # Reset them to values that make GRPOTrainer build no reference model. `num_iterations` is kept: GRPO's sampler
+        # then hands the same generation batch to that many consecutive ES steps (fresh members each step), so the
+        # step count, epochs and LR schedule match a GRPO run with the same settings.
+        self.beta, self.sync_ref_model, self.use_liger_kernel = 0.0, False, False
         super().__post_init__()
         if self.max_grad_norm and self.max_grad_norm > 0:
             logger.warning(

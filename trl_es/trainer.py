@@ -32,7 +32,7 @@ from trl.trainer.utils import disable_dropout_in_model
 
 from . import trl_compat
 from .config import ESConfig
-from .core import derive_seed, distinct_rows, member_fitness, place_scores, plan_rounds
+from .core import combine_reward_functions, derive_seed, distinct_rows, member_fitness, place_scores, plan_rounds
 from .core.layout import check_population_split
 from .integrations.deepspeed import init_deepspeed_comm
 from .rewards import wrap_reward_funcs
@@ -64,6 +64,13 @@ def _check_prompt_column(dataset, name: str) -> None:
     if columns is None and isinstance(dataset, IterableDataset):
         first = next(iter(dataset), None)
         columns = list(first) if first is not None else []
+    for column in ("image", "images"):
+        if columns is not None and column in columns:
+            raise ValueError(
+                f"{name} has an {column!r} column: ESTrainer does not train vision-language models yet (GRPOTrainer "
+                "would pass the images to generation; ES would silently train text-only). Drop the column to train on "
+                "the text prompts alone."
+            )
     if columns is not None and "prompt" not in columns:
         raise ValueError(
             f"{name} has no 'prompt' column (columns: {sorted(columns)}). ESTrainer, like GRPOTrainer, reads the "
@@ -144,6 +151,8 @@ class ESTrainer(GRPOTrainer):
             self.accelerator.num_processes,
             self.perturbation_space.ranks_share_members,
         )
+        #: What the strategy did on the last ES step (None when a step had no signal and made no update).
+        self.last_update = None
         self._es_micro_step = 0
         self._eval_batches = 0
         self._weights_before_update = None
@@ -235,11 +244,17 @@ class ESTrainer(GRPOTrainer):
         batch = self._step_prompts(rows)
         self.strategy.ask(step)
         results, member_comm_bytes = self._evaluate_members(step, batch)
+        comm_bytes += member_comm_bytes
         rewards = self._combine_reward_funcs(results.rewards_per_func)  # (members, prompts)
         fitness = member_fitness(rewards, normalize_per_prompt=self.args.normalize_per_prompt)
         invalid = self._check_fitness(step, fitness)
-        update = self.strategy.tell(step, fitness)
-        self._log_step(batch, results, rewards, fitness, invalid, update.shaped, comm_bytes + member_comm_bytes)
+        if invalid.all():
+            # No signal: the optimizer finds no gradient and leaves the weights as they are; the run goes on.
+            self.last_update = None
+            self._log_step(batch, results, rewards, fitness, invalid, torch.zeros_like(fitness), comm_bytes)
+        else:
+            self.last_update = self.strategy.tell(step, fitness)
+            self._log_step(batch, results, rewards, fitness, invalid, self.last_update.shaped, comm_bytes)
         return torch.tensor(-_nanmean(rewards.reshape(-1)), device=self.accelerator.device)
 
     @property
@@ -318,12 +333,13 @@ class ESTrainer(GRPOTrainer):
     def _check_fitness(self, step: int, fitness: torch.Tensor) -> torch.Tensor:
         invalid = torch.isnan(fitness)
         if invalid.all():
-            raise ValueError(
-                f"ES step {step}: every reward function returned None for every completion of every member, so "
-                f"there is no signal to update from (reward functions: {self.reward_func_names}). The weights were "
-                "left unchanged."
+            logger.warning(
+                "ES step %d: every reward function (%s) returned None for every completion of every member; there "
+                "is no signal, so this step makes no update (the weights stay as they are).",
+                step,
+                ", ".join(self.reward_func_names),
             )
-        if invalid.any():
+        elif invalid.any():
             logger.warning(
                 "ES step %d: members %s have no scorable completion (all rewards None) and are left out of the update.",
                 step,
@@ -342,12 +358,10 @@ class ESTrainer(GRPOTrainer):
             torch.manual_seed(seed)
             yield
 
-    def _combine_reward_funcs(self, rewards_per_func: torch.Tensor) -> torch.Tensor:
-        """Weighted sum over reward functions (as GRPO); NaN where every function returned None."""
-        weights = self.reward_weights.to(rewards_per_func.device).float()
-        rewards = (rewards_per_func * weights).nansum(dim=-1)
-        rewards[torch.isnan(rewards_per_func).all(dim=-1)] = float("nan")
-        return rewards
+    def _combine_reward_funcs(self, rewards_per_func: torch.Tensor, aggregation: str | None = None) -> torch.Tensor:
+        """One reward per completion from every function's, as GRPO's ``multi_objective_aggregation`` says."""
+        aggregation = aggregation or self.args.multi_objective_aggregation
+        return combine_reward_functions(rewards_per_func, self.reward_weights, aggregation)
 
     def _log_reward_metrics(self, mode: str, rewards_per_func: torch.Tensor, rewards: torch.Tensor) -> None:
         metrics = self._metrics[mode]
@@ -369,8 +383,8 @@ class ESTrainer(GRPOTrainer):
         self._log_reward_metrics("train", results.rewards_per_func, rewards)
         valid_fitness = fitness[~invalid]
         metrics["es/fitness_std"].append(_nanstd(valid_fitness))
-        metrics["es/best_member_reward"].append(float(valid_fitness.max()))
-        metrics["es/worst_member_reward"].append(float(valid_fitness.min()))
+        metrics["es/best_member_reward"].append(float(valid_fitness.max()) if valid_fitness.numel() else math.nan)
+        metrics["es/worst_member_reward"].append(float(valid_fitness.min()) if valid_fitness.numel() else math.nan)
         metrics["es/invalid_members"].append(float(invalid.sum()))
         metrics["es/search_dim"].append(float(self.perturbation_space.num_parameters()))
         if self._multi_process:
@@ -384,10 +398,8 @@ class ESTrainer(GRPOTrainer):
     def _log_best_member(self, batch: StepPrompts, results: MemberResults, fitness, shaped) -> None:
         """Feed GRPO's completion log with the best member's rows (of those this process saw); advantage = its
         shaped fitness."""
-        seen = list(results.completions)
-        local = torch.full_like(fitness, -math.inf)
-        local[seen] = torch.nan_to_num(fitness[seen], nan=-math.inf)
-        best = int(local.argmax())
+        scores = torch.nan_to_num(fitness, nan=-math.inf).tolist()
+        best = max(results.completions, key=lambda member: scores[member])
         rewards = {
             name: results.rewards_per_func[best, :, index].tolist()
             for index, name in enumerate(self.reward_func_names)
@@ -416,7 +428,8 @@ class ESTrainer(GRPOTrainer):
         with torch.no_grad(), self._seeded_sampling(seed):
             completion_ids, completions = trl_compat.generate(self, prompts)
         rewards_per_func = trl_compat.calculate_rewards(self, rows, prompts, completions, completion_ids).cpu()
-        rewards = self._combine_reward_funcs(rewards_per_func)
+        # One model, no population to normalise across: the weighted sum is what is reported.
+        rewards = self._combine_reward_funcs(rewards_per_func, "sum_then_normalize")
         self._log_reward_metrics("eval", rewards_per_func, rewards)
         trl_compat.take_extra_logs(self)
         # Trainer wants a loss: ES's is the negative mean reward of the unperturbed model.

@@ -11,7 +11,13 @@ can be read and tested without a language model. Files, in the order data flows 
 * ``strategies/``   ask / tell: how a search uses the above (``gaussian.py``: seeded Gaussian ES)
 """
 
-from .fitness import FITNESS_SHAPINGS, member_fitness, shape_fitness
+from .fitness import (
+    FITNESS_SHAPINGS,
+    REWARD_AGGREGATIONS,
+    combine_reward_functions,
+    member_fitness,
+    shape_fitness,
+)
 from .layout import Round, check_population_split, distinct_rows, place_scores, plan_rounds
 from .low_rank import LowRankSpace
 from .noise import MemberNoise, derive_seed
@@ -22,6 +28,7 @@ from .update import pseudo_gradient_coefficients
 
 __all__ = [
     "FITNESS_SHAPINGS",
+    "REWARD_AGGREGATIONS",
     "RESTORE_MODES",
     "STRATEGIES",
     "GaussianES",
@@ -33,6 +40,7 @@ __all__ = [
     "Strategy",
     "StrategyUpdate",
     "check_population_split",
+    "combine_reward_functions",
     "derive_seed",
     "distinct_rows",
     "member_fitness",

@@ -52,6 +52,37 @@ def no_shaping(fitness: torch.Tensor) -> torch.Tensor:
 FITNESS_SHAPINGS = {"centered_rank": centered_rank, "zscore": zscore, "none": no_shaping}
 
 
+REWARD_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
+
+
+def combine_reward_functions(
+    rewards_per_func: torch.Tensor,
+    weights: torch.Tensor,
+    aggregation: str = "sum_then_normalize",
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """``(members, completions, reward functions)`` -> ``(members, completions)``, as GRPO's
+    ``multi_objective_aggregation`` does with its groups; NaN where every function returned None.
+
+    * ``sum_then_normalize``: the weighted sum of the functions (fitness shaping normalises afterwards).
+    * ``normalize_then_sum`` (GDPO): each function is first normalised across the members for each completion slot
+      (the members' answers to the same prompt are ES's group), ``(r - mean) / (std + eps)`` as GRPO does, then
+      weighted and summed, so a function with a large scale cannot drown the others.
+    """
+    if aggregation not in REWARD_AGGREGATIONS:
+        raise ValueError(f"multi_objective_aggregation={aggregation!r}; choose one of {list(REWARD_AGGREGATIONS)}")
+    rewards_per_func = rewards_per_func.float()
+    unscorable = torch.isnan(rewards_per_func).all(dim=-1)
+    if aggregation == "normalize_then_sum":
+        mean = torch.nanmean(rewards_per_func, dim=0, keepdim=True)
+        count = (~torch.isnan(rewards_per_func)).sum(dim=0, keepdim=True).clamp(min=1)
+        std = torch.sqrt(torch.nansum((rewards_per_func - mean) ** 2, dim=0, keepdim=True) / count)
+        rewards_per_func = (rewards_per_func - mean) / (std + eps)
+    rewards = (rewards_per_func * weights.to(rewards_per_func.device).float()).nansum(dim=-1)
+    rewards[unscorable] = float("nan")
+    return rewards
+
+
 def member_fitness(rewards: torch.Tensor, normalize_per_prompt: bool = False, eps: float = 1e-8) -> torch.Tensor:
     """Collapse a ``(members, completions)`` reward matrix into one raw fitness per member.
 
