@@ -226,7 +226,7 @@ def test_dotted_paths(tmp_path, monkeypatch):
     assert resolve_reward_func("trl_es.tasks.arithmetic.arithmetic_accuracy") is arithmetic_accuracy
     with pytest.raises(ImportError, match=r"reward function 'no_such_module.score': cannot import it"):
         resolve_reward_func("no_such_module.score")
-    with pytest.raises(ValueError, match=r"'trl.rewards' has no attribute 'no_such_reward'"):
+    with pytest.raises(ValueError, match=r"module 'trl.rewards' has no attribute 'no_such_reward'"):
         resolve_reward_func("trl.rewards.no_such_reward")
     with pytest.raises(ValueError, match=r"is a str, not a callable"):
         resolve_reward_func("trl_es.__version__")

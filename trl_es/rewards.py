@@ -249,13 +249,15 @@ def _import_dotted(spec: str):
             continue
         except Exception as failure:
             raise ImportError(
-                f"reward function {spec!r}: importing module {module_name!r} raised {type(failure).__name__}: {failure}"
+                f"reward function {spec!r}: importing module {module_name!r} raised "
+                f"{type(failure).__name__}: {failure}"
             ) from failure
         obj = module
         for depth, attr in enumerate(parts[split:]):
             if not hasattr(obj, attr):
                 owner = ".".join(parts[: split + depth])
-                raise ValueError(f"reward function {spec!r}: {owner!r} has no attribute {attr!r}.")
+                kind = "module " if inspect.ismodule(obj) else ""
+                raise ValueError(f"reward function {spec!r}: {kind}{owner!r} has no attribute {attr!r}.")
             obj = getattr(obj, attr)
         if not callable(obj):
             raise ValueError(f"reward function {spec!r} is a {type(obj).__name__}, not a callable.")
