@@ -296,3 +296,6 @@ def test_tensor_and_numpy_rewards_train(tiny_model_dir, tmp_path):
     logged = trainer.state.log_history[0]
     assert 0.0 <= logged["rewards/bool_tensor_reward/mean"] <= 1.0
     assert logged["rewards/numpy_reward/mean"] > 0
+    # The trainer's wrapped functions can be called the way environment-owned rewards are: no `prompts`.
+    assert trainer.reward_funcs[0](completions=["ab", "abc"]) == [1.0, 0.0]
+    assert trainer.reward_funcs[1](completions=["ab", "abc"]) == [2.0, 3.0]
