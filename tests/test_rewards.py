@@ -48,7 +48,7 @@ def wrapped(output):
         (torch.tensor([True, False, False]), [1.0, 0.0, 0.0]),
         (torch.tensor([1, 0, 7]), [1.0, 0.0, 7.0]),
         (torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16, requires_grad=True), [1.0, 2.0, 3.0]),
-        ([torch.tensor(1.0), np.array(2.0), None], [1.0, 2.0, None]),
+        ([torch.tensor(1.0), np.array(2.0), np.array(None, dtype=object)], [1.0, 2.0, None]),
         ([10**30, -(10**30), 0], [1e30, -1e30, 0.0]),
     ],
     ids=lambda value: type(value).__name__,

@@ -50,16 +50,16 @@ class RewardFunctionError(ValueError):
 
 def _reward_value(name: str, index: int, value) -> float | None:
     """One completion's reward as a Python float (or None), or a RewardFunctionError naming function and index."""
-    where = f"Reward function {name!r} returned {value!r} ({type(value).__name__}) for completion {index}"
-    if value is None:
-        return None
     if isinstance(value, (torch.Tensor, np.ndarray)):
         if value.ndim != 0:
             raise RewardFunctionError(
                 f"Reward function {name!r} returned a {type(value).__name__} of shape {tuple(value.shape)} for "
                 f"completion {index}; each completion's reward must be a single number (or None)."
             )
-        value = value.item()
+        value = value.item()  # 0-d: its Python value (a 0-d object array may hold None)
+    if value is None:
+        return None
+    where = f"Reward function {name!r} returned {value!r} ({type(value).__name__}) for completion {index}"
     if isinstance(value, (bool, np.bool_)):
         return float(value)
     if isinstance(value, (str, bytes)):
