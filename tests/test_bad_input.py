@@ -53,12 +53,22 @@ def text_reward(completions, **kwargs):
     return ["good"] * len(completions)
 
 
+def dict_reward(completions, **kwargs):
+    return {f"completion {i}": 1.0 for i in range(len(completions))}
+
+
+def nan_reward(completions, **kwargs):
+    return [float("nan")] + [1.0] * (len(completions) - 1)
+
+
 @pytest.mark.parametrize(
     "func, message",
     [
         (exploding_reward, r"Reward function 'exploding_reward' raised KeyError"),
         (short_reward, r"Reward function 'short_reward' returned 1 values for 8 completions"),
         (text_reward, r"Reward function 'text_reward' returned 'good' \(str\) for completion 0"),
+        (dict_reward, r"Reward function 'dict_reward' returned a dict .*its keys would be read as the rewards"),
+        (nan_reward, r"Reward function 'nan_reward' returned NaN for completion 0"),
     ],
 )
 def test_broken_reward_function_is_named_and_weights_survive(tiny_model_dir, tmp_path, func, message):

@@ -7,6 +7,9 @@ only make sense for a policy-gradient loss are ignored, with one warning if they
 
 import dataclasses
 import logging
+import math
+import numbers
+import typing
 import warnings
 from dataclasses import dataclass, field
 
@@ -14,6 +17,10 @@ import torch
 from trl import GRPOConfig
 
 from .core import FITNESS_SHAPINGS, RESTORE_MODES, STRATEGIES
+from .recipe_checks import check_recipe_types, load_yaml_strict, type_problem
+
+
+__all__ = ["ESConfig", "check_recipe_types", "load_yaml_strict"]
 
 
 logger = logging.getLogger(__name__)
@@ -35,6 +42,16 @@ POLICY_GRADIENT_FIELDS = (
     "use_liger_kernel",
 )
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+# A non-finite value in these reaches the weights: NaN sigma or learning rate turns every weight into NaN after one
+# step, inf clips nothing or everything.
+FINITE_FIELDS = ("sigma", "learning_rate", "weight_decay", "max_grad_norm", "temperature")
+
+
+def _has_accelerator() -> bool:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return accelerator.is_available()
+    return torch.cuda.is_available()
 
 
 @dataclass
@@ -176,7 +193,17 @@ class ESConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        self._check_es_field_types()
         self._check_es_fields()
+        if self.fp16 and (self.use_cpu or not _has_accelerator()):
+            # accelerate runs fp16 mixed precision only on a GPU-like device; on CPU it quietly keeps fp32 (no
+            # autocast, no grad scaler), so the flag would only mislead whoever reads the recipe.
+            warnings.warn(
+                "fp16=True has no effect on CPU: accelerate applies fp16 mixed precision only on a GPU, so this run "
+                "trains in fp32. Set fp16=False.",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.bf16 is None and not torch.cuda.is_available():
             # GRPOConfig turns bf16 on by default, which fails on a CPU-only machine; ES runs in fp32 there.
             self.bf16 = False
@@ -197,8 +224,61 @@ class ESConfig(GRPOConfig):
                 "max_grad_norm=%s clips the ES pseudo-gradient; set max_grad_norm=0 for the plain ES update.",
                 self.max_grad_norm,
             )
+        self._warn_prompt_reuse()
+
+    def _warn_prompt_reuse(self):
+        # GRPO's sampler repeats each generation batch steps_per_generation times and ESTrainer runs one ES step per
+        # gradient_accumulation_steps micro-steps, so only equal values give every ES step fresh prompts.
+        spg, accumulation = self.steps_per_generation, self.gradient_accumulation_steps
+        if spg is None or spg == accumulation:
+            return
+        if spg > accumulation:
+            consequence = (
+                f"GRPO's sampler hands each generation batch to {spg} micro-steps and an ES step takes "
+                f"{accumulation}, so consecutive ES steps are scored on the same prompts"
+            )
+        else:
+            consequence = (
+                f"an ES step scores the first generation batch of its {accumulation} micro-steps; the batches drawn "
+                "for the other micro-steps are never scored"
+            )
+        warnings.warn(
+            f"steps_per_generation={spg} differs from gradient_accumulation_steps={accumulation}: {consequence}. "
+            "Leave steps_per_generation and generation_batch_size unset (they follow gradient_accumulation_steps) "
+            "and set per_device_train_batch_size for the prompts per ES step.",
+            UserWarning,
+            stacklevel=4,
+        )
+
+    def _check_es_field_types(self):
+        """Every field ESConfig declares holds a value of its annotated type, named if not.
+
+        A recipe value reaches the config untyped (``population_size: 4.0`` from YAML, or a list), and would
+        otherwise fail far away as a bare TypeError in ``range`` or a torch call.
+        """
+        hints = typing.get_type_hints(ESConfig)
+        for name in ESConfig.__dict__.get("__annotations__", {}):
+            value = getattr(self, name)
+            problem = type_problem(value, hints[name])
+            if problem is not None:
+                raise ValueError(f"ESConfig.{name}: {problem}, got {type(value).__name__} {value!r}.")
+        for name in FINITE_FIELDS:
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                raise ValueError(f"ESConfig.{name} must be a number, got {type(value).__name__} {value!r}.")
+            if not math.isfinite(value):
+                raise ValueError(f"ESConfig.{name} must be finite, got {value}.")
 
     def _check_es_fields(self):
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
+        if self.learning_rate < 0:
+            raise ValueError(
+                f"learning_rate must be >= 0, got {self.learning_rate}: a negative ES step size moves the weights "
+                "towards lower reward."
+            )
         if self.population_size < 2:
             raise ValueError(f"population_size must be >= 2, got {self.population_size}.")
         if self.antithetic and self.population_size % 2:

@@ -20,6 +20,7 @@ import yaml
 from trl import ModelConfig, ScriptArguments, TrlParser
 
 from .config import ESConfig
+from .recipe_checks import check_recipe_types, load_yaml_strict
 
 
 SECTIONS = ("es", "grpo", "compare")
@@ -66,8 +67,7 @@ class ESScriptArguments(ScriptArguments):
 
 
 def load_recipe(path: str) -> dict:
-    with open(path) as file:
-        recipe = yaml.safe_load(file)
+    recipe = load_yaml_strict(path)  # duplicate keys are an error, not "last one wins"
     if not isinstance(recipe, dict):
         raise ValueError(f"recipe {path} must contain a YAML mapping")
     for section in SECTIONS:
@@ -127,6 +127,9 @@ def parse_train_args(argv: list[str]):
         path = argv[index + 1]
         del argv[index : index + 2]
         config = train_config(load_recipe(path))
+        problems = check_recipe_types(config, parser.dataclass_types)
+        if problems:
+            raise ValueError(f"{path}: " + "; ".join(problems))
         for key, value in (config.pop("env", None) or {}).items():
             os.environ[key] = str(value)
         unknown = parser.set_defaults_with_config(**config)

@@ -27,10 +27,12 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from datasets import IterableDataset
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import disable_dropout_in_model
 
 from . import trl_compat
+from .checkpoints import prepare_resume, save_es_settings
 from .config import ESConfig
 from .core import combine_reward_functions, derive_seed, distinct_rows, member_fitness, place_scores, plan_rounds
 from .core.layout import check_population_split
@@ -188,6 +190,22 @@ class ESTrainer(GRPOTrainer):
         if getattr(self, "generation_kwargs", None) is not None:
             self.generation_kwargs.update(greedy)
         # vLLM reads temperature=0 as greedy decoding already.
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        # Resume from the newest *complete* checkpoint, with the ES settings and optimizer it was written with.
+        resume_from_checkpoint = prepare_resume(resume_from_checkpoint, self.args, self.perturbation_name)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            # Written last: a checkpoint with es_settings.json was saved whole.
+            save_es_settings(folder, self.args, self.perturbation_name)
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)

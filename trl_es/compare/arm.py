@@ -26,6 +26,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
 
 from ..config import ESConfig
 from ..evaluation import greedy_accuracy
+from ..recipe_checks import check_recipe_types
 from ..recipes import ESScriptArguments
 from ..scripts.train import load_datasets, load_reward_funcs, resolve_model
 from ..trainer import ESTrainer
@@ -104,6 +105,9 @@ def run_arm(spec: dict) -> dict:
     arm, seed = spec["arm"], spec["seed"]
     config_cls, trainer_cls = (ESConfig, ESTrainer) if arm == "es" else (GRPOConfig, GRPOTrainer)
     parser = TrlParser((ESScriptArguments, config_cls, ModelConfig))
+    problems = check_recipe_types(spec["config"], (ESScriptArguments, config_cls, ModelConfig))
+    if problems:
+        raise ValueError(f"{arm} arm: " + "; ".join(problems))
     try:
         script_args, args, model_args = parser.parse_dict(spec["config"], allow_extra_keys=False)
     except ValueError as error:

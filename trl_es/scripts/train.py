@@ -10,7 +10,7 @@ from datasets import load_dataset
 from trl import ModelConfig, get_peft_config
 
 from ..recipes import BUILTIN, ESScriptArguments, parse_train_args
-from ..rewards import resolve_reward_func
+from ..rewards import resolve_reward_funcs
 from ..tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset, hub_tasks
 from ..trainer import ESTrainer
 
@@ -64,7 +64,7 @@ def load_datasets(script_args: ESScriptArguments):
 
 def load_reward_funcs(script_args: ESScriptArguments) -> list:
     sys.path.insert(0, os.getcwd())  # dotted paths may point into the user's working directory
-    funcs = [resolve_reward_func(spec) for spec in script_args.reward_funcs or []]
+    funcs = resolve_reward_funcs(script_args.reward_funcs)
     if script_args.reward_model_name_or_path:
         funcs.append(script_args.reward_model_name_or_path)
     if not funcs:

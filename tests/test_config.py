@@ -1,0 +1,247 @@
+"""ESConfig names the field for values of the wrong type or non-finite; recipe type checks; strict YAML."""
+
+import pathlib
+import textwrap
+import warnings
+
+import numpy as np
+import pytest
+import yaml
+from trl import GRPOConfig, ModelConfig
+
+from trl_es import ESConfig
+from trl_es.config import FINITE_FIELDS, _has_accelerator, check_recipe_types, load_yaml_strict
+
+
+# recipes/accelerate holds `accelerate launch` configs, not training recipes
+RECIPES = sorted(
+    p for p in (pathlib.Path(__file__).parent.parent / "recipes").rglob("*.yaml") if p.parent.name != "accelerate"
+)
+
+
+def config(**overrides):
+    return ESConfig(output_dir="/tmp/trl-es-test-config", report_to="none", bf16=False, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- ESConfig
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("population_size", 4.0, r"ESConfig.population_size: expected an integer \(write 4, not 4.0\), got float"),
+        ("population_size", [4], r"ESConfig.population_size: expected an integer, got list \[4\]"),
+        ("population_size", "4", r"ESConfig.population_size: expected an integer, got str '4'"),
+        ("population_size", True, r"ESConfig.population_size: expected an integer, got bool True"),
+        ("perturbation_rank", 1.5, r"ESConfig.perturbation_rank: expected an integer, got float 1.5"),
+        ("population_batch_size", 2.0, r"ESConfig.population_batch_size: expected an integer \(write 2"),
+        ("sigma", "1e-3", r"ESConfig.sigma: expected a number, not text \(YAML 1.1 reads 1e-4 as a string"),
+        ("sigma", [0.1], r"ESConfig.sigma: expected a number, got list"),
+        ("antithetic", "false", r"ESConfig.antithetic: expected true or false \(unquoted\), got str 'false'"),
+        ("fitness_shaping", 1, r"ESConfig.fitness_shaping: expected a string, got int 1"),
+        ("perturbation_target_modules", "q_proj", r"ESConfig.perturbation_target_modules: expected a list"),
+        ("perturbation_target_modules", ["q_proj", 3], r"perturbation_target_modules: item 1 \(3\): expected a str"),
+        ("learning_rate", None, r"ESConfig.learning_rate: expected a number, got NoneType"),
+        ("num_generations", 2.0, r"ESConfig.num_generations: expected an integer \(write 2, not 2.0\)"),
+    ],
+)
+def test_es_field_of_the_wrong_type_is_named(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        config(**{field: value})
+
+
+@pytest.mark.parametrize("field", FINITE_FIELDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_named(field, value):
+    with pytest.raises(ValueError, match=rf"ESConfig.{field} must be finite, got {value}"):
+        config(**{field: value})
+
+
+def test_weight_decay_of_the_wrong_type_is_named():
+    # weight_decay is a TrainingArguments field: not type-checked by annotation, but must be a finite number.
+    with pytest.raises(ValueError, match=r"ESConfig.weight_decay must be a number, got str '0.1'"):
+        config(weight_decay="0.1")
+
+
+def test_negative_max_grad_norm_and_learning_rate_are_refused():
+    with pytest.raises(ValueError, match=r"max_grad_norm must be >= 0 \(0 disables clipping\), got -1.0"):
+        config(max_grad_norm=-1.0)
+    with pytest.raises(ValueError, match=r"learning_rate must be >= 0, got -0.001"):
+        config(learning_rate=-1e-3)
+
+
+def test_numpy_numbers_and_ints_for_floats_are_accepted():
+    args = config(population_size=np.int64(4), sigma=np.float32(0.5), learning_rate=1, max_grad_norm=0)
+    assert args.population_size == 4 and args.learning_rate == 1
+
+
+def test_defaults_and_grpo_conversion_pass_the_type_check():
+    config()
+    grpo = GRPOConfig(output_dir="/tmp/trl-es-test-config", report_to="none", bf16=False, learning_rate=3e-4)
+    assert ESConfig.from_grpo_config(grpo).learning_rate == 3e-4
+
+
+@pytest.mark.skipif(_has_accelerator(), reason="fp16 is real mixed precision on a GPU")
+def test_fp16_on_cpu_warns_that_it_does_nothing():
+    with pytest.warns(UserWarning, match=r"fp16=True has no effect on CPU.*trains in fp32"):
+        args = config(fp16=True)
+    assert args.fp16  # a warning, not a change: accelerate keeps fp32 on CPU either way
+
+
+def test_fp16_with_use_cpu_warns():
+    with pytest.warns(UserWarning, match=r"fp16=True has no effect on CPU"):
+        config(fp16=True, use_cpu=True)
+
+
+def _reuse_warnings(**overrides) -> list[str]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        config(**overrides)
+    return [str(w.message) for w in record if "steps_per_generation" in str(w.message)]
+
+
+def test_steps_per_generation_above_accumulation_warns_once_about_reused_prompts():
+    found = _reuse_warnings(steps_per_generation=2)
+    assert len(found) == 1
+    assert "steps_per_generation=2 differs from gradient_accumulation_steps=1" in found[0]
+    assert "consecutive ES steps are scored on the same prompts" in found[0]
+    # generation_batch_size is the other way to set it
+    assert _reuse_warnings(per_device_train_batch_size=8, generation_batch_size=16)
+
+
+def test_steps_per_generation_below_accumulation_warns_about_unscored_batches():
+    (found,) = _reuse_warnings(steps_per_generation=1, gradient_accumulation_steps=2)
+    assert "are never scored" in found
+
+
+def test_default_steps_per_generation_follows_accumulation_without_warning():
+    assert _reuse_warnings() == []
+    assert _reuse_warnings(gradient_accumulation_steps=4) == []
+
+
+# ---------------------------------------------------------------------------------------------- recipe types
+
+
+def _train_dataclasses():
+    from trl_es.recipes import ESScriptArguments
+
+    return (ESScriptArguments, ESConfig, ModelConfig)
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_shipped_recipes_pass_the_type_check(path):
+    from trl_es.recipes import train_config
+
+    recipe = load_yaml_strict(str(path))
+    assert check_recipe_types(train_config(recipe), _train_dataclasses()) == []
+    assert check_recipe_types(recipe.get("grpo") or {}, (GRPOConfig,)) == []
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("population_size", 4.0, "population_size: expected an integer (write 4, not 4.0), got float 4.0"),
+        ("population_size", 4.5, "population_size: expected an integer, got float 4.5"),
+        ("population_size", [32], "population_size: expected an integer, got list [32]"),
+        ("max_steps", True, "max_steps: expected an integer, got bool True"),
+        ("antithetic", "no", "antithetic: expected true or false (unquoted), got str 'no'"),
+        ("bf16", "false", "bf16: expected true or false (unquoted), got str 'false'"),
+        ("learning_rate", "1e-4", "learning_rate: expected a number, not text (YAML 1.1 reads 1e-4 as a string"),
+        ("reward_funcs", "arithmetic_accuracy", "reward_funcs: expected a list (write ['arithmetic_accuracy']"),
+        ("lora_target_modules", 3, "lora_target_modules: expected a list (write [3] for one item), got int 3"),
+        ("model_init_kwargs", ["dtype"], "model_init_kwargs: expected dict[str, Any] or str or null, got list"),
+        ("lr_scheduler_type", 3, "lr_scheduler_type: expected SchedulerType or str, got int 3"),
+    ],
+)
+def test_recipe_values_of_the_wrong_type_are_reported_by_key(key, value, message):
+    (problem,) = check_recipe_types({key: value}, _train_dataclasses())
+    assert problem.startswith(message), problem
+
+
+def test_recipe_check_reports_every_bad_key_and_skips_unknown_ones():
+    recipe = {"population_size": 4.0, "sigma": 0.01, "antithetic": "yes", "not_a_field": object()}
+    problems = check_recipe_types(recipe, _train_dataclasses())
+    assert [p.split(":")[0] for p in problems] == ["population_size", "antithetic"]
+
+
+def test_recipe_check_accepts_enum_values_and_unions():
+    recipe = {"lr_scheduler_type": "linear", "save_strategy": "no", "report_to": ["none"], "logging_steps": 10}
+    assert check_recipe_types(recipe, _train_dataclasses()) == []
+
+
+# ---------------------------------------------------------------------------------------------- strict YAML
+
+
+def write(tmp_path, text: str) -> str:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(textwrap.dedent(text).lstrip())
+    return str(path)
+
+
+def test_duplicate_key_is_named_with_both_lines(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        sigma: 0.01
+        population_size: 32
+        sigma: 0.02
+        """,
+    )
+    with pytest.raises(
+        ValueError, match=r"recipe.yaml: found duplicate key 'sigma' \(first on line 1, again on line 3\)"
+    ):
+        load_yaml_strict(path)
+    assert yaml.safe_load(open(path)) == {"sigma": 0.02, "population_size": 32}  # what we protect against
+
+
+def test_duplicate_key_inside_a_section_is_named(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        learning_rate: 1.0e-4
+        grpo:
+          learning_rate: 6.0e-4
+          temperature: 1.0
+          learning_rate: 3.0e-4
+        """,
+    )
+    with pytest.raises(ValueError, match=r"duplicate key 'learning_rate' \(first on line 3, again on line 5\)"):
+        load_yaml_strict(path)
+
+
+def test_same_key_in_different_sections_and_merge_overrides_are_fine(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        base: &base {learning_rate: 1.0e-4, temperature: 0.0}
+        es:
+          <<: *base
+          learning_rate: 2.0e-4
+        grpo:
+          learning_rate: 6.0e-4
+        """,
+    )
+    recipe = load_yaml_strict(path)
+    assert recipe["es"] == {"learning_rate": 2e-4, "temperature": 0.0}
+    assert recipe["grpo"] == {"learning_rate": 6e-4}
+
+
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        learning_rate: 1e-4
+        sigma: 3E-3
+        max_steps: 10
+        run_name: "1e-4"
+        seed: 042
+        """,
+    )
+    assert load_yaml_strict(path) == {
+        "learning_rate": 1e-4,
+        "sigma": 3e-3,
+        "max_steps": 10,
+        "run_name": "1e-4",
+        "seed": yaml.safe_load("042"),
+    }
+    assert yaml.safe_load("a: 1e-4") == {"a": "1e-4"}  # the global SafeLoader is unchanged
