@@ -74,3 +74,14 @@ def es_config(tmp_path, **overrides):
     from trl_es import ESConfig
 
     return ESConfig(**values)
+
+
+def completion_length(completions, **kwargs):
+    return [float(len(c)) for c in completions]
+
+
+def interrupt_on_the_second_step(completions, trainer_state, **kwargs):
+    """``completion_length``, but it presses Ctrl-C in the middle of ES step 2 (after the first members ran)."""
+    if trainer_state.global_step == 1:
+        raise KeyboardInterrupt
+    return completion_length(completions)

@@ -181,3 +181,36 @@ except ValueError as error:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     expected = "REFUSED: ESTrainer supports DeepSpeed with ZeRO stage 3 only, got stage 2"
     assert expected in out.stdout, out.stderr[-2000:]
+
+
+def test_nonfinite_pseudo_gradient_is_refused_before_the_update(tiny_model_dir, tmp_path):
+    def extreme(completions, **kwargs):  # finite rewards whose differences overflow float32 in the coefficients
+        return [3e38 if len(c) % 2 else -3e38 for c in completions]
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, extreme, fitness_shaping="none", max_steps=1)
+    before = snapshot(trainer.model)
+    with pytest.raises(FloatingPointError, match="pseudo-gradient of .* is NaN or infinite"):
+        trainer.train()
+    assert_same_weights(trainer.model, before)
+
+
+def test_update_that_makes_weights_nonfinite_is_undone_and_named(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, length_reward, learning_rate=1e38, max_steps=1)
+    before = snapshot(trainer.model)
+    with pytest.raises(FloatingPointError, match=r"learning_rate=1e\+38.*put back to those before the update"):
+        trainer.train()
+    assert_same_weights(trainer.model, before)
+
+
+def test_ctrl_c_is_held_until_the_update_is_written():
+    import signal
+
+    from trl_es.guards import DeferredInterrupt
+
+    reached_end = False
+    with pytest.raises(KeyboardInterrupt):
+        with DeferredInterrupt():
+            os.kill(os.getpid(), signal.SIGINT)
+            reached_end = True  # the interrupt did not cut the block short
+    assert reached_end
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

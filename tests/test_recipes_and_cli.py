@@ -4,6 +4,7 @@ import json
 import pathlib
 
 import pytest
+import torch
 
 from trl_es.cli import main
 from trl_es.recipes import parse_train_args
@@ -90,3 +91,35 @@ def test_unknown_builtin_and_reward_names_are_clear(tmp_path):
         resolve_reward_func("trl.rewards.nope")
     assert resolve_reward_func("accuracy_reward").__name__ == "accuracy_reward"
     assert resolve_reward_func("arithmetic_accuracy").__name__ == "arithmetic_accuracy"
+
+
+def test_ctrl_c_during_train_saves_a_resumable_checkpoint_of_the_last_completed_step(tmp_path):
+    from safetensors.torch import load_file
+
+    from trl_es.checkpoints import last_complete_checkpoint
+
+    quickstart = next(path for path in RECIPES if path.name == "quickstart.yaml")
+
+    def run(output_dir, reward, max_steps):
+        overrides = {
+            "--output_dir": str(output_dir),
+            "--reward_funcs": reward,
+            "--max_steps": str(max_steps),
+            "--population_size": "4",
+            "--per_device_train_batch_size": "16",
+            "--dataset_test_size": "8",
+            "--per_device_eval_batch_size": "8",
+            "--eval_before_training": "false",
+            "--disable_tqdm": "true",
+        }
+        return main(["train", "--config", str(quickstart)] + [item for pair in overrides.items() for item in pair])
+
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "interrupted", "conftest.interrupt_on_the_second_step", 3)
+    checkpoint = last_complete_checkpoint(str(tmp_path / "interrupted"))
+    assert checkpoint is not None and checkpoint.endswith("checkpoint-1")
+    assert run(tmp_path / "one_step", "conftest.completion_length", 1) == 0  # the same first step, uninterrupted
+    saved = load_file(tmp_path / "interrupted" / "model.safetensors")
+    reference = load_file(tmp_path / "one_step" / "model.safetensors")
+    for name, tensor in reference.items():
+        assert torch.equal(saved[name], tensor), f"{name}: the interrupted step left the weights changed"

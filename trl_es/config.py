@@ -133,8 +133,10 @@ class ESConfig(GRPOConfig):
     population_batch_size: int | None = field(
         default=None,
         metadata={
-            "help": "'low_rank' only: how many members share one batched generate call (default: the whole "
-            "population). Lower it when N x prompts rows do not fit in memory."
+            "help": "'low_rank' only (ignored, with a warning, elsewhere): how many members share one batched "
+            "generate call (default: the whole population). Lower it when N x prompts rows do not fit in memory. "
+            "Under greedy decoding it changes nothing but memory; under sampled decoding the members of one call "
+            "draw from one random stream, so a different value gives different (equally valid) samples."
         },
     )
     perturbation_restore: str = field(

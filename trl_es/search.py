@@ -58,6 +58,13 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
             members_per_forward=args.population_batch_size
             or max(1, noise.population_size // trainer.accelerator.num_processes),
         )
+    if args.population_batch_size is not None:
+        logger.warning(
+            "population_batch_size=%d is ignored: only perturbation='low_rank' serves several members per forward; "
+            "the %s space evaluates one member at a time.",
+            args.population_batch_size,
+            "lora" if peft else "full",
+        )
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     if not named:
         raise ValueError("The model has no trainable parameters (requires_grad=True) to evolve.")

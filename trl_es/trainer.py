@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from accelerate.utils import gather_object
 from datasets import IterableDataset
+from tqdm.auto import tqdm
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 from trl.trainer.utils import disable_dropout_in_model
@@ -36,6 +37,7 @@ from .checkpoints import prepare_resume, save_es_settings
 from .config import ESConfig
 from .core import combine_reward_functions, derive_seed, distinct_rows, member_fitness, place_scores, plan_rounds
 from .core.layout import check_population_split
+from .guards import DeferredInterrupt, nonfinite
 from .integrations.deepspeed import init_deepspeed_comm
 from .rewards import wrap_reward_funcs
 from .search import build_search, space_name
@@ -158,6 +160,8 @@ class ESTrainer(GRPOTrainer):
         self._es_micro_step = 0
         self._eval_batches = 0
         self._weights_before_update = None
+        self._update_guard = DeferredInterrupt()
+        self._warned_large_update = False
 
     # ------------------------------------------------------------------ setup
 
@@ -218,14 +222,27 @@ class ESTrainer(GRPOTrainer):
     # ------------------------------------------------------------------ around the optimizer step
 
     def _before_update(self) -> None:
+        space = self.perturbation_space
+        bad = nonfinite((name, tensor.grad) for name, tensor in space.named_tensors())
+        if bad:
+            # Raised before the optimizer touches anything: the weights stay those of the last good step.
+            raise FloatingPointError(
+                f"ES step {self.state.global_step}: the pseudo-gradient of {bad[:5]} is NaN or infinite (sigma="
+                f"{space.sigma}, fitness shaping {self.args.fitness_shaping!r}); no update was made."
+            )
         if self.args.log_update_norm:
-            self._weights_before_update = [t.detach().clone() for t in self.perturbation_space.local_tensors()]
+            self._weights_before_update = [t.detach().clone() for t in space.local_tensors()]
+        self._update_guard.__enter__()  # Ctrl-C waits until every tensor is stepped
 
     def _after_update(self) -> None:
-        self.perturbation_space.after_update()
+        space = self.perturbation_space
+        try:
+            space.after_update()
+            self._check_weights_finite()
+        finally:
+            self._update_guard.__exit__(None, None, None)
         if self._weights_before_update is None:
             return
-        space = self.perturbation_space
         sums = torch.zeros(2, dtype=torch.float64)
         for tensor, before in zip(space.local_tensors(), self._weights_before_update, strict=True):
             sums[0] += (tensor.detach().double() - before.double()).square().sum()
@@ -235,6 +252,39 @@ class ESTrainer(GRPOTrainer):
         metrics = self._metrics["train"]
         metrics["es/update_norm"].append(update_norm)
         metrics["es/update_to_weight_ratio"].append(update_norm / max(weight_norm, 1e-12))
+        if update_norm > weight_norm and not self._warned_large_update:
+            self._warned_large_update = True
+            logger.warning(
+                "ES step %d moved the weights by more than their own norm (update %.3g, weights %.3g): "
+                "learning_rate=%g is probably far too large.",
+                self.state.global_step,
+                update_norm,
+                weight_norm,
+                self.args.learning_rate,
+            )
+
+    def _check_weights_finite(self) -> None:
+        space = self.perturbation_space
+        bad = nonfinite(zip((name for name, _ in space.named_tensors()), space.local_tensors(), strict=True))
+        if not bad:
+            return
+        restored = self._weights_before_update is not None
+        if restored:
+            with torch.no_grad():
+                for tensor, before in zip(space.local_tensors(), self._weights_before_update, strict=True):
+                    tensor.copy_(before)
+            space.after_update()
+        self._weights_before_update = None
+        raise FloatingPointError(
+            f"ES step {self.state.global_step}: the update made {bad[:5]} NaN or infinite (learning_rate="
+            f"{self.args.learning_rate}, optim={self.args.optim!r}). "
+            + (
+                "The weights were put back to those before the update."
+                if restored
+                else "The weights are no longer usable (log_update_norm=False keeps no copy to put back); resume "
+                "from the last checkpoint with a smaller learning_rate."
+            )
+        )
 
     # ------------------------------------------------------------------ the ES step
 
@@ -308,7 +358,9 @@ class ESTrainer(GRPOTrainer):
         )
         results = MemberResults(rewards_per_func, completions={}, extra_logs={})
         comm_bytes = 0
-        for round_ in rounds:
+        show_progress = len(rounds) > 1 and not self.args.disable_tqdm and self.is_world_process_zero()
+        # A step evaluates the whole population: with slow rewards it can take minutes, so show it moving.
+        for round_ in tqdm(rounds, desc=f"ES step {step + 1}: members", leave=False, disable=not show_progress):
             members, rows = round_.members[process], round_.rows[process]
             block_rows = [batch.rows[i] for i in rows] * len(members)
             block_prompts = [batch.prompts[i] for i in rows] * len(members)

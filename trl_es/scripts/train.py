@@ -105,7 +105,11 @@ def train(script_args: ESScriptArguments, training_args, model_args: ModelConfig
         before = trainer.evaluate()
         trainer.accelerator.print(f"held-out accuracy before ES: {_accuracy(before, accuracy_name):.4f}")
 
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    try:
+        result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    except KeyboardInterrupt:
+        save_interrupted(trainer)
+        raise
     trainer.save_model(training_args.output_dir)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
@@ -126,6 +130,25 @@ def train(script_args: ESScriptArguments, training_args, model_args: ModelConfig
             summary += f" (before: {eval_metrics['eval_accuracy_before']:.4f})"
         trainer.accelerator.print(summary)
     return {"train": result.metrics, "eval": eval_metrics}
+
+
+def save_interrupted(trainer) -> str:
+    """After Ctrl-C: keep what the completed steps learned.
+
+    The weights are those after the last completed ES step: a member's perturbation is undone on the way out of its
+    block, and Ctrl-C is held while the optimizer writes (``guards.DeferredInterrupt``). Saves a resumable checkpoint
+    (``checkpoint-<step>``: weights, optimizer, scheduler, RNG, trainer state) and the model in ``output_dir``.
+    """
+    step = trainer.state.global_step
+    trainer.accelerator.print(f"\ninterrupted during ES step {step + 1}: saving the weights after step {step} ...")
+    trainer.model.zero_grad(set_to_none=True)  # a half-written pseudo-gradient must not reach the checkpoint
+    trainer._save_checkpoint(trainer.model, trial=None)
+    trainer.save_model(trainer.args.output_dir)
+    folder = os.path.join(trainer.args.output_dir, f"checkpoint-{step}")
+    trainer.accelerator.print(
+        f"saved {folder} (resume with --resume_from_checkpoint true) and the model in {trainer.args.output_dir}"
+    )
+    return folder
 
 
 def main(argv: list[str]) -> int:

@@ -1,0 +1,40 @@
+"""Guards that keep the weights right: a non-finite check around every update, and Ctrl-C deferred while the
+optimizer writes the weights (an interrupt in the middle of a multi-tensor update would leave some tensors stepped
+and others not)."""
+
+import signal
+import threading
+
+import torch
+
+
+class DeferredInterrupt:
+    """Hold a SIGINT (Ctrl-C) that arrives inside the block and raise it as ``KeyboardInterrupt`` on exit.
+
+    Only the main thread can install signal handlers; elsewhere the block runs unguarded.
+    """
+
+    def __init__(self):
+        self.received = False
+        self._previous = None
+
+    def __enter__(self):
+        self.received = False
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.received = True
+
+    def __exit__(self, exc_type, exc, traceback):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        if self.received and exc_type is None:
+            raise KeyboardInterrupt
+
+
+def nonfinite(named_tensors) -> list[str]:
+    """Names of the tensors holding a NaN or an infinity."""
+    return [name for name, tensor in named_tensors if tensor is not None and not torch.isfinite(tensor).all()]
