@@ -245,3 +245,44 @@ def test_exponent_without_a_dot_is_a_float(tmp_path):
         "seed": yaml.safe_load("042"),
     }
     assert yaml.safe_load("a: 1e-4") == {"a": "1e-4"}  # the global SafeLoader is unchanged
+
+
+def test_every_grpo_config_field_is_honoured_or_named_as_ignored():
+    """A field a new TRL release adds to GRPOConfig fails here until it is sorted into one of the two lists."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import GRPOConfig
+
+    from trl_es.config import HONOURED_GRPO_FIELDS, IGNORED_GRPO_FIELDS
+
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    grpo_fields = {f.name for f in dataclasses.fields(GRPOConfig)} - trainer_fields
+    honoured, ignored = set(HONOURED_GRPO_FIELDS), set(IGNORED_GRPO_FIELDS)
+    assert not honoured & ignored, f"both honoured and ignored: {sorted(honoured & ignored)}"
+    assert grpo_fields - honoured - ignored == set(), "GRPOConfig fields ESTrainer says nothing about"
+    assert (honoured | ignored) - grpo_fields == set(), "listed fields GRPOConfig no longer has"
+
+
+def test_ignored_fields_are_named_with_their_reason_in_one_warning(tmp_path):
+    with pytest.warns(
+        UserWarning, match=r"ignores these GRPOConfig fields: loss_type='grpo': shapes GRPO's"
+    ) as record:
+        ESConfig(str(tmp_path), loss_type="grpo", entropy_coef=0.1, report_to="none")
+    messages = [str(w.message) for w in record if "ignores these GRPOConfig fields" in str(w.message)]
+    assert len(messages) == 1 and "entropy_coef=0.1" in messages[0]
+
+
+def test_plain_grpo_config_gets_es_optimisation_defaults_unless_the_user_set_them(tmp_path):
+    from trl import GRPOConfig
+
+    defaults = ESConfig.from_grpo_config(GRPOConfig(str(tmp_path), report_to="none", bf16=False))
+    es = ESConfig(str(tmp_path), report_to="none")
+    assert (defaults.learning_rate, defaults.optim, defaults.max_grad_norm) == (es.learning_rate, "sgd", 0.0)
+    assert defaults.disable_dropout is True
+    # the data and decoding of the GRPO script are kept
+    assert (defaults.num_generations, defaults.temperature, defaults.per_device_train_batch_size) == (8, 1.0, 8)
+    chosen = ESConfig.from_grpo_config(
+        GRPOConfig(str(tmp_path), learning_rate=3e-4, optim="adamw_torch", report_to="none", bf16=False)
+    )
+    assert (chosen.learning_rate, chosen.optim) == (3e-4, "adamw_torch")

@@ -26,21 +26,56 @@ __all__ = ["ESConfig", "check_recipe_types", "load_yaml_strict"]
 logger = logging.getLogger(__name__)
 
 PERTURBATIONS = ("auto", "full", "lora", "low_rank")
-# Fields read only by GRPO's policy-gradient loss; ES has no loss to apply them to.
-POLICY_GRADIENT_FIELDS = (
-    "beta",
-    "loss_type",
-    "epsilon",
-    "epsilon_high",
-    "delta",
-    "scale_rewards",
-    "importance_sampling_level",
-    "mask_truncated_completions",
-    "top_entropy_quantile",
-    "off_policy_mask_threshold",
-    "sync_ref_model",
-    "use_liger_kernel",
-)
+# Every field GRPOConfig adds to TrainingArguments is either honoured under ES (the first tuple) or ignored with a
+# reason (the dict; named in one warning when set). tests/test_config.py enumerates GRPOConfig, so a field a new TRL
+# release adds fails a test until it is sorted into one of the two.
+HONOURED_GRPO_FIELDS = (
+    # model loading and data, through GRPOTrainer's own __init__ and sampler
+    "model_init_kwargs", "trust_remote_code", "cast_lm_head_to_fp32", "disable_dropout", "shuffle_dataset",
+    # generation, through GRPO's generation backends (transformers, paged / continuous batching, vLLM, tools)
+    "num_generations", "num_generations_eval", "max_completion_length", "ds3_gather_for_generation",
+    "pad_to_multiple_of", "generation_batch_size", "steps_per_generation", "temperature", "top_p", "top_k", "min_p",
+    "generation_kwargs", "chat_template_kwargs", "repetition_penalty", "cache_implementation",
+    "use_transformers_continuous_batching", "transformers_continuous_batching_config", "use_transformers_paged",
+    "max_tool_calling_iterations", "use_vllm", "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode",
+    "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
+    "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization", "vllm_max_model_length",
+    "vllm_tensor_parallel_size",
+    # rewards and steps: K ES steps per generation batch; combination of several reward functions
+    "num_iterations", "reward_weights", "multi_objective_aggregation",
+    # logging
+    "log_completions", "log_multimodal", "num_completions_to_print", "log_unique_prompts", "log_completions_hub_repo",
+)  # fmt: skip
+_LOSS = "shapes GRPO's policy-gradient loss; ES has no loss"
+_IS = "corrects vLLM sampling for a policy-gradient loss; ES scores completions as they are"
+IGNORED_GRPO_FIELDS = {
+    "beta": "KL to a reference model is not implemented for ES yet",
+    "sync_ref_model": "there is no reference model under ES",
+    "ref_model_mixup_alpha": "there is no reference model under ES",
+    "ref_model_sync_steps": "there is no reference model under ES",
+    "use_bias_correction_kl": "there is no KL term under ES",
+    "router_aux_loss_coef": "the MoE router balance loss does not enter the ES fitness yet",
+    **dict.fromkeys(
+        (
+            "loss_type", "epsilon", "epsilon_high", "delta", "scale_rewards", "importance_sampling_level",
+            "mask_truncated_completions", "top_entropy_quantile", "off_policy_mask_threshold", "sapo_temperature_neg",
+            "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
+            "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
+            "entropy_target",
+        ),
+        _LOSS,
+    ),
+    **dict.fromkeys(
+        (
+            "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_cap",
+            "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
+        ),
+        _IS,
+    ),
+}  # fmt: skip
+# Optimisation settings a plain GRPOConfig carries for a policy gradient: when a script left them at GRPO's defaults
+# (AdamW at 1e-6, clipping at 1.0, dropout on), ES's defaults replace them; values the user set are kept.
+ES_TAKES_OVER_WHEN_DEFAULT = ("learning_rate", "optim", "max_grad_norm", "disable_dropout", "gradient_checkpointing")
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
 # A non-finite value in these reaches the weights: NaN sigma or learning rate turns every weight into NaN after one
 # step, inf clips nothing or everything.
@@ -189,6 +224,13 @@ class ESConfig(GRPOConfig):
         },
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every X ES steps."})
+    disable_dropout: bool = field(
+        default=True,
+        metadata={
+            "help": "Turn dropout off in the policy (GRPOTrainer does it when True). On by default under ES: dropout "
+            "would add noise to the comparison of the members."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass. ES has no backward pass, so it is off."},
@@ -210,12 +252,11 @@ class ESConfig(GRPOConfig):
             # GRPOConfig turns bf16 on by default, which fails on a CPU-only machine; ES runs in fp32 there.
             self.bf16 = False
         ignored = {
-            name: getattr(self, name) for name in POLICY_GRADIENT_FIELDS if getattr(self, name) != _GRPO_DEFAULTS[name]
+            name: getattr(self, name) for name in IGNORED_GRPO_FIELDS if getattr(self, name) != _GRPO_DEFAULTS[name]
         }
         if ignored:
-            warnings.warn(
-                f"ES has no policy-gradient loss, so these fields are ignored: {ignored}.", UserWarning, stacklevel=3
-            )
+            reasons = "; ".join(f"{name}={value!r}: {IGNORED_GRPO_FIELDS[name]}" for name, value in ignored.items())
+            warnings.warn(f"ESTrainer ignores these GRPOConfig fields: {reasons}.", UserWarning, stacklevel=3)
         # Reset them to values that make GRPOTrainer build no reference model. `num_iterations` is kept: GRPO's sampler
         # then hands the same generation batch to that many consecutive ES steps (fresh members each step), so the
         # step count, epochs and LR schedule match a GRPO run with the same settings.
@@ -313,8 +354,9 @@ class ESConfig(GRPOConfig):
     def from_grpo_config(cls, grpo: GRPOConfig) -> "ESConfig":
         """Carry every field of a ``GRPOConfig`` over; ES fields take their defaults.
 
-        GRPO's ``max_grad_norm`` default (1.0) is dropped so the ES update is not clipped silently; a value the user
-        set explicitly is kept (and warned about).
+        The fields of ``ES_TAKES_OVER_WHEN_DEFAULT`` that the script left at GRPO's defaults (AdamW at 1e-6, clipping
+        at 1.0, dropout on) take ES's defaults; a value the user set is kept (clipping is warned about). Everything
+        else (data, generation, logging) keeps the script's value.
         """
         # Pass what the user set, plus GRPO's own value wherever ESConfig changed the default, so the run uses
         # the same settings the GRPO script had. Fields left at their defaults are skipped (deprecated aliases
@@ -325,8 +367,9 @@ class ESConfig(GRPOConfig):
             value = getattr(grpo, f.name)
             if f.init and (value != _GRPO_DEFAULTS[f.name] or es_defaults[f.name] != _GRPO_DEFAULTS[f.name]):
                 values[f.name] = value
+        for name in ES_TAKES_OVER_WHEN_DEFAULT:
+            if getattr(grpo, name) == _GRPO_DEFAULTS[name]:
+                values.pop(name, None)
         # GRPOConfig.__post_init__ derived generation_batch_size from steps_per_generation; passing both is an error.
         values["generation_batch_size"] = None
-        if values["max_grad_norm"] == _GRPO_DEFAULTS["max_grad_norm"]:
-            values["max_grad_norm"] = 0.0
         return cls(**values)

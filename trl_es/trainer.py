@@ -30,7 +30,6 @@ from datasets import IterableDataset
 from tqdm.auto import tqdm
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
-from trl.trainer.utils import disable_dropout_in_model
 
 from . import trl_compat
 from .checkpoints import prepare_resume, save_es_settings
@@ -142,8 +141,6 @@ class ESTrainer(GRPOTrainer):
                 "ESTrainer does not support FSDP yet: the ES update is written to p.grad for a plain torch optimizer. "
                 "Launch with plain DDP or DeepSpeed ZeRO-3 (`accelerate launch` / `torchrun` without an FSDP config)."
             )
-        # ES never backpropagates, so dropout would only add noise to the member comparison.
-        disable_dropout_in_model(self.model)
         self.reward_funcs = wrap_reward_funcs(self.reward_funcs, self.reward_func_names)
         self._greedy = args.temperature == 0.0
         if self._greedy:
