@@ -256,3 +256,36 @@ def test_lora_factors_decomposed_separately_and_load_with_plain_peft(tmp_path):
     state = dict(model.named_parameters())
     for name, weight in space.rebuilt_weights().items():
         assert torch.equal(weight, state[name])
+
+
+def test_resume_from_a_checkpoint_of_moved_weights(tmp_path):
+    model, space = make_space()
+    optimizer = torch.optim.SGD([t for _, t in space.named_tensors()], lr=0.2)
+    space.write_gradients(0, torch.tensor([1.0, -2.0]))
+    optimizer.step()
+    space.after_update()
+    torch.save(space.state_dict(), tmp_path / "svd.pt")
+    torch.save(model.state_dict(), tmp_path / "model.pt")
+    with space.perturbed(1, [3]):
+        member_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    # A new process: the model comes back with its moved weights, the space is rebuilt over it, then loads.
+    resumed_model = MLP()
+    resumed_model.load_state_dict(torch.load(tmp_path / "model.pt"))
+    resumed = SVDSpace(svd_target_modules(resumed_model), MemberNoise(0, 4), 0.1)
+    values_before = [t for _, t in resumed.named_tensors()]
+    resumed.load_state_dict(torch.load(tmp_path / "svd.pt", weights_only=True))
+    assert [t for _, t in resumed.named_tensors()] == values_before  # same tensors: optimizers keep working
+    assert torch.equal(resumed.get_vector(), space.get_vector())
+    with resumed.perturbed(1, [3]):
+        for n, p in resumed_model.named_parameters():
+            assert torch.equal(p, member_weights[n]), n
+    for n, p in resumed_model.named_parameters():
+        assert torch.equal(p, model.state_dict()[n])
+
+    with pytest.raises(ValueError, match=r"evolves 3 singular values \(svd_fraction=0.5\), this space 6"):
+        SVDSpace(svd_target_modules(MLP()), MemberNoise(0, 4), 0.1, svd_fraction=1.0).load_state_dict(
+            space.state_dict()
+        )
+    with pytest.raises(ValueError, match="build the space over the same target modules"):
+        SVDSpace([("fc1", MLP().fc1)], MemberNoise(0, 4), 0.1).load_state_dict(space.state_dict())

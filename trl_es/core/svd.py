@@ -29,7 +29,8 @@ Saving: the model's weights always hold the rebuilt values (``after_update`` / `
 ``save_model`` writes plain weights that load with plain transformers and, in LoRA mode, plain ``lora_A`` /
 ``lora_B`` factors that load with plain peft; nothing of this space is needed to use the result.
 :meth:`SVDSpace.rebuilt_weights` returns the same tensors computed from the evolved values, for saving without
-touching the model.
+touching the model. Resuming needs :meth:`SVDSpace.state_dict` too (the decomposition and the values): the weights
+alone do not say in which coordinates the optimizer or CMA-ES state was expressed.
 """
 
 import contextlib
@@ -326,6 +327,64 @@ class SVDSpace(PerturbationSpace):
         with torch.no_grad():
             for target in self._targets:
                 target.values.copy_(pieces[target.name])
+        self.after_update()
+
+    # ----- checkpoints
+
+    def state_dict(self) -> dict:
+        """The decomposition and the evolved values, for resuming (tensors and plain values only).
+
+        Resuming needs more than the model's weights: a space rebuilt from a checkpoint's weights would decompose
+        ``M + U_k diag(s_k - s_k0) V_k^T`` afresh, with other ``s_k0`` (and, if evolved values crossed the spectrum's
+        tail, other singular vectors), so optimizer and CMA-ES states would refer to other coordinates. Holds one copy
+        of each target's original weight: small for LoRA factors, the targeted weights' size for plain Linear layers.
+        """
+        return {
+            "svd_fraction": self.svd_fraction,
+            "targets": {
+                target.weight_name: {
+                    "original": target.original.clone(),
+                    "u": target.u.clone(),
+                    "vh": target.vh.clone(),
+                    "initial": target.initial.clone(),
+                    "values": target.values.detach().clone(),
+                }
+                for target in self._targets
+            },
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Take over a saved decomposition and evolved values (same target weights), and write them into the model."""
+        saved = state["targets"]
+        names = [target.weight_name for target in self._targets]
+        if sorted(saved) != sorted(names):
+            raise ValueError(
+                f"SVD space state is for weights {sorted(set(saved) ^ set(names))[:4]}... that this space does not have "
+                "(or lacks weights it has); build the space over the same target modules"
+            )
+        for target in self._targets:
+            entry = saved[target.weight_name]
+            if entry["original"].shape != target.weight.shape:
+                raise ValueError(
+                    f"saved {target.weight_name} has shape {tuple(entry['original'].shape)}, "
+                    f"the model's has {tuple(target.weight.shape)}"
+                )
+            if entry["values"].shape != target.values.shape:
+                raise ValueError(
+                    f"saved {target.weight_name} evolves {entry['values'].numel()} singular values "
+                    f"(svd_fraction={state['svd_fraction']}), this space {target.values.numel()} "
+                    f"(svd_fraction={self.svd_fraction})"
+                )
+        with torch.no_grad():
+            for target in self._targets:
+                entry = saved[target.weight_name]
+                device = target.weight.device
+                target.original = entry["original"].to(device, target.weight.dtype).clone()
+                target.u = entry["u"].to(device, torch.float32).clone()
+                target.vh = entry["vh"].to(device, torch.float32).clone()
+                target.initial = entry["initial"].to(device, torch.float32).clone()
+                # In place: an optimizer built before the checkpoint is loaded keeps stepping the same tensors.
+                target.values.copy_(entry["values"])
         self.after_update()
 
     # ----- saving
