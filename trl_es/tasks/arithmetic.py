@@ -15,6 +15,9 @@ HELD_OUT_SIZE = 1000
 _SPLIT_SEED = 1234
 # The small Qwen2-style policy shipped with the package (built by ``python -m trl_es.tasks.build_policy``).
 ARITHMETIC_POLICY_DIR = Path(__file__).resolve().parent.parent / "assets" / "arithmetic-policy"
+# ESSA's warm start for it: a rank-4 LoRA adapter on q/k/v/o after a brief SFT (``build_policy --lora``). Load with
+# ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ARITHMETIC_POLICY_DIR), ARITHMETIC_LORA_DIR)``.
+ARITHMETIC_LORA_DIR = ARITHMETIC_POLICY_DIR.parent / "arithmetic-lora"
 
 
 def _all_problems() -> list[tuple[int, int]]:
