@@ -20,6 +20,13 @@ def main():
     model_dir, out_dir, per_device_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     perturbation = sys.argv[4] if len(sys.argv) > 4 else "full"
     temperature = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
+    # "svd": ESSA, CMA-ES over the singular values of a LoRA adapter
+    essa = perturbation == "svd"
+    peft_config = None
+    if essa:
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
     args = ESConfig(
         output_dir=out_dir,
         use_cpu=True,
@@ -36,10 +43,15 @@ def main():
         disable_tqdm=True,
         logging_steps=1,
         perturbation=perturbation,
+        strategy="cma" if essa else "gaussian",
         seed=11,
     )
     trainer = ESTrainer(
-        model_dir, reward_funcs=length_reward, args=args, train_dataset=arithmetic_dataset("train", size=64)
+        model_dir,
+        reward_funcs=length_reward,
+        args=args,
+        train_dataset=arithmetic_dataset("train", size=64),
+        peft_config=peft_config,
     )
     trainer.train()
     if trainer.accelerator.is_main_process:

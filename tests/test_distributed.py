@@ -23,7 +23,8 @@ def run(command, tmp_path):
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun not on PATH")
 # full: sampled decoding, every member generates alone, so the runs must match bit for bit.
 # low_rank: greedy, because one sampling stream serves a whole batched member group and the grouping differs.
-@pytest.mark.parametrize("perturbation, temperature", [("full", "1.0"), ("low_rank", "0.0")])
+# svd: ESSA (CMA-ES over a LoRA's singular values), sampled decoding, one member per generate call: bit for bit.
+@pytest.mark.parametrize("perturbation, temperature", [("full", "1.0"), ("low_rank", "0.0"), ("svd", "1.0")])
 def test_one_and_two_processes_give_identical_weights(tiny_model_dir, tmp_path, perturbation, temperature):
     one, two = tmp_path / "one", tmp_path / "two"
     # global batch 16 rows in both runs: 16 per device x 1 process, 8 per device x 2 processes
@@ -36,7 +37,7 @@ def test_one_and_two_processes_give_identical_weights(tiny_model_dir, tmp_path, 
     a, b = torch.load(one / "result.pt"), torch.load(two / "result.pt")
     assert a["world"] == 1 and b["world"] == 2
     changed = [name for name, w in a["weights"].items() if not torch.equal(w, b["weights"][name])]
-    if perturbation == "full":
+    if perturbation in ("full", "svd"):
         assert not changed, f"1 vs 2 processes differ at {changed[:5]}"
     else:
         # low_rank batches 4 members per generate call on one process and 2 per call on each of two, so the

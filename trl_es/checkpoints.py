@@ -58,6 +58,10 @@ TRAJECTORY_FIELDS = (
     "fitness_shaping",
     "normalize_per_prompt",
     "optim",
+    "strategy",
+    "svd_fraction",
+    "cma_sigma0",
+    "cma_diagonal",
 )
 
 # Model weights in the forms Trainer.save_model writes (full model, sharded, PEFT adapter).

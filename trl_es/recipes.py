@@ -38,6 +38,13 @@ class ESScriptArguments(ScriptArguments):
             "'arithmetic_accuracy'), dotted import paths ('my_pkg.rewards.f'), or reward-model ids/paths."
         },
     )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "A trained PEFT adapter to load (trainable) on top of `model_name_or_path`, e.g. ESSA's SFT warm "
+            "start: 'builtin:arithmetic-lora', or a local adapter folder."
+        },
+    )
     reward_model_name_or_path: str | None = field(
         default=None, metadata={"help": "A reward model (sequence classifier) used as an extra reward function."}
     )

@@ -11,6 +11,7 @@ import torch
 from accelerate.utils import is_peft_model
 
 from .core import STRATEGIES, InPlaceSpace, LowRankSpace, MemberNoise, PerturbationSpace, Strategy
+from .core.svd import SVDSpace, svd_target_modules
 from .integrations.deepspeed import ZeRO3Space, check_zero3_trainer
 
 
@@ -20,9 +21,11 @@ logger = logging.getLogger(__name__)
 def build_search(trainer) -> tuple[PerturbationSpace, Strategy]:
     """The perturbation space and strategy for ``trainer.model`` under ``trainer.args``."""
     args = trainer.args
-    noise = MemberNoise(args.seed, args.population_size, args.antithetic)
+    # CMA-ES draws its own candidates: mirrored pairs are a Gaussian-ES device.
+    antithetic = args.antithetic and args.strategy != "cma"
+    noise = MemberNoise(args.seed, args.population_size, antithetic)
     space = build_space(trainer, noise)
-    strategy = STRATEGIES[args.strategy](space, fitness_shaping=args.fitness_shaping)
+    strategy = STRATEGIES[args.strategy].from_config(space, args)
     return space, strategy
 
 
@@ -43,6 +46,19 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
     if trainer.is_deepspeed_enabled:
         for warning in check_zero3_trainer(trainer.accelerator.state.deepspeed_plugin.deepspeed_config, requested):
             logger.warning(warning)
+    if requested == "svd":
+        if trainer.is_deepspeed_enabled:
+            raise ValueError(
+                "perturbation='svd' decomposes whole weight matrices; it does not run under DeepSpeed ZeRO-3 (use "
+                "plain DDP: the singular values are small enough to live on every process)."
+            )
+        space = SVDSpace(
+            svd_target_modules(model, args.perturbation_target_modules), noise, args.sigma, args.svd_fraction
+        )
+        # Only the singular values evolve: nothing of the model itself is stepped by the optimizer.
+        for param in model.parameters():
+            param.requires_grad_(False)
+        return space
     if requested == "low_rank":
         if peft:
             raise ValueError(
@@ -79,6 +95,8 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
 def space_name(space: PerturbationSpace, model) -> str:
     if isinstance(space, LowRankSpace):
         return "low_rank"
+    if isinstance(space, SVDSpace):
+        return "svd"
     return "lora" if is_peft_model(model) else "full"
 
 

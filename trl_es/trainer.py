@@ -44,6 +44,8 @@ from .search import build_search, space_name
 
 logger = logging.getLogger(__name__)
 
+ES_STATE_NAME = "es_state.pt"  # a checkpoint's strategy and space state, when they have one
+
 
 def _nanstd(values: torch.Tensor) -> float:
     valid = values[~torch.isnan(values)]
@@ -205,11 +207,34 @@ class ESTrainer(GRPOTrainer):
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
+            state = {"strategy": self.strategy.state_dict(), "space": self.perturbation_space.state_dict()}
+            if any(state.values()):  # e.g. CMA-ES's search distribution, the SVD space's decomposition
+                torch.save(state, os.path.join(folder, ES_STATE_NAME))
             # Written last: a checkpoint with es_settings.json was saved whole.
             save_es_settings(folder, self.args, self.perturbation_name)
 
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, ES_STATE_NAME)
+        if os.path.isfile(path):
+            state = torch.load(path, weights_only=True)
+            self.perturbation_space.load_state_dict(state["space"])
+            self.strategy.load_state_dict(state["strategy"])
+        elif self.strategy.state_dict() or self.perturbation_space.state_dict():
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {ES_STATE_NAME}, but strategy={self.args.strategy!r} with "
+                f"perturbation={self.perturbation_name!r} needs it to resume (the search state is not in the weights)."
+            )
+
     def create_optimizer(self, model=None):
-        optimizer = super().create_optimizer(model)
+        space = self.perturbation_space
+        if space.tensors_are_model_parameters:
+            optimizer = super().create_optimizer(model)
+        else:
+            # The evolved tensors are the space's own (singular values): the optimizer steps those.
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            tensors = [tensor for _, tensor in space.named_tensors()]
+            self.optimizer = optimizer = optimizer_cls(tensors, **optimizer_kwargs)
         if self.perturbation_space.steps_own_optimizer:
             return optimizer  # the space applies the update itself (training_step measures it there)
         optimizer.register_step_pre_hook(lambda *_: self._before_update())

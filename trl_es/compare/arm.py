@@ -28,7 +28,7 @@ from ..config import ESConfig
 from ..evaluation import greedy_accuracy
 from ..recipe_checks import check_recipe_types
 from ..recipes import ESScriptArguments
-from ..scripts.train import load_datasets, load_reward_funcs, resolve_model
+from ..scripts.train import load_datasets, load_model, load_reward_funcs
 from ..trainer import ESTrainer
 
 
@@ -118,7 +118,7 @@ def run_arm(spec: dict) -> dict:
     reward_funcs = load_reward_funcs(script_args)
     counting_cls = type(f"RolloutCounting{trainer_cls.__name__}", (RolloutCounter, trainer_cls), {})
     trainer = counting_cls(
-        model=resolve_model(model_args.model_name_or_path),
+        model=load_model(model_args, script_args, args),
         reward_funcs=reward_funcs,
         args=args,
         train_dataset=train_dataset,

@@ -38,6 +38,9 @@ class PerturbationSpace(ABC):
     #: True when the space applies the update itself (:meth:`step_optimizer`) instead of the Trainer's optimizer
     #: (DeepSpeed's engine steps its own partitions).
     steps_own_optimizer: bool = False
+    #: False when the evolved tensors are the space's own (e.g. singular values) rather than model parameters: the
+    #: optimizer is then built over ``named_tensors()``.
+    tensors_are_model_parameters: bool = True
 
     def __init__(self, noise: MemberNoise, sigma: float):
         if not 0 < sigma < float("inf"):
@@ -77,6 +80,14 @@ class PerturbationSpace(ABC):
     def step_optimizer(self) -> None:
         """Apply the gradients written by :meth:`write_gradients` (only for ``steps_own_optimizer`` spaces)."""
         raise NotImplementedError(f"{type(self).__name__} is stepped by the Trainer's optimizer")
+
+    def state_dict(self) -> dict:
+        """What a checkpoint must hold beyond the model's weights to resume exactly (nothing by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError(f"{type(self).__name__} keeps no state, but the checkpoint holds {sorted(state)}")
 
     def after_update(self) -> None:  # noqa: B027 (an optional hook)
         """Called after the optimizer stepped ``named_tensors()``; spaces whose tensors are the weights do nothing."""

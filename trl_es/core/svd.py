@@ -148,6 +148,7 @@ class SVDSpace(PerturbationSpace):
     """
 
     members_per_forward = 1
+    tensors_are_model_parameters = False  # the singular values are the space's own tensors
 
     def __init__(
         self,
@@ -203,11 +204,6 @@ class SVDSpace(PerturbationSpace):
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         """The evolved singular values, one fp32 leaf tensor per target matrix, in a fixed order."""
         return [(target.name, target.values) for target in self._targets]
-
-    @property
-    def named_params(self) -> list[tuple[str, torch.Tensor]]:
-        # The name today's trainer reads the evolved tensors under (update-norm metric).
-        return self.named_tensors()
 
     @property
     def search_dim(self) -> int:

@@ -6,23 +6,51 @@ The ``compare`` harness loads its arms with the same functions, so both commands
 import os
 import sys
 
+import torch
 from datasets import load_dataset
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 from trl import ModelConfig, get_peft_config
 
 from ..recipes import BUILTIN, ESScriptArguments, parse_train_args
 from ..rewards import resolve_reward_funcs
-from ..tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset, hub_tasks
+from ..tasks import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR, arithmetic_dataset, hub_tasks
 from ..trainer import ESTrainer
 
 
+BUILTIN_MODELS = {"arithmetic-policy": ARITHMETIC_POLICY_DIR, "arithmetic-lora": ARITHMETIC_LORA_DIR}
+
+
 def resolve_model(name: str) -> str:
+    """A ``builtin:`` name -> the shipped folder; anything else (a local path or hub id) unchanged."""
     if name.startswith(BUILTIN):
-        builtin = {"arithmetic-policy": ARITHMETIC_POLICY_DIR}
         key = name[len(BUILTIN) :]
-        if key not in builtin:
-            raise ValueError(f"unknown built-in model {name!r}; available: {[BUILTIN + k for k in builtin]}")
-        return str(builtin[key])
+        if key not in BUILTIN_MODELS:
+            raise ValueError(f"unknown built-in model {name!r}; available: {[BUILTIN + k for k in BUILTIN_MODELS]}")
+        return str(BUILTIN_MODELS[key])
     return name
+
+
+def load_model(model_args: ModelConfig, script_args: ESScriptArguments, training_args):
+    """What the trainer gets as ``model``: the model's path or hub id (the trainer loads it with
+    ``model_init_kwargs``), or, with ``adapter_name_or_path``, the model with that adapter loaded trainable."""
+    if not model_args.model_name_or_path:
+        raise ValueError("model_name_or_path is required (e.g. 'builtin:arithmetic-policy', a local path or hub id)")
+    model = resolve_model(model_args.model_name_or_path)
+    model_init_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
+    if model_args.attn_implementation:
+        model_init_kwargs["attn_implementation"] = model_args.attn_implementation
+    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
+    if not script_args.adapter_name_or_path:
+        return model
+    if model_args.use_peft:
+        raise ValueError("adapter_name_or_path loads a trained adapter; use_peft would add a second, new one: drop it")
+    adapter = resolve_model(script_args.adapter_name_or_path)
+    kwargs = {key: value for key, value in training_args.model_init_kwargs.items() if value is not None}
+    if kwargs.get("dtype") == "auto":
+        kwargs["dtype"] = torch.float32 if training_args.use_cpu or not torch.cuda.is_available() else "auto"
+    base = AutoModelForCausalLM.from_pretrained(model, **kwargs)
+    return PeftModel.from_pretrained(base, adapter, is_trainable=True)
 
 
 def load_datasets(script_args: ESScriptArguments):
@@ -78,14 +106,7 @@ def _accuracy(metrics: dict, reward_name: str) -> float | None:
 
 def train(script_args: ESScriptArguments, training_args, model_args: ModelConfig) -> dict:
     """Train with ESTrainer; write the model, ``train_results.json`` and ``eval_results.json`` to output_dir."""
-    if not model_args.model_name_or_path:
-        raise ValueError("model_name_or_path is required (e.g. 'builtin:arithmetic-policy', a local path or hub id)")
-    model = resolve_model(model_args.model_name_or_path)
-    model_init_kwargs = {"revision": model_args.model_revision, "dtype": model_args.dtype}
-    if model_args.attn_implementation:
-        model_init_kwargs["attn_implementation"] = model_args.attn_implementation
-    training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
-
+    model = load_model(model_args, script_args, training_args)
     train_dataset, test_dataset = load_datasets(script_args)
     reward_funcs = load_reward_funcs(script_args)
     trainer = ESTrainer(

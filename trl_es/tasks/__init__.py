@@ -1,7 +1,13 @@
 """Built-in verifiable tasks and the tiny policies trained on them (the offline embedded default)."""
 
-from .arithmetic import ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
+from .arithmetic import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
 from .hub_tasks import countdown_reward
 
 
-__all__ = ["ARITHMETIC_POLICY_DIR", "arithmetic_accuracy", "arithmetic_dataset", "countdown_reward"]
+__all__ = [
+    "ARITHMETIC_LORA_DIR",
+    "ARITHMETIC_POLICY_DIR",
+    "arithmetic_accuracy",
+    "arithmetic_dataset",
+    "countdown_reward",
+]

@@ -131,7 +131,7 @@ def build_lora_adapter(
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     held_out = arithmetic_dataset("test", size=eval_size)
-    base_accuracy = greedy_accuracy(model, tokenizer, held_out)
+    base_accuracy = evaluation.greedy_accuracy(model, tokenizer, held_out, arithmetic_accuracy, 4, 250)
     train = arithmetic_dataset("train", size=examples).map(
         lambda row: {"completion": row["answer"]}, remove_columns=["answer"]
     )
@@ -163,7 +163,7 @@ def build_lora_adapter(
         trainer.train()
         train_seconds = time.perf_counter() - train_start
     adapted = trainer.model
-    adapter_accuracy = greedy_accuracy(adapted, tokenizer, held_out)
+    adapter_accuracy = evaluation.greedy_accuracy(adapted, tokenizer, held_out, arithmetic_accuracy, 4, 250)
     output = Path(output_dir)
     adapted.save_pretrained(output)
     (output / "README.md").unlink(missing_ok=True)  # peft's empty model card template

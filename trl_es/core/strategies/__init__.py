@@ -5,9 +5,11 @@ A strategy is one small file with a subclass of :class:`Strategy`; it talks to t
 """
 
 from .base import Strategy, StrategyUpdate
+from .cma import CMAStrategy
 from .gaussian import GaussianES
 
 
-STRATEGIES = {"gaussian": GaussianES}
+# name -> class; each builds itself from an ESConfig-like object with ``from_config(space, args)``.
+STRATEGIES = {"gaussian": GaussianES, "cma": CMAStrategy}
 
-__all__ = ["STRATEGIES", "GaussianES", "Strategy", "StrategyUpdate"]
+__all__ = ["STRATEGIES", "CMAStrategy", "GaussianES", "Strategy", "StrategyUpdate"]

@@ -54,6 +54,11 @@ class Strategy(ABC):
     def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
         """Turn one raw fitness per member into an update of the space's tensors."""
 
+    @classmethod
+    @abstractmethod
+    def from_config(cls, space: PerturbationSpace, args) -> "Strategy":
+        """Build from an ``ESConfig`` (read as plain attributes: the core imports no config class)."""
+
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume the search exactly (nothing for stateless strategies)."""
         return {}

@@ -23,6 +23,10 @@ class GaussianES(Strategy):
         super().__init__(space)
         self.fitness_shaping = fitness_shaping
 
+    @classmethod
+    def from_config(cls, space: PerturbationSpace, args) -> "GaussianES":
+        return cls(space, args.fitness_shaping)
+
     def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
         shaped = shape_fitness(fitness, self.fitness_shaping)
         coefficients = pseudo_gradient_coefficients(shaped, self.space.noise, self.space.sigma)
