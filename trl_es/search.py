@@ -52,13 +52,10 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
                 "perturbation='svd' decomposes whole weight matrices; it does not run under DeepSpeed ZeRO-3 (use "
                 "plain DDP: the singular values are small enough to live on every process)."
             )
-        space = SVDSpace(
-            svd_target_modules(model, args.perturbation_target_modules), noise, args.sigma, args.svd_fraction
-        )
-        # Only the singular values evolve: nothing of the model itself is stepped by the optimizer.
-        for param in model.parameters():
-            param.requires_grad_(False)
-        return space
+        # Only the singular values evolve: the optimizer is built over them. The model's parameters keep their
+        # requires_grad (DDP insists on some), but no gradient ever reaches them.
+        targets = svd_target_modules(model, args.perturbation_target_modules)
+        return SVDSpace(targets, noise, args.sigma, args.svd_fraction)
     if requested == "low_rank":
         if peft:
             raise ValueError(
