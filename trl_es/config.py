@@ -52,6 +52,9 @@ class ESConfig(GRPOConfig):
     step is a different algorithm), ``temperature=0.0`` (greedy, the published ES setting), ``num_generations=2``
     and ``per_device_train_batch_size=64`` (32 distinct prompts per step), ``logging_steps=1``,
     ``gradient_checkpointing=False`` (there is no backward pass).
+
+    Fields that keep GRPO's default but change meaning: ``router_aux_loss_coef`` (Mixture-of-Experts models) weighs a
+    fitness penalty, each member's router load-balancing loss, instead of a loss term.
     """
 
     population_size: int = field(
@@ -170,6 +173,16 @@ class ESConfig(GRPOConfig):
         },
     )
     logging_steps: float = field(default=1, metadata={"help": "Log every X ES steps."})
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Mixture-of-Experts models: weight of the router load-balancing loss. ES has no loss to add it "
+            "to, so each member's balance loss (measured by one no-grad forward over its prompts and completions, "
+            "under its perturbation, and logged as `aux_loss`) times this weight is subtracted from its fitness: a "
+            "member that routes tokens less evenly is less fit. Not set: the model config's value; 0.0 turns the "
+            "term and its forward off. Fails with a model that is not MoE, as in GRPO."
+        },
+    )
     gradient_checkpointing: bool = field(
         default=False,
         metadata={"help": "Recompute activations in the backward pass. ES has no backward pass, so it is off."},
