@@ -298,6 +298,24 @@ def test_a_dataset_with_only_an_environment_column_trains_and_evaluates(tmp_path
     assert evaluation["eval_reward"] == pytest.approx((2 * 2 + 2 * 102) / 2)
 
 
+def test_without_a_dataset_the_environment_supplies_every_prompt(tmp_path):
+    tokenizer = tool_tokenizer()
+    model = tiny_model(tokenizer)
+    seen_prompts = []
+    script_tool_call(model, tokenizer, tool_call("add", amount=5), seen_prompts)
+    trainer = ESTrainer(
+        model,
+        reward_funcs=lambda environments, **kw: [e.get_reward() for e in environments],
+        args=tool_args(tmp_path),
+        processing_class=tokenizer,
+        environment_factory=Counter,
+    )
+    trainer.train()
+    # GRPO's placeholder rows (empty user turns): every rollout's prompt is the reset observation.
+    assert all("Counter starts at 0" in text for block in seen_prompts for text in block)
+    assert next(log for log in trainer.state.log_history if "reward" in log)["reward"] == 2 * 5.0
+
+
 # ---------------------------------------------------------------------- (e) Mixture of Experts
 
 
