@@ -66,3 +66,16 @@ def test_distinct_rows_drops_only_consecutive_repeats():
     assert distinct_rows(shuffled, 2) == shuffled  # not laid out as repeats: kept whole
     # 3 distinct rows cannot be split over 2 processes sharing a model: keep the repeats (6 rows split evenly)
     assert distinct_rows(rows, 2, world=2, ranks_share_members=True) == rows
+
+
+def test_distinct_rows_compares_every_column_not_just_the_prompt():
+    # Same prompt, different answers (or environment-only rows with no prompt at all): not repeats of one row.
+    rows = [{"prompt": "a", "answer": x} for x in "1122"]
+    assert [r["answer"] for r in distinct_rows(rows, 2)] == ["1", "2"]
+    mixed = [{"prompt": "a", "answer": x} for x in "1212"]
+    assert distinct_rows(mixed, 2) == mixed
+    environments = [{"environment": e} for e in ["x", "x", "y", "y"]]
+    assert distinct_rows(environments, 2) == [{"environment": "x"}, {"environment": "y"}]
+    # Columns whose values have no single truth value (tensors) cannot be compared: keep the rows.
+    tensors = [{"prompt": "a", "ids": torch.tensor([1, 2])} for _ in range(2)]
+    assert distinct_rows(tensors, 2) == tensors

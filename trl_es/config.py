@@ -42,7 +42,7 @@ HONOURED_GRPO_FIELDS = (
     "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization", "vllm_max_model_length",
     "vllm_tensor_parallel_size",
     # rewards and steps: K ES steps per generation batch; combination of several reward functions
-    "num_iterations", "reward_weights", "multi_objective_aggregation",
+    "num_iterations", "reward_weights", "multi_objective_aggregation", "router_aux_loss_coef",
     # logging
     "log_completions", "log_multimodal", "num_completions_to_print", "log_unique_prompts", "log_completions_hub_repo",
 )  # fmt: skip
@@ -54,7 +54,6 @@ IGNORED_GRPO_FIELDS = {
     "ref_model_mixup_alpha": "there is no reference model under ES",
     "ref_model_sync_steps": "there is no reference model under ES",
     "use_bias_correction_kl": "there is no KL term under ES",
-    "router_aux_loss_coef": "the MoE router balance loss does not enter the ES fitness yet",
     **dict.fromkeys(
         (
             "loss_type", "epsilon", "epsilon_high", "delta", "scale_rewards", "importance_sampling_level",
@@ -104,6 +103,9 @@ class ESConfig(GRPOConfig):
     step is a different algorithm), ``temperature=0.0`` (greedy, the published ES setting), ``num_generations=2``
     and ``per_device_train_batch_size=64`` (32 distinct prompts per step), ``logging_steps=1``,
     ``gradient_checkpointing=False`` (there is no backward pass).
+
+    Fields that keep GRPO's default but change meaning: ``router_aux_loss_coef`` (Mixture-of-Experts models) weighs a
+    fitness penalty, each member's router load-balancing loss, instead of a loss term.
     """
 
     population_size: int = field(
@@ -261,6 +263,16 @@ class ESConfig(GRPOConfig):
         metadata={
             "help": "Turn dropout off in the policy (GRPOTrainer does it when True). On by default under ES: dropout "
             "would add noise to the comparison of the members."
+        },
+    )
+    router_aux_loss_coef: float | None = field(
+        default=None,
+        metadata={
+            "help": "Mixture-of-Experts models: weight of the router load-balancing loss. ES has no loss to add it "
+            "to, so each member's balance loss (measured by one no-grad forward over its prompts and completions, "
+            "under its perturbation, and logged as `aux_loss`) times this weight is subtracted from its fitness: a "
+            "member that routes tokens less evenly is less fit. Not set: the model config's value; 0.0 turns the "
+            "term and its forward off. Fails with a model that is not MoE, as in GRPO."
         },
     )
     gradient_checkpointing: bool = field(

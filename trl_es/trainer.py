@@ -1,8 +1,9 @@
 """``ESTrainer``: ``GRPOTrainer`` with the policy-gradient step replaced by an evolution-strategies step.
 
-Everything around the step is GRPO's: model loading, PEFT wrapping, the prompt sampler, generation and reward
-computation (reached only through ``trl_compat``), logging, saving and checkpointing. Only ``training_step`` (one ES
-step) and ``prediction_step`` (scoring the unperturbed model) are ES's own.
+Everything around the step is GRPO's: model loading, PEFT wrapping, the prompt sampler, generation (tools and
+environments included) and reward computation (reached only through ``trl_compat``), logging, saving and
+checkpointing. Only ``training_step`` (one ES step) and ``prediction_step`` (scoring the unperturbed model) are ES's
+own.
 
 Data path of one step (``_es_step``)::
 
@@ -39,6 +40,7 @@ from .core.layout import check_population_split
 from .guards import DeferredInterrupt, nonfinite
 from .integrations.deepspeed import init_deepspeed_comm
 from .rewards import wrap_reward_funcs
+from .router_balance import RouterBalance
 from .search import build_search, space_name
 
 
@@ -57,13 +59,14 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(valid.mean()) if valid.numel() else float("nan")
 
 
-def _check_prompt_column(dataset, name: str) -> None:
-    """Fail before any model is loaded when a dataset has no ``prompt`` column."""
+def _check_prompt_column(dataset, name: str, environment_owns_prompts: bool = False) -> None:
+    """Fail before any model is loaded when a dataset has no ``prompt`` column (optional when an environment's
+    ``reset()`` supplies the prompt, as in GRPO) or has image columns."""
     if dataset is None:
         return
     if isinstance(dataset, dict):  # DatasetDict or {name: dataset} for eval
         for key, value in dataset.items():
-            _check_prompt_column(value, f"{name}[{key!r}]")
+            _check_prompt_column(value, f"{name}[{key!r}]", environment_owns_prompts)
         return
     columns = getattr(dataset, "column_names", None)
     if columns is None and isinstance(dataset, IterableDataset):
@@ -76,7 +79,7 @@ def _check_prompt_column(dataset, name: str) -> None:
                 "would pass the images to generation; ES would silently train text-only). Drop the column to train on "
                 "the text prompts alone."
             )
-    if columns is not None and "prompt" not in columns:
+    if columns is not None and "prompt" not in columns and not environment_owns_prompts:
         raise ValueError(
             f"{name} has no 'prompt' column (columns: {sorted(columns)}). ESTrainer, like GRPOTrainer, reads the "
             "prompts from a column named 'prompt'; rename yours, e.g. dataset.rename_column('question', 'prompt')."
@@ -110,6 +113,18 @@ class ESTrainer(GRPOTrainer):
     Handling of rewards: a completion for which every reward function returned ``None`` is unscorable and ignored;
     a member with no scorable completion gets no weight in the update (``es/invalid_members`` counts them); a step
     in which no member has a scorable completion raises, leaving the weights untouched.
+
+    Tools and environments (``tools=``, ``environment_factory=``) work as in GRPO. Before each member group generates,
+    its environments are taken from GRPO's pool and reset with their rows (``trl_compat.prepare_rollouts``), so every
+    member starts from freshly reset environment state, never from what another member's tool calls left; reward
+    functions taking ``environments=`` get the instances of the rollouts they score. Resets run under RNG seeds
+    shared by all members (per step and row), so an environment drawing its episode from Python's, NumPy's or
+    torch's global RNG gives every member the same episode. Greedy decoding keeps the ``num_generations`` repeats of
+    a row in such runs: tool results and episodes may differ between repeats.
+
+    Mixture-of-Experts models: where GRPO would add ``router_aux_loss_coef * aux_loss`` to its loss, each member's
+    router load-balancing loss is measured under its perturbation, logged as ``aux_loss`` and ``router_aux_loss_coef``
+    times it is subtracted from the member's fitness (``trl_es.router_balance``).
     """
 
     _tag_names = ["trl", "trl-es", "evolution-strategies"]
@@ -118,10 +133,11 @@ class ESTrainer(GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *grpo_args, **grpo_kwargs):
         args = self._es_config(model, args)
-        if grpo_kwargs.get("environment_factory") is None:
-            positional = dict(zip(("train_dataset", "eval_dataset"), grpo_args, strict=False))
-            for name in ("train_dataset", "eval_dataset"):
-                _check_prompt_column(grpo_kwargs.get(name, positional.get(name)), name)
+        positional = dict(zip(("train_dataset", "eval_dataset"), grpo_args, strict=False))
+        for name in ("train_dataset", "eval_dataset"):
+            _check_prompt_column(
+                grpo_kwargs.get(name, positional.get(name)), name, grpo_kwargs.get("environment_factory") is not None
+            )
         init_deepspeed_comm(args)
         try:
             super().__init__(model, reward_funcs, args, *grpo_args, **grpo_kwargs)
@@ -147,12 +163,22 @@ class ESTrainer(GRPOTrainer):
         self._greedy = args.temperature == 0.0
         if self._greedy:
             self._use_greedy_decoding()
+        # Greedy rollouts of a repeated row are copies only when nothing outside the model (tools, environments, a
+        # rollout function) takes part; otherwise the repeats are real samples and are all generated.
+        self._drop_repeats = self._greedy and trl_compat.rollouts_depend_only_on_rows(self)
         self.perturbation_space, self.strategy = build_search(self)
         self.perturbation_name = space_name(self.perturbation_space, self.model)
         check_population_split(
             self.perturbation_space.member_groups(),
             self.accelerator.num_processes,
             self.perturbation_space.ranks_share_members,
+        )
+        self.router_balance = RouterBalance(
+            self.model,
+            trl_compat.router_aux_loss_coef(self),
+            self.strategy.population_size,
+            self.perturbation_space.members_per_forward,
+            getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id,
         )
         #: What the strategy did on the last ES step (None when a step had no signal and made no update).
         self.last_update = None
@@ -337,6 +363,7 @@ class ESTrainer(GRPOTrainer):
         comm_bytes += member_comm_bytes
         rewards = self._combine_reward_funcs(results.rewards_per_func)  # (members, prompts)
         fitness = member_fitness(rewards, normalize_per_prompt=self.args.normalize_per_prompt)
+        fitness = self.router_balance.penalize(fitness, self.accelerator, self._metrics["train"])
         invalid = self._check_fitness(step, fitness)
         if invalid.all():
             # No signal: the optimizer finds no gradient and leaves the weights as they are; the run goes on.
@@ -356,14 +383,14 @@ class ESTrainer(GRPOTrainer):
         members), once each under greedy decoding. Only prompts and scalar rewards cross processes."""
         if self._multi_process:
             rows = gather_object(rows)
-        if self._greedy:
+        if self._drop_repeats:
             rows = distinct_rows(
                 rows,
                 self.num_generations,
                 self.accelerator.num_processes,
                 self.perturbation_space.ranks_share_members,
             )
-        return StepPrompts(rows=rows, prompts=[row["prompt"] for row in rows])
+        return StepPrompts(rows=rows, prompts=trl_compat.row_prompts(self, rows))
 
     def _evaluate_members(self, step: int, batch: StepPrompts) -> tuple[MemberResults, int]:
         """Let every member complete the step's prompts and score the completions; the weights are restored after
@@ -385,13 +412,16 @@ class ESTrainer(GRPOTrainer):
         for round_ in tqdm(rounds, desc=f"ES step {step + 1}: members", leave=False, disable=not show_progress):
             members, rows = round_.members[process], round_.rows[process]
             block_rows = [batch.rows[i] for i in rows] * len(members)
-            block_prompts = [batch.prompts[i] for i in rows] * len(members)
+            # Fresh environments for this block, reset under seeds shared by every member (common random numbers).
+            reset_seeds = [derive_seed(self.args.seed, "reset", step, i) for i in rows] * len(members)
+            block_prompts = trl_compat.prepare_rollouts(self, block_rows, reset_seeds)
             with (
                 self.strategy.perturbed(step, members),
                 self._seeded_sampling(space.noise.sampling_seed(step, members[0])),
             ):
                 trl_compat.force_weight_sync(self)
-                completion_ids, completions = trl_compat.generate(self, block_prompts)
+                prompt_ids, completion_ids, completions = trl_compat.rollout(self, block_prompts)
+                self.router_balance.measure(members, prompt_ids, completion_ids)
             scores = trl_compat.calculate_rewards(self, block_rows, block_prompts, completions, completion_ids).cpu()
             place_scores(rewards_per_func, round_, scores)
             logs = self._split_by_member(members, len(rows), completions, trl_compat.take_extra_logs(self))
@@ -513,12 +543,13 @@ class ESTrainer(GRPOTrainer):
         (The A/B harness and the policy builder score held-out accuracy with ``trl_es.evaluation`` instead, one
         greedy evaluation for ES and GRPO alike.)
         """
-        rows = distinct_rows(inputs, self.num_generations_eval) if self._greedy else inputs
-        prompts = [row["prompt"] for row in rows]
+        rows = distinct_rows(inputs, self.num_generations_eval) if self._drop_repeats else inputs
+        prompts = trl_compat.prepare_rollouts(self, rows)
         seed = derive_seed(self.args.seed, "eval", self.state.global_step, self._eval_batches)
         self._eval_batches += 1
         with torch.no_grad(), self._seeded_sampling(seed):
-            completion_ids, completions = trl_compat.generate(self, prompts)
+            prompt_ids, completion_ids, completions = trl_compat.rollout(self, prompts)
+        self.router_balance.log_eval(prompt_ids, completion_ids, self.accelerator, self._metrics["eval"])
         rewards_per_func = trl_compat.calculate_rewards(self, rows, prompts, completions, completion_ids).cpu()
         # One model, no population to normalise across: the weighted sum is what is reported.
         rewards = self._combine_reward_funcs(rewards_per_func, "sum_then_normalize")

@@ -5,9 +5,19 @@ code (``_calculate_rewards``) instead of copying them. Those are private and cha
 else in ``trl_es`` touches them: a TRL upgrade that moves one breaks :func:`check_trl_internals` (called when the
 trainer is built, and pinned by ``tests/test_trl_compat.py``) with a message naming what moved, instead of failing
 in the middle of a training loop.
+
+GRPO prepares tools and environments per batch inside ``_generate_and_score_completions``, which ES never calls (it
+generates once per member group). :func:`prepare_rollouts` does that per-batch setup for one ES generation block.
 """
 
+import contextlib
+import inspect
+import random
+
+import numpy as np
+import torch
 import trl
+from trl import GRPOTrainer
 
 
 # What ESTrainer relies on, and why. Attributes are looked up on a built trainer.
@@ -20,17 +30,43 @@ REQUIRED_ATTRIBUTES = {
     "_pending_metrics": "scalars reward functions send through `log_metric`",
     "_logs": "the completion table written by `log_completions`",
     "use_vllm": "whether weights must be pushed to a vLLM engine",
+    "tools": "every tool exposed to the model (standalone and environment methods)",
+    "_standalone_tools": "the tools not bound to an environment",
+    "environment_factories": "{environment name: factory} from `environment_factory`, or None",
+    "_multi_environment": "whether rows pick their environment by an `environment` column",
+    "environments": "the per-rollout environment instances `_calculate_rewards` passes to reward functions",
+    "rollout_func": "a user rollout function replacing GRPO's generation, or None",
+    "aux_loss_enabled": "whether GRPO would add the MoE router load-balancing loss",
+    "router_aux_loss_coef": "the weight of that loss",
+}
+# Only there when `environment_factory` is given.
+REQUIRED_ENVIRONMENT_ATTRIBUTES = {
+    "_environment_pool": "{environment name: reusable instances}",
+    "_env_tools": "{environment name: the tools its prompts are rendered with}",
+}
+# Set by GRPO's per-batch setup and read by `_generate` / `_tool_call_loop`; prepare_rollouts sets them instead, so
+# a rename in TRL would leave them unset: check that GRPO's code still reads them under these names.
+READ_BY_GENERATE = {
+    "_batch_environments": "each rollout's environment name (which tool schema its prompt is rendered with)",
+    "_sync_tool_dicts": "each rollout's sync tools by name",
+    "_async_tool_dicts": "each rollout's async tools by name",
 }
 # ``_generate`` returns (prompt_ids, completion_ids, tool_mask, completions, ...): the positions read below.
-GENERATE_COMPLETION_IDS, GENERATE_COMPLETIONS = 1, 3
+GENERATE_PROMPT_IDS, GENERATE_COMPLETION_IDS, GENERATE_COMPLETIONS = 0, 1, 3
+# What GRPO generates from when a row has no prompt and an environment's `reset()` supplies it.
+PLACEHOLDER_PROMPT = ({"role": "user", "content": ""},)
 
 
 def check_trl_internals(trainer) -> None:
-    missing = [
-        f"{name} ({why})"
-        for name, why in {**REQUIRED_METHODS, **REQUIRED_ATTRIBUTES}.items()
-        if not hasattr(trainer, name)
-    ]
+    required = {**REQUIRED_METHODS, **REQUIRED_ATTRIBUTES}
+    if getattr(trainer, "environment_factories", None) is not None:
+        required.update(REQUIRED_ENVIRONMENT_ATTRIBUTES)
+    missing = [f"{name} ({why})" for name, why in required.items() if not hasattr(trainer, name)]
+    if getattr(trainer, "tools", None):
+        source = inspect.getsource(GRPOTrainer)
+        missing += [
+            f"{name} ({why}; no longer read by GRPO)" for name, why in READ_BY_GENERATE.items() if name not in source
+        ]
     if missing:
         raise RuntimeError(
             f"ESTrainer needs GRPOTrainer internals that trl {trl.__version__} does not have: {missing}. "
@@ -40,6 +76,13 @@ def check_trl_internals(trainer) -> None:
 
 def generate(trainer, prompts: list) -> tuple[list[list[int]], list]:
     """``(completion_ids, completions)`` for ``prompts``, through GRPO's own generation backend."""
+    _, completion_ids, completions = rollout(trainer, prompts)
+    return completion_ids, completions
+
+
+def rollout(trainer, prompts: list) -> tuple[list[list[int]], list[list[int]], list]:
+    """``(prompt_ids, completion_ids, completions)`` for ``prompts``, through GRPO's own generation backend (tool
+    calls included: a completion's ids then hold the tool results too, as GRPO's do)."""
     outputs = trainer._generate(prompts)
     if not isinstance(outputs, tuple) or len(outputs) <= GENERATE_COMPLETIONS:
         raise RuntimeError(
@@ -47,7 +90,133 @@ def generate(trainer, prompts: list) -> tuple[list[list[int]], list]:
             f"{len(outputs) if isinstance(outputs, tuple) else '?'}; trl_es expects (prompt_ids, completion_ids, "
             "tool_mask, completions, ...). Update trl_es/trl_compat.py."
         )
-    return outputs[GENERATE_COMPLETION_IDS], outputs[GENERATE_COMPLETIONS]
+    return outputs[GENERATE_PROMPT_IDS], outputs[GENERATE_COMPLETION_IDS], outputs[GENERATE_COMPLETIONS]
+
+
+# ---------------------------------------------------------------------- tools and environments
+
+
+def row_prompts(trainer, rows: list[dict]) -> list:
+    """Each row's prompt; GRPO's empty user turn for a row without one when an environment owns the data."""
+    if trainer.environment_factories is None:
+        return [row["prompt"] for row in rows]
+    return [row["prompt"] if "prompt" in row else list(PLACEHOLDER_PROMPT) for row in rows]
+
+
+def rollouts_depend_only_on_rows(trainer) -> bool:
+    """Whether a rollout is a function of its row alone (so greedy rollouts of repeated rows are identical).
+
+    Tools and environments answer from outside the model (a sandbox, a clock, a random episode in ``reset``), and a
+    ``rollout_func`` is user code: their repeats of one row are separate samples, not copies to de-duplicate.
+    """
+    return not trainer.tools and trainer.environment_factories is None and trainer.rollout_func is None
+
+
+def prepare_rollouts(trainer, rows: list[dict], reset_seeds: list[int] | None = None) -> list:
+    """GRPO's per-batch rollout setup for one generation block; returns the prompts to generate from.
+
+    ``rows`` is the block (for ES: the step's prompt rows repeated once per member of the group, member-major); one
+    rollout is generated per row. As GRPO does for a batch, this resolves each row's environment (``ValueError`` for
+    a name ``environment_factory`` does not know), hands every rollout its own instance from GRPO's pool (creating
+    instances when the block needs more than exist), builds the per-rollout tool dicts, calls ``reset(**row)`` on each
+    instance and appends the observation it returns to the row's last message. The instances become
+    ``trainer.environments``, which GRPO's reward code passes to reward functions as ``environments=``.
+
+    Called once per block, before that block generates: every member therefore starts from freshly reset
+    environments, never from the state another member's tool calls left behind, and instances are reused (reset
+    again) by the next block, GRPO's "construct once, reset often".
+
+    ``reset_seeds`` (one per row) seeds Python's ``random``, NumPy's and torch's global generators around that row's
+    ``reset`` (restored afterwards), so an environment that draws its episode from them draws the same one for every
+    member that completes the row: common random numbers, as for the prompts. An environment with its own generator
+    is not reached by this.
+    """
+    prompts = row_prompts(trainer, rows)
+    factories = trainer.environment_factories
+    environments = None
+    if factories is not None:
+        names = [row.get("environment") if trainer._multi_environment else None for row in rows]
+        for name in dict.fromkeys(names):
+            if name not in factories:
+                raise ValueError(
+                    f"Example has `environment={name!r}`, which is not among the environments passed to "
+                    f"`environment_factory`. Expected one of: {list(factories)}."
+                )
+        environments, handed_out = [], {}
+        for name in names:
+            pool, index = trainer._environment_pool[name], handed_out.get(name, 0)
+            if index == len(pool):
+                pool.append(factories[name]())
+            handed_out[name] = index + 1
+            environments.append(pool[index])
+        trainer._batch_environments = names
+        trainer.environments = environments
+    if trainer.tools:
+        trainer._sync_tool_dicts, trainer._async_tool_dicts = [], []
+        for index in range(len(rows)):
+            tools = list(trainer._standalone_tools)
+            if environments:
+                tools += _environment_methods(environments[index])
+            trainer._sync_tool_dicts.append({t.__name__: t for t in tools if not inspect.iscoroutinefunction(t)})
+            trainer._async_tool_dicts.append({t.__name__: t for t in tools if inspect.iscoroutinefunction(t)})
+    for index, environment in enumerate(environments or []):
+        row = rows[index]
+        # In multi-environment mode `environment` only routes the row; GRPO does not hand it to `reset`.
+        kwargs = {k: v for k, v in row.items() if k != "environment"} if trainer._multi_environment else row
+        with _seeded_global_rngs(None if reset_seeds is None else reset_seeds[index]):
+            observation = environment.reset(**kwargs)
+        if observation is not None:
+            prompts[index] = _with_observation(prompts[index], observation, type(environment).__name__)
+    return prompts
+
+
+def _environment_methods(environment) -> list:
+    """The instance's public methods GRPO exposes as tools (listed on the class: properties are not evaluated)."""
+    return [
+        getattr(environment, name)
+        for name, _ in inspect.getmembers(type(environment), predicate=inspect.isfunction)
+        if name not in ("reset", "get_reward") and not name.startswith("_")
+    ]
+
+
+def _with_observation(prompt, observation, environment: str):
+    """The prompt with ``observation`` appended to its last message (a new list: the dataset row is not mutated)."""
+    if isinstance(prompt, str) and isinstance(observation, str):
+        return prompt + observation
+    if isinstance(prompt, str) or not prompt or "content" not in prompt[-1]:
+        raise ValueError(
+            f"{environment}.reset() returned an observation ({type(observation).__name__}), which is appended to the "
+            f"last message of a conversational prompt, but the prompt is {prompt!r}."
+        )
+    content = prompt[-1]["content"]
+    # Text and content-block messages mix: turn whichever side is plain text into a text block.
+    if isinstance(observation, list) and isinstance(content, str):
+        content = [{"type": "text", "text": content}]
+    if isinstance(observation, str) and isinstance(content, list):
+        observation = [{"type": "text", "text": observation}]
+    return [*prompt[:-1], {**prompt[-1], "content": content + observation}]
+
+
+@contextlib.contextmanager
+def _seeded_global_rngs(seed: int | None):
+    if seed is None:
+        yield
+        return
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+
+
+def router_aux_loss_coef(trainer) -> float | None:
+    """The MoE router load-balancing weight where GRPO would add that loss (a MoE model, weight not 0), else None."""
+    return float(trainer.router_aux_loss_coef) if trainer.aux_loss_enabled else None
 
 
 def calculate_rewards(trainer, rows: list[dict], prompts: list, completions: list, completion_ids: list):

@@ -16,6 +16,7 @@ from .fitness import (
     REWARD_AGGREGATIONS,
     combine_reward_functions,
     member_fitness,
+    penalize_router_imbalance,
     shape_fitness,
 )
 from .layout import Round, check_population_split, distinct_rows, place_scores, plan_rounds
@@ -44,6 +45,7 @@ __all__ = [
     "derive_seed",
     "distinct_rows",
     "member_fitness",
+    "penalize_router_imbalance",
     "place_scores",
     "plan_rounds",
     "pseudo_gradient_coefficients",

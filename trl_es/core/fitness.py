@@ -103,6 +103,19 @@ def member_fitness(rewards: torch.Tensor, normalize_per_prompt: bool = False, ep
     return torch.nanmean(rewards, dim=1)
 
 
+def penalize_router_imbalance(fitness: torch.Tensor, aux_loss: torch.Tensor, coef: float) -> torch.Tensor:
+    """Fitness of a Mixture-of-Experts member minus ``coef`` times its router load-balancing loss.
+
+    GRPO adds ``coef * aux_loss`` to the loss it minimises; ES maximises fitness, so a member whose routing is less
+    balanced is less fit by the same amount. A member without a measurement (NaN ``aux_loss``) keeps its fitness, and
+    an unscorable member (NaN fitness) stays unscorable.
+    """
+    if fitness.shape != aux_loss.shape:
+        raise ValueError(f"fitness {tuple(fitness.shape)} and aux_loss {tuple(aux_loss.shape)} must match per member")
+    aux_loss = aux_loss.to(fitness.device, torch.float32)
+    return torch.where(torch.isnan(aux_loss), fitness, fitness - coef * aux_loss)
+
+
 def shape_fitness(fitness: torch.Tensor, method: str = "centered_rank") -> torch.Tensor:
     if method not in FITNESS_SHAPINGS:
         raise ValueError(f"unknown fitness_shaping {method!r}; choose one of {sorted(FITNESS_SHAPINGS)}")

@@ -72,17 +72,28 @@ def place_scores(rewards_per_func: torch.Tensor, round_: Round, scores: torch.Te
 
 
 def distinct_rows(rows: list[dict], group: int, world: int = 1, ranks_share_members: bool = False) -> list[dict]:
-    """Drop the ``group``-fold prompt repeats GRPO's sampler lays next to each other (identical under greedy decoding).
+    """Drop the ``group``-fold row repeats GRPO's sampler lays next to each other (identical under greedy decoding
+    when a rollout depends on its row alone).
 
-    Rows that are not laid out as consecutive repeats are kept whole; so are the repeats when the distinct rows
-    could not be split evenly over processes that share a model.
+    A repeat must equal its first row in every column, not just the prompt: reward functions read the other
+    columns. Rows that are not laid out as consecutive repeats are kept whole; so are the repeats when the distinct
+    rows could not be split evenly over processes that share a model.
     """
     if group <= 1 or len(rows) % group:
         return rows
     firsts = rows[::group]
     for index, row in enumerate(rows):
-        if row["prompt"] != firsts[index // group]["prompt"]:
+        if not _same_row(row, firsts[index // group]):
             return rows
     if ranks_share_members and len(firsts) % world:
         return rows
     return firsts
+
+
+def _same_row(row: dict, other: dict) -> bool:
+    if row is other:
+        return True
+    try:
+        return bool(row == other)
+    except (RuntimeError, ValueError):  # tensors / arrays in a column have no single truth value: keep both rows
+        return False
