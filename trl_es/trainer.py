@@ -37,6 +37,7 @@ from .core.layout import check_population_split
 from .integrations.deepspeed import init_deepspeed_comm
 from .rewards import wrap_reward_funcs
 from .search import build_search, space_name
+from .seed_log import SeedLogCallback
 
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,9 @@ class ESTrainer(GRPOTrainer):
         self._es_micro_step = 0
         self._eval_batches = 0
         self._weights_before_update = None
+        self.last_strategy_update = None  # (step, StrategyUpdate) of the last ES step: the seed log records it
+        self.seed_log = SeedLogCallback(self)
+        self.add_callback(self.seed_log)
 
     # ------------------------------------------------------------------ setup
 
@@ -187,6 +191,10 @@ class ESTrainer(GRPOTrainer):
         optimizer.register_step_pre_hook(lambda *_: self._before_update())
         optimizer.register_step_post_hook(lambda *_: self._after_update())
         return optimizer
+
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        self.seed_log.resume_from = resume_from_checkpoint  # a resumed run continues the checkpoint's seed log
+        return super().train(resume_from_checkpoint, *args, **kwargs)
 
     # ------------------------------------------------------------------ around the optimizer step
 
@@ -239,6 +247,7 @@ class ESTrainer(GRPOTrainer):
         fitness = member_fitness(rewards, normalize_per_prompt=self.args.normalize_per_prompt)
         invalid = self._check_fitness(step, fitness)
         update = self.strategy.tell(step, fitness)
+        self.last_strategy_update = (step, update)
         self._log_step(batch, results, rewards, fitness, invalid, update.shaped, comm_bytes + member_comm_bytes)
         return torch.tensor(-_nanmean(rewards.reshape(-1)), device=self.accelerator.device)
 
