@@ -442,9 +442,10 @@ def read_seed_log(path: str) -> SeedLog:
         except ValueError as error:
             last = records[-1].step if records else None
             if number < len(body) + 1:
+                after = f"nothing after step {last}" if last is not None else "no step"
                 raise ValueError(
                     f"{path}, line {number}: {error}. Only the last record can be cut short by a killed run; a "
-                    f"damaged line before it means the file was altered, so nothing after step {last} can be replayed."
+                    f"damaged line before it means the file was altered, so {after} can be replayed."
                 ) from error
             stopped = (
                 f"{path}: the last record (line {number}) is incomplete or garbled ({error}), as when the run was "
