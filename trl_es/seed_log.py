@@ -260,6 +260,7 @@ class SeedLogCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self._stop()
+        self._last_step, self._last_state = None, _dumps({})  # a second train() on the same trainer starts afresh
         trainer = self.trainer
         if not getattr(args, "seed_log", True) or not args.should_save:
             return
@@ -628,6 +629,14 @@ def replay(model_path: str, seed_log: str, device: str | torch.device | None = N
             seed_log,
             log.header["versions"]["torch"],
             torch.__version__,
+        )
+    if device is not None and torch.device(device).type != log.header["model"]["device"]:
+        logger.warning(
+            "%s was trained on %s; replaying on %s draws other noise (device-specific generators), so the weights "
+            "will not match the run's.",
+            seed_log,
+            log.header["model"]["device"],
+            device,
         )
     model = load_base_model(model_path, log, device)
     replay_steps(model, log)
