@@ -33,9 +33,10 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str]) -> int:
     args = make_parser().parse_args(argv)
     start = time.perf_counter()
-    model, log = replay(resolve_model(args.model), args.seed_log, device=args.device)
+    base = resolve_model(args.model)
+    model, log = replay(base, args.seed_log, device=args.device)
     model.save_pretrained(args.output_dir)
-    _save_tokenizer(resolve_model(args.model), args.output_dir)
+    _save_tokenizer(base, args.output_dir)
     steps = f"steps 0-{log.next_step - 1}" if log.records else "no step"
     print(
         f"replayed {steps} of {args.seed_log} onto {args.model} in {time.perf_counter() - start:.1f} s "
