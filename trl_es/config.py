@@ -140,7 +140,7 @@ class ESConfig(GRPOConfig):
         default=True,
         metadata={
             "help": "Write `es_seed_log.jsonl` to output_dir (and its prefix into each checkpoint): per step the "
-            "learning rate and the per-direction update coefficients, ~130 bytes at population 32. "
+            "learning rate and the per-direction update coefficients, ~120 bytes at population 32. "
             "`trl-es replay` rebuilds the trained weights from it and the base model."
         },
     )

@@ -19,7 +19,8 @@ Format (JSON lines, UTF-8):
 
   ``c``: the coefficients as little-endian float32 bytes (``"dtype"`` names another dtype); ``lr``: a list when the
   param groups' learning rates differ; ``state``: a strategy's ``state_dict()`` when it changed (never for
-  ``gaussian``). About 130 bytes a step at population 32.
+  ``gaussian``). About 120 bytes a step at population 32 (118 on the quickstart recipe,
+  ``benchmarks/seed_log_replay.py``).
 
 ``base_weights_hash`` is ``"blake2b-256:<hex>"`` of, for every parameter in ``model.named_parameters()`` order: the
 name (UTF-8), a NUL byte, the shape as JSON (``[64, 32]``), a NUL byte, then the values cast to float32,
