@@ -2,6 +2,7 @@
 
     trl-es train --config recipes/quickstart.yaml [--learning_rate 3e-4 ...]
     trl-es compare --config recipes/quickstart.yaml --output_dir outputs/compare [--seeds 3] [--grid]
+    trl-es replay --model BASE --seed_log OUT/es_seed_log.jsonl --output_dir REPLAYED
 
 The recipe format (keys, sections, overrides) is described in ``trl_es/recipes.py``.
 """
@@ -15,8 +16,9 @@ USAGE = """usage: trl-es <command> [--config recipe.yaml] [--key value ...]
 commands:
   train     train a model with ESTrainer (evolution strategies)
   compare   ES against GRPO on the same recipe and budget (writes compare.json / .md / .png)
+  replay    rebuild a run's trained weights from its base model and es_seed_log.jsonl (no generation)
 
-Run `trl-es train --help` or `trl-es compare --help` for every option.
+Run `trl-es <command> --help` for every option.
 """
 
 
@@ -37,6 +39,11 @@ def main(argv: list[str] | None = None) -> int:
 
         logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
         return compare_main(rest)
+    if command == "replay":
+        from .scripts.replay import main as replay_main
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return replay_main(rest)
     print(f"trl-es: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

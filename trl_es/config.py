@@ -223,6 +223,14 @@ class ESConfig(GRPOConfig):
             "Holds a copy of the evolved weights during the optimizer step."
         },
     )
+    seed_log: bool = field(
+        default=True,
+        metadata={
+            "help": "Write `es_seed_log.jsonl` to output_dir (and its prefix into each checkpoint): per step the "
+            "learning rate and the per-direction update coefficients, ~120 bytes at population 32. "
+            "`trl-es replay` rebuilds the trained weights from it and the base model."
+        },
+    )
 
     # GRPOConfig fields whose defaults ES changes.
     learning_rate: float = field(

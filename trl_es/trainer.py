@@ -42,6 +42,7 @@ from .integrations.deepspeed import init_deepspeed_comm
 from .rewards import wrap_reward_funcs
 from .router_balance import RouterBalance
 from .search import build_search, space_name
+from .seed_log import SeedLogCallback
 
 
 logger = logging.getLogger(__name__)
@@ -180,13 +181,16 @@ class ESTrainer(GRPOTrainer):
             self.perturbation_space.members_per_forward,
             getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id,
         )
-        #: What the strategy did on the last ES step (None when a step had no signal and made no update).
-        self.last_update = None
         self._es_micro_step = 0
         self._eval_batches = 0
         self._weights_before_update = None
         self._update_guard = DeferredInterrupt()
         self._warned_large_update = False
+        # (step, StrategyUpdate) of the last ES step, (step, None) when it had no signal and made no update; the
+        # seed log records it.
+        self.last_strategy_update = None
+        self.seed_log = SeedLogCallback(self)
+        self.add_callback(self.seed_log)
 
     # ------------------------------------------------------------------ setup
 
@@ -225,6 +229,7 @@ class ESTrainer(GRPOTrainer):
     def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
         # Resume from the newest *complete* checkpoint, with the ES settings and optimizer it was written with.
         resume_from_checkpoint = prepare_resume(resume_from_checkpoint, self.args, self.perturbation_name)
+        self.seed_log.resume_from = resume_from_checkpoint  # a resumed run continues the checkpoint's seed log
         return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
 
     def _save_checkpoint(self, model, trial):
@@ -367,11 +372,12 @@ class ESTrainer(GRPOTrainer):
         invalid = self._check_fitness(step, fitness)
         if invalid.all():
             # No signal: the optimizer finds no gradient and leaves the weights as they are; the run goes on.
-            self.last_update = None
+            self.last_strategy_update = (step, None)
             self._log_step(batch, results, rewards, fitness, invalid, torch.zeros_like(fitness), comm_bytes)
         else:
-            self.last_update = self.strategy.tell(step, fitness)
-            self._log_step(batch, results, rewards, fitness, invalid, self.last_update.shaped, comm_bytes)
+            update = self.strategy.tell(step, fitness)
+            self.last_strategy_update = (step, update)
+            self._log_step(batch, results, rewards, fitness, invalid, update.shaped, comm_bytes)
         return torch.tensor(-_nanmean(rewards.reshape(-1)), device=self.accelerator.device)
 
     @property
