@@ -76,6 +76,15 @@ def build_model(tokenizer, hidden_size=128, num_layers=4, intermediate_size=256,
     return Qwen2ForCausalLM(config)
 
 
+# The scale ladder (benchmarks/scale_ladder.py): policies of one family on one task, trained to the same starting
+# accuracy band, so that only size differs: (hidden size, layers, MLP size); 0.6M -> 14.3M spans 22.9x.
+SIZES = {
+    "0.6M": (128, 4, 256),  # the shipped arithmetic-policy: 625,152 parameters
+    "3M": (256, 5, 512),  # 3,020,800
+    "14M": (512, 6, 1024),  # 14,301,184
+}
+
+
 class StopAtAccuracy(TrainerCallback):
     def __init__(self, tokenizer, eval_set, target, eval_every, min_steps):
         self.tokenizer, self.eval_set = tokenizer, eval_set
@@ -212,6 +221,12 @@ def main(argv=None):
     parser.add_argument("--min_steps", type=int, default=200)
     parser.add_argument("--max_steps", type=int, default=1500)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--size",
+        choices=list(SIZES),
+        default="0.6M",
+        help="policy size (hidden, layers, MLP) for the scale ladder; 0.6M is the shipped policy",
+    )
     lora = parser.add_argument_group("ESSA warm start (--lora)")
     lora.add_argument("--lora", action="store_true", help="train a LoRA adapter on the shipped policy instead")
     lora.add_argument("--base_dir", default=str(ARITHMETIC_POLICY_DIR), help="policy the adapter is trained on")
@@ -237,7 +252,8 @@ def main(argv=None):
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     tokenizer = build_tokenizer()
-    model = build_model(tokenizer, seed=args.seed)
+    hidden_size, num_layers, intermediate_size = SIZES[args.size]
+    model = build_model(tokenizer, hidden_size, num_layers, intermediate_size, seed=args.seed)
     train = arithmetic_dataset("train").map(lambda row: {"completion": row["answer"]}, remove_columns=["answer"])
     # Stop on a slice of the held-out split disjoint from the 500 problems ES recipes evaluate on.
     stop_set = arithmetic_dataset("test").select(range(500, 1000))
@@ -275,7 +291,9 @@ def main(argv=None):
         "stop_set_history": callback.history,
         "heldout_500_accuracy": final,
         "num_parameters": sum(p.numel() for p in model.parameters()),
+        "size": args.size,
         "seed": args.seed,
+        "command": shlex.join(["python", "-m", "trl_es.tasks.build_policy", *(sys.argv[1:] if argv is None else argv)]),
     }
     Path(args.output_dir, "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
