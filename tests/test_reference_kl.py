@@ -217,3 +217,24 @@ def test_disabled_adapter_reference_is_the_base_model(tiny_model_dir, tmp_path):
 def test_bad_kl_settings_are_named(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         ESConfig(str(tmp_path), report_to="none", bf16=False, **overrides)
+
+
+def test_batched_members_are_measured_each_under_its_own_perturbation(tiny_model_dir, tmp_path, monkeypatch):
+    import trl_es.reference
+
+    monkeypatch.setattr(trl_es.reference, "ROWS_PER_FORWARD", 4)  # 1 row per member per forward: 2 forwards
+    trainer = kl_trainer(tiny_model_dir, tmp_path, perturbation="low_rank", population_size=4, max_steps=1)
+    space, model = trainer.perturbation_space, trainer.model
+    prompts = [[5, 6, 7], [8, 9]] * 4  # member-major: 4 blocks of the same 2 prompts
+    # each member's own completions, of differing lengths
+    completions = [row for m in range(4) for row in ([10 + m, 11], [12, 13 + m, 14][: 2 + m % 2])]
+    with space.perturbed(0, [0, 1, 2, 3]):
+        batched, _ = completion_logps(model, prompts, completions, None, 4, 0, 1.0)
+    for m in range(4):
+        rows = slice(2 * m, 2 * m + 2)
+        with space.perturbed(0, [m]):
+            alone, _ = completion_logps(model, prompts[rows], completions[rows], None, 1, 0, 1.0)
+        for row, completion in enumerate(completions[rows]):
+            torch.testing.assert_close(batched[2 * m + row, : len(completion)], alone[row, : len(completion)])
+    trainer.train()
+    assert any("kl" in entry for entry in trainer.state.log_history)
