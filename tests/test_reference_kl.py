@@ -222,7 +222,7 @@ def test_bad_kl_settings_are_named(tmp_path, overrides, message):
 def test_batched_members_are_measured_each_under_its_own_perturbation(tiny_model_dir, tmp_path, monkeypatch):
     import trl_es.reference
 
-    monkeypatch.setattr(trl_es.reference, "ROWS_PER_FORWARD", 4)  # 1 row per member per forward: 2 forwards
+    monkeypatch.setattr(trl_es.reference, "LOGITS_BYTES_PER_FORWARD", 1)  # 1 row per member per forward: 2 forwards
     trainer = kl_trainer(tiny_model_dir, tmp_path, perturbation="low_rank", population_size=4, max_steps=1)
     space, model = trainer.perturbation_space, trainer.model
     prompts = [[5, 6, 7], [8, 9]] * 4  # member-major: 4 blocks of the same 2 prompts

@@ -33,8 +33,8 @@ The reference, chosen by :func:`build_reference`:
 ref_model_mixup_alpha``, tensor by tensor over the evolved tensors (the others are the same in both). A moved
 reference is saved in the checkpoint's ``es_state.pt``.
 
-Cost: two forwards over every member's prompt + completion tokens with completion-length logits (like GRPO's
-reference forward), in chunks of about ``ROWS_PER_FORWARD`` rows.
+Cost: two no-grad forwards over every member's prompt + completion tokens with completion-length logits (GRPO's
+reference forward is one of them), in chunks of rows whose logits fit ``LOGITS_BYTES_PER_FORWARD``.
 """
 
 import contextlib
@@ -49,9 +49,11 @@ from .guards import DeferredInterrupt
 
 logger = logging.getLogger(__name__)
 
-# Rows per no-grad forward (at least one row per member of a batched member group): bounds the completion-length
-# logits held at once, rows x completion tokens x vocabulary.
-ROWS_PER_FORWARD = 16
+# Bytes of fp32 completion-length logits (rows x (completion tokens + 1) x vocabulary) one no-grad forward may make;
+# the log-softmax holds about as much again. Decides how many rows a forward takes (at least one per member of a
+# batched member group): all of a small model's rows at once, a single row of a long completion over a large
+# vocabulary.
+LOGITS_BYTES_PER_FORWARD = 256 * 2**20
 
 
 class FrozenCopy:
@@ -164,7 +166,8 @@ def completion_logps(
     positions = (attention.cumsum(dim=1) - 1).clamp(min=0)
     device = next(model.parameters()).device
     per_member = rows // num_members
-    chunk = max(1, ROWS_PER_FORWARD // num_members)
+    vocabulary = getattr(getattr(model, "config", None), "vocab_size", None) or 2**17  # unknown: assume a large one
+    chunk = max(1, LOGITS_BYTES_PER_FORWARD // (4 * (completion_len + 1) * vocabulary * num_members))
     for start in range(0, per_member, chunk):
         index = torch.tensor(
             [m * per_member + r for m in range(num_members) for r in range(start, min(start + chunk, per_member))]
