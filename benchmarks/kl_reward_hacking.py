@@ -31,6 +31,7 @@ import time
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.trainer_callback import PrinterCallback
 
 from trl_es import ESConfig, ESTrainer
 from trl_es.tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset
@@ -113,6 +114,7 @@ def train_one(beta: float, seed: int, options, reward, base, tokenizer, held_out
             args=args,
             train_dataset=arithmetic_dataset("train"),
         )
+        trainer.remove_callback(PrinterCallback)  # one line per run below, not one per step
         start = time.perf_counter()
         trainer.train()
         seconds = time.perf_counter() - start

@@ -13,7 +13,11 @@ Schulman's k3 estimator on the completions the policy sampled. ES has no loss, s
    logs the mean over members as ``kl`` (GRPO's metric name).
 
 Log-probabilities are those of the logits divided by ``temperature``, as GRPO computes them; under greedy decoding
-(``temperature=0``) the logits are taken as they are.
+(``temperature=0``, ES's default) the logits are taken as they are. With sampled completions k3 is an unbiased
+estimate of KL(member || reference); with greedy ones the tokens are the member's argmax path, not samples, so the
+number is a divergence along that path (>= 0, 0 where both models give its tokens the same probability) rather than
+an unbiased KL estimate. Either way it is the same function of the weights for every member, which is what ranking
+the members needs.
 
 The reference, chosen by :func:`build_reference`:
 
