@@ -127,6 +127,10 @@ class ESTrainer(GRPOTrainer):
     Mixture-of-Experts models: where GRPO would add ``router_aux_loss_coef * aux_loss`` to its loss, each member's
     router load-balancing loss is measured under its perturbation, logged as ``aux_loss`` and ``router_aux_loss_coef``
     times it is subtracted from the member's fitness (``trl_es.router_balance``).
+
+    KL to a reference (``beta > 0``): where GRPO would add ``beta * KL`` to its loss, each member's fitness loses
+    ``beta`` times its k3 KL estimate to the reference policy on its own completions, logged as ``kl``; GRPO loads no
+    reference model, ES keeps its own (``trl_es.reference``), synced with ``sync_ref_model`` as in GRPO.
     """
 
     _tag_names = ["trl", "trl-es", "evolution-strategies"]
