@@ -144,10 +144,15 @@ def test_odd_population_is_fine_without_antithetic(tmp_path):
 
 
 def test_policy_gradient_fields_warn_once(tmp_path):
-    with pytest.warns(UserWarning, match=r"ignores these GRPOConfig fields: beta=0.04: .*loss_type='grpo'") as record:
-        config = ESConfig(output_dir=str(tmp_path), report_to="none", beta=0.04, loss_type="grpo")
-    assert len([w for w in record if "ignores these" in str(w.message)]) == 1
-    assert config.beta == 0.0  # no reference model is built for a loss ES does not have
+    with pytest.warns(
+        UserWarning, match=r"ignores these GRPOConfig fields: use_bias_correction_kl=False: .*loss_type='grpo'"
+    ) as record:
+        config = ESConfig(
+            output_dir=str(tmp_path), report_to="none", beta=0.04, use_bias_correction_kl=False, loss_type="grpo"
+        )
+    messages = [str(w.message) for w in record if "ignores these" in str(w.message)]
+    assert len(messages) == 1 and "beta=" not in messages[0]
+    assert config.beta == 0.04  # honoured: a KL penalty on the fitness (trl_es.reference)
 
 
 def test_hub_id_while_offline_is_explained(tmp_path, monkeypatch):

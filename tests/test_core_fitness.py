@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from trl_es.core import member_fitness, shape_fitness
+from trl_es.core import k3_kl_per_completion, member_fitness, penalize_kl, shape_fitness
 
 
 def test_centered_rank_values_and_ties():
@@ -77,3 +77,35 @@ def test_combine_reward_functions_sum_and_normalize_then_sum_by_hand():
     torch.testing.assert_close(normalized, expected, equal_nan=True)
     with pytest.raises(ValueError, match="multi_objective_aggregation='mean'"):
         combine_reward_functions(per_func, weights, "mean")
+
+
+def test_k3_kl_per_completion_by_hand():
+    member = torch.tensor([[-1.0, -2.0, -0.5], [-0.1, -3.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, -9.0], [-0.1, -2.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])  # padding and tool results are 0
+
+    def k3(r):
+        return math.exp(r) - r - 1
+
+    # completion 0: tokens 0 and 1 count (r = -0.5, +1.0); completion 1: token 0 only (r = 0 -> 0)
+    expected = torch.tensor([(k3(-0.5) + k3(1.0)) / 2, 0.0])
+    torch.testing.assert_close(k3_kl_per_completion(member, ref, mask), expected)
+    # >= 0 everywhere, 0 only where the two agree
+    assert (k3_kl_per_completion(member, ref, torch.ones(2, 3)) > 0).all()
+    # no counted token: no estimate
+    assert torch.isnan(k3_kl_per_completion(member, ref, torch.zeros(2, 3))).all()
+    with pytest.raises(ValueError, match=r"must have one shape"):
+        k3_kl_per_completion(member, ref[:, :2], mask)
+
+
+def test_penalize_kl_by_hand():
+    fitness = torch.tensor([1.0, 0.5, float("nan"), 2.0])
+    kl = torch.tensor([0.2, float("nan"), 0.1, 1.0])
+    # fitness - beta * kl; no estimate keeps the fitness; an unscorable member stays unscorable
+    penalized = penalize_kl(fitness, kl, beta=0.5)
+    torch.testing.assert_close(penalized, torch.tensor([0.9, 0.5, float("nan"), 1.5]), equal_nan=True)
+    assert torch.equal(penalize_kl(fitness, kl, beta=0.0)[[0, 1, 3]], fitness[[0, 1, 3]])
+    with pytest.raises(ValueError, match=r"fitness \(4,\) and kl \(3,\)"):
+        penalize_kl(fitness, kl[:3], beta=0.1)
+    with pytest.raises(ValueError, match=r"beta must be finite and >= 0, got -1"):
+        penalize_kl(fitness, kl, beta=-1)

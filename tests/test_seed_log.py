@@ -130,6 +130,31 @@ def test_seed_log_can_be_turned_off(tiny_model_dir, tmp_path):
     assert not (tmp_path / LOG_NAME).exists()
 
 
+def test_a_kl_penalty_changes_the_fitness_not_the_replay(tiny_model_dir, tmp_path):
+    # beta weighs each member's KL into its fitness, with a reference that moves every step: the coefficients the
+    # log records already carry it, so replay needs neither the reference nor a forward pass.
+    trainer, changed = train_run(
+        tiny_model_dir, tmp_path / "run", beta=0.5, sync_ref_model=True, ref_model_sync_steps=1
+    )
+    assert changed and any("kl" in entry for entry in trainer.state.log_history)
+    cli_replay(tiny_model_dir, tmp_path / "run" / LOG_NAME, tmp_path / "replayed")
+    assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
+
+
+@pytest.mark.parametrize("perturbation", ["full", "lora"])
+def test_ga_records_the_winners_and_replay_applies_them(tiny_model_dir, tmp_path, perturbation):
+    trainer, changed = train_run(
+        tiny_model_dir, tmp_path / "run", perturbation, strategy="ga", population_size=6, max_steps=3
+    )
+    log = read_seed_log(tmp_path / "run" / LOG_NAME)
+    assert all(record.selection and record.coefficients is None for record in log.records)
+    winners = [(record.step, record.winner) for record in log.records if record.winner is not None]
+    assert winners == [tuple(gene) for gene in trainer.strategy.genome] and changed, "no child won: nothing to replay"
+    assert all(record.state is None and len(record.line) < 60 for record in log.records)  # no genome copy per step
+    cli_replay(tiny_model_dir, tmp_path / "run" / LOG_NAME, tmp_path / "replayed")
+    assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
+
+
 # ------------------------------------------------------------------ damaged or foreign logs
 
 
@@ -208,6 +233,7 @@ def _drop_coefficients(header, records):
         (lambda h, r: h["es"].update(perturbation_restore="subtract"), "perturbation_restore='subtract'"),
         (lambda h, r: h["optimizer"].update({"class": "bitsandbytes.optim.AdamW8bit"}), "cannot replay optimizer"),
         (_drop_coefficients, "step 1 has no coefficients"),
+        (lambda h, r: r[0].update(c=None, winner=7), r"line 2: 'winner' must be a member in \[0, 4\) or null, got 7"),
     ],
 )
 def test_what_replay_cannot_rebuild_is_named(tiny_model_dir, run_dir, tmp_path, edit, message):

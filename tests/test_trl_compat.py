@@ -1,7 +1,10 @@
 """What ESTrainer relies on in GRPOTrainer's private internals: pinned here so a TRL upgrade fails one clear test."""
 
+import inspect
+
 import pytest
 from conftest import es_config, length_reward
+from trl import GRPOTrainer
 
 from trl_es import ESTrainer, trl_compat
 from trl_es.tasks import arithmetic_dataset
@@ -42,3 +45,22 @@ def test_pending_logs_are_taken_once(trainer):
     assert trl_compat.take_extra_logs(trainer) == {}
     assert trl_compat.take_logged_metrics(trainer) == {"m": [3.0]}
     assert trl_compat.take_logged_metrics(trainer) == {}
+
+
+def test_grpo_reads_the_reference_fields_we_hide_only_while_it_is_built(tiny_model_dir, tmp_path):
+    # GRPOTrainer.__init__ decides from these whether to load a reference model and add SyncRefModelCallback; if it
+    # read them under other names (or later), hiding them would no longer spare the memory of a second model.
+    source = inspect.getsource(GRPOTrainer.__init__)
+    for name in trl_compat.GRPO_REFERENCE_FIELDS:
+        assert f"args.{name}" in source, f"GRPOTrainer.__init__ no longer reads args.{name}"
+    args = es_config(tmp_path, beta=0.3, sync_ref_model=True)
+    trainer = ESTrainer(
+        tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=arithmetic_dataset("train", size=8)
+    )
+    assert trainer.ref_model is None and trainer.beta == 0.0  # GRPO's own, unused by ES
+    assert (args.beta, args.sync_ref_model) == (0.3, True)  # given back for ES
+
+
+def test_rollout_with_tool_mask_has_no_mask_without_tools(trainer):
+    prompt_ids, completion_ids, tool_mask, completions = trl_compat.rollout_with_tool_mask(trainer, ["1+2="])
+    assert len(prompt_ids) == len(completion_ids) == len(completions) == 1 and tool_mask is None

@@ -62,6 +62,13 @@ TRAJECTORY_FIELDS = (
     "svd_fraction",
     "cma_sigma0",
     "cma_diagonal",
+    "ga_elite",
+    "ga_min_improvement",
+    # the KL penalty on the fitness and how its reference moves
+    "beta",
+    "sync_ref_model",
+    "ref_model_sync_steps",
+    "ref_model_mixup_alpha",
 )
 
 # Model weights in the forms Trainer.save_model writes (full model, sharded, PEFT adapter).

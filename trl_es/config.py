@@ -43,17 +43,18 @@ HONOURED_GRPO_FIELDS = (
     "vllm_tensor_parallel_size",
     # rewards and steps: K ES steps per generation batch; combination of several reward functions
     "num_iterations", "reward_weights", "multi_objective_aggregation", "router_aux_loss_coef",
+    # KL to a reference policy: a fitness penalty (trl_es.reference), the reference synced as in TR-DPO
+    "beta", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
     # logging
     "log_completions", "log_multimodal", "num_completions_to_print", "log_unique_prompts", "log_completions_hub_repo",
 )  # fmt: skip
 _LOSS = "shapes GRPO's policy-gradient loss; ES has no loss"
 _IS = "corrects vLLM sampling for a policy-gradient loss; ES scores completions as they are"
 IGNORED_GRPO_FIELDS = {
-    "beta": "KL to a reference model is not implemented for ES yet",
-    "sync_ref_model": "there is no reference model under ES",
-    "ref_model_mixup_alpha": "there is no reference model under ES",
-    "ref_model_sync_steps": "there is no reference model under ES",
-    "use_bias_correction_kl": "there is no KL term under ES",
+    "use_bias_correction_kl": (
+        "ES measures each member's KL on the member's own completions (importance ratio 1) and takes no gradient of "
+        "it, so the correction changes nothing"
+    ),
     **dict.fromkeys(
         (
             "loss_type", "epsilon", "epsilon_high", "delta", "scale_rewards", "importance_sampling_level",
@@ -78,7 +79,10 @@ ES_TAKES_OVER_WHEN_DEFAULT = ("learning_rate", "optim", "max_grad_norm", "disabl
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
 # A non-finite value in these reaches the weights: NaN sigma or learning rate turns every weight into NaN after one
 # step, inf clips nothing or everything.
-FINITE_FIELDS = ("sigma", "learning_rate", "weight_decay", "max_grad_norm", "temperature")
+FINITE_FIELDS = (
+    "sigma", "learning_rate", "weight_decay", "max_grad_norm", "temperature", "beta", "ref_model_mixup_alpha",
+    "ga_min_improvement",
+)  # fmt: skip
 
 
 def _has_accelerator() -> bool:
@@ -105,7 +109,10 @@ class ESConfig(GRPOConfig):
     ``gradient_checkpointing=False`` (there is no backward pass).
 
     Fields that keep GRPO's default but change meaning: ``router_aux_loss_coef`` (Mixture-of-Experts models) weighs a
-    fitness penalty, each member's router load-balancing loss, instead of a loss term.
+    fitness penalty, each member's router load-balancing loss, instead of a loss term; ``beta`` weighs a fitness
+    penalty, each member's KL estimate to the reference policy on its own completions (``trl_es.reference``), instead
+    of a loss term, and ``sync_ref_model`` / ``ref_model_sync_steps`` / ``ref_model_mixup_alpha`` move that reference
+    as GRPO's do.
     """
 
     population_size: int = field(
@@ -126,7 +133,9 @@ class ESConfig(GRPOConfig):
             "help": "Search strategy: 'gaussian' (seeded Gaussian ES: the fitness-weighted sum of the members' noise "
             "is the pseudo-gradient handed to the optimizer; every space) or 'cma' (CMA-ES via the `cmaes` library: "
             "population_size explicit candidates per step, the search mean becomes the weights, the optimizer and "
-            "`sigma` are unused; perturbation='svd' only, as in ESSA).",
+            "`sigma` are unused; perturbation='svd' only, as in ESSA) or 'ga' (a Deep-GA-style genetic algorithm: "
+            "the weights become the best of population_size seeded mutations theta + sigma * eps_i, no optimizer; "
+            "see `ga_elite`; perturbation 'full', 'lora' or 'svd').",
             "choices": list(STRATEGIES),
         },
     )
@@ -183,6 +192,23 @@ class ESConfig(GRPOConfig):
         metadata={
             "help": "'cma' only: the largest search dimension for full-covariance CMA-ES (O(d^2) memory, O(d^3) per "
             "step; d=1000 at population 32 costs ~1.4 s and 0.6 GB a step on 2 CPU cores)."
+        },
+    )
+    ga_elite: bool = field(
+        default=True,
+        metadata={
+            "help": "'ga' only: elitism. Member 0 is the unperturbed parent, scored on the same prompts as its "
+            "population_size - 1 mutated children, and it stays unless a child beats it (so under greedy decoding "
+            "on fixed prompts the parent's reward never drops). False: every member is a child and the best one "
+            "always replaces the parent."
+        },
+    )
+    ga_min_improvement: float = field(
+        default=0.0,
+        metadata={
+            "help": "'ga' with ga_elite only: a child replaces the parent only if its fitness (mean reward, minus "
+            "beta x KL) exceeds the parent's by more than this; >= 0. A margin keeps the parent when a child wins "
+            "by the noise of a small prompt batch."
         },
     )
     perturbation_rank: int = field(
@@ -309,10 +335,12 @@ class ESConfig(GRPOConfig):
         if ignored:
             reasons = "; ".join(f"{name}={value!r}: {IGNORED_GRPO_FIELDS[name]}" for name, value in ignored.items())
             warnings.warn(f"ESTrainer ignores these GRPOConfig fields: {reasons}.", UserWarning, stacklevel=3)
-        # Reset them to values that make GRPOTrainer build no reference model. `num_iterations` is kept: GRPO's sampler
-        # then hands the same generation batch to that many consecutive ES steps (fresh members each step), so the
-        # step count, epochs and LR schedule match a GRPO run with the same settings.
-        self.beta, self.sync_ref_model, self.use_liger_kernel = 0.0, False, False
+        # `beta` and `sync_ref_model` keep their values: ESTrainer honours them with its own reference
+        # (trl_es.reference) and hides them from GRPOTrainer while it is built, so GRPO loads no second model.
+        # `num_iterations` is kept: GRPO's sampler then hands the same generation batch to that many consecutive ES
+        # steps (fresh members each step), so the step count, epochs and LR schedule match a GRPO run with the same
+        # settings.
+        self.use_liger_kernel = False
         super().__post_init__()
         if self.max_grad_norm and self.max_grad_norm > 0:
             logger.warning(
@@ -403,6 +431,32 @@ class ESConfig(GRPOConfig):
             raise ValueError(
                 f"strategy='cma' needs perturbation='svd' (a search of hundreds of numbers), got "
                 f"perturbation={self.perturbation!r}; use strategy='gaussian' for the other spaces."
+            )
+        if self.strategy == "ga" and self.perturbation == "low_rank":
+            raise ValueError(
+                "strategy='ga' scores the unperturbed parent next to its children and sets the weights to the winner; "
+                "perturbation='low_rank' serves every member in one batched forward and has no way to make one "
+                "member's low-rank term the weights. Use perturbation 'full', 'lora' or 'svd'."
+            )
+        if self.ga_min_improvement < 0:
+            raise ValueError(f"ga_min_improvement must be >= 0, got {self.ga_min_improvement}.")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0 (the weight of the KL penalty on the fitness), got {self.beta}.")
+        if self.sync_ref_model and self.beta == 0:
+            raise ValueError(
+                "sync_ref_model=True with beta=0.0: the reference is used only for the KL penalty, which beta=0 turns "
+                "off, so there is nothing to synchronize. Set beta > 0 or sync_ref_model=False."
+            )
+        if (
+            not isinstance(self.ref_model_sync_steps, numbers.Integral)
+            or isinstance(self.ref_model_sync_steps, bool)
+            or self.ref_model_sync_steps < 1
+        ):
+            raise ValueError(f"ref_model_sync_steps must be an integer >= 1, got {self.ref_model_sync_steps!r}.")
+        if not 0 <= self.ref_model_mixup_alpha <= 1:
+            raise ValueError(
+                f"ref_model_mixup_alpha must be in [0, 1] (reference <- alpha * policy + (1 - alpha) * reference), "
+                f"got {self.ref_model_mixup_alpha}."
             )
         if not 0 < self.svd_fraction <= 1:
             raise ValueError(f"svd_fraction must be in (0, 1], got {self.svd_fraction}.")

@@ -18,9 +18,20 @@ Format (JSON lines, UTF-8):
       {"step":7,"lr":0.0004,"c":"<base64>"}
 
   ``c``: the coefficients as little-endian float32 bytes (``"dtype"`` names another dtype); ``lr``: a list when the
-  param groups' learning rates differ; ``state``: a strategy's ``state_dict()`` when it changed (never for
-  ``gaussian``). About 120 bytes a step at population 32 (118 on the quickstart recipe,
+  param groups' learning rates differ; ``state``: a strategy's ``seed_log_state()`` when it changed (never for
+  ``gaussian`` or ``ga``). About 120 bytes a step at population 32 (118 on the quickstart recipe,
   ``benchmarks/seed_log_replay.py``).
+
+  A selection strategy (``ga``) writes no coefficients but the step's winner, the member whose perturbation became
+  the weights (``null`` when the parent was kept)::
+
+      {"step":7,"lr":0.0004,"c":null,"winner":5}
+
+  and replay adds ``sigma * eps_winner`` through the space, with the expression the run used, instead of stepping
+  the optimizer (which had no gradient to step).
+
+A penalty on the fitness (``beta`` times the KL to a reference, the router balance loss) changes which coefficients or
+winner a step gets, not how they act: it needs nothing in the log.
 
 ``base_weights_hash`` is ``"blake2b-256:<hex>"`` of, for every parameter in ``model.named_parameters()`` order: the
 name (UTF-8), a NUL byte, the shape as JSON (``[64, 32]``), a NUL byte, then the values cast to float32,
@@ -34,6 +45,7 @@ build the run used: the noise generators and the optimizer kernels are device-sp
 
 import base64
 import binascii
+import dataclasses
 import hashlib
 import importlib
 import inspect
@@ -51,6 +63,7 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .config import ESConfig
 from .search import build_search
 
 
@@ -59,7 +72,7 @@ logger = logging.getLogger(__name__)
 LOG_NAME = "es_seed_log.jsonl"
 FORMAT = "trl-es seed log"
 VERSION = 1
-REPLAYABLE_STRATEGIES = ("gaussian",)
+REPLAYABLE_STRATEGIES = ("gaussian", "ga")
 REPLAYABLE_SPACES = ("full", "lora", "low_rank")
 # ESConfig fields that decide the members' noise and the update; `perturbation` is recorded resolved (never "auto").
 ES_SETTINGS = (
@@ -351,13 +364,15 @@ class SeedLogCallback(TrainerCallback):
         lrs = [float(group["lr"]) for group in optimizer.param_groups]
         record = {"step": step, "lr": lrs[0] if len(set(lrs)) == 1 else lrs}
         coefficients = update.coefficients
-        if coefficients is None:
+        if coefficients is None and self.trainer.strategy.selects_a_member:
+            record["c"], record["winner"] = None, update.winner  # replay applies the winner's perturbation
+        elif coefficients is None:
             record["c"] = None  # the strategy set the tensors itself: replay will refuse this step, by name
         else:
             record["c"] = encode_tensor(coefficients)
             if coefficients.dtype != torch.float32:
                 record["dtype"] = _dtype_name(coefficients.dtype)
-        strategy_state = _dumps(_jsonable(self.trainer.strategy.state_dict(), "strategy state"))
+        strategy_state = _dumps(_jsonable(self.trainer.strategy.seed_log_state(), "strategy state"))
         if strategy_state != self._last_state:
             record["state"] = json.loads(strategy_state)
             self._last_state = strategy_state
@@ -403,6 +418,8 @@ class SeedRecord:
     state: dict | None
     line: str  # as written, so a resumed run copies it byte for byte
     skip: bool = False  # a step without signal: the optimizer stepped no tensor
+    selection: bool = False  # a selection strategy's step (GA): `winner`'s perturbation is applied, no optimizer
+    winner: int | None = None  # None in a selection step: the parent was kept
 
 
 @dataclass
@@ -490,8 +507,21 @@ def _parse_record(raw: bytes, header: dict, expected_step: int) -> SeedRecord:
         except ValueError as error:
             raise ValueError(f"coefficients: {error}") from error
     state = _from_jsonable(record["state"]) if "state" in record else None
+    winner = record.get("winner")
+    population = header["es"]["population_size"]
+    if winner is not None and not (
+        isinstance(winner, int) and not isinstance(winner, bool) and 0 <= winner < population
+    ):
+        raise ValueError(f"'winner' must be a member in [0, {population}) or null, got {winner!r}")
     return SeedRecord(
-        record["step"], [float(x) for x in lr], coefficients, state, line, skip=record.get("skip") is True
+        record["step"],
+        [float(x) for x in lr],
+        coefficients,
+        state,
+        line,
+        skip=record.get("skip") is True,
+        selection="winner" in record,
+        winner=winner,
     )
 
 
@@ -521,7 +551,7 @@ def check_replayable(log: SeedLog) -> None:
             f"{log.path}: cannot replay optimizer {optimizer['class']}; replay imports only torch.optim optimizers."
         )
     for record in log.records:
-        if record.coefficients is None and not record.skip:
+        if record.coefficients is None and not record.skip and not record.selection:
             raise ValueError(
                 f"{log.path}: step {record.step} has no coefficients (strategy {es['strategy']!r} set the evolved "
                 "tensors itself), so it cannot be replayed."
@@ -569,7 +599,11 @@ def load_base_model(path: str, log: SeedLog, device: str | torch.device | None =
 def build_replay_search(model, log: SeedLog):
     """The run's perturbation space and strategy on ``model``, built by ``trl_es.search`` as the trainer builds them."""
     es = log.header["es"]
-    args = SimpleNamespace(**{name: es[name] for name in ES_SETTINGS}, perturbation=es["perturbation"])
+    # ESConfig's defaults for what the log does not record (a strategy's own settings, e.g. ga_elite): the records
+    # say what each step did, so those settings only have to build the strategy.
+    defaults = {f.name: f.default for f in dataclasses.fields(ESConfig) if f.default is not dataclasses.MISSING}
+    args = SimpleNamespace(**defaults)
+    vars(args).update({name: es[name] for name in ES_SETTINGS}, perturbation=es["perturbation"])
     args.population_batch_size = None  # how members share a forward; replay runs no forward
     setup = SimpleNamespace(
         args=args, model=model, is_deepspeed_enabled=False, accelerator=SimpleNamespace(num_processes=1)
@@ -619,6 +653,11 @@ def replay_steps(model, log: SeedLog) -> int:
             strategy.load_state_dict(record.state)
         if record.skip:
             continue  # no signal that step: the optimizer found no gradient and stepped nothing
+        if record.selection:
+            # The run's optimizer had no gradient to step: the weights moved only by the winner's perturbation.
+            if record.winner is not None:
+                space.apply_member(record.step, record.winner)
+            continue
         device = space.named_tensors()[0][1].device
         space.write_gradients(record.step, record.coefficients.to(device))
         for group, number in zip(optimizer.param_groups, recorded_groups):

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, is_peft_model
 from datasets import IterableDataset
 from tqdm.auto import tqdm
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
@@ -39,6 +39,7 @@ from .core import combine_reward_functions, derive_seed, distinct_rows, member_f
 from .core.layout import check_population_split
 from .guards import DeferredInterrupt, nonfinite
 from .integrations.deepspeed import init_deepspeed_comm
+from .reference import ReferenceKL
 from .rewards import wrap_reward_funcs
 from .router_balance import RouterBalance
 from .search import build_search, space_name
@@ -126,6 +127,10 @@ class ESTrainer(GRPOTrainer):
     Mixture-of-Experts models: where GRPO would add ``router_aux_loss_coef * aux_loss`` to its loss, each member's
     router load-balancing loss is measured under its perturbation, logged as ``aux_loss`` and ``router_aux_loss_coef``
     times it is subtracted from the member's fitness (``trl_es.router_balance``).
+
+    KL to a reference (``beta > 0``): where GRPO would add ``beta * KL`` to its loss, each member's fitness loses
+    ``beta`` times its k3 KL estimate to the reference policy on its own completions, logged as ``kl``; GRPO loads no
+    reference model, ES keeps its own (``trl_es.reference``), synced with ``sync_ref_model`` as in GRPO.
     """
 
     _tag_names = ["trl", "trl-es", "evolution-strategies"]
@@ -140,8 +145,12 @@ class ESTrainer(GRPOTrainer):
                 grpo_kwargs.get(name, positional.get(name)), name, grpo_kwargs.get("environment_factory") is not None
             )
         init_deepspeed_comm(args)
+        # As in GRPO, the reference of an adapter the model arrives with is a copy of it, not the base model.
+        arrived_with_adapter = not isinstance(model, str) and is_peft_model(model)
         try:
-            super().__init__(model, reward_funcs, args, *grpo_args, **grpo_kwargs)
+            # ES keeps its own reference (trl_es.reference); GRPO would load a second model for beta > 0.
+            with trl_compat.grpo_builds_no_reference(args):
+                super().__init__(model, reward_funcs, args, *grpo_args, **grpo_kwargs)
         except OSError as error:
             if isinstance(model, str) and not os.path.isdir(model):
                 offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
@@ -181,6 +190,8 @@ class ESTrainer(GRPOTrainer):
             self.perturbation_space.members_per_forward,
             getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id,
         )
+        self.reference_kl = ReferenceKL.from_trainer(self, arrived_with_adapter)
+        self.add_callback(self.reference_kl)  # syncs the reference on GRPO's schedule (sync_ref_model)
         self._es_micro_step = 0
         self._eval_batches = 0
         self._weights_before_update = None
@@ -238,8 +249,13 @@ class ESTrainer(GRPOTrainer):
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            state = {"strategy": self.strategy.state_dict(), "space": self.perturbation_space.state_dict()}
-            if any(state.values()):  # e.g. CMA-ES's search distribution, the SVD space's decomposition
+            state = {
+                "strategy": self.strategy.state_dict(),
+                "space": self.perturbation_space.state_dict(),
+                "reference": self.reference_kl.state_dict(),
+            }
+            # e.g. CMA-ES's search distribution, the SVD space's decomposition, a synced reference policy
+            if any(state.values()):
                 torch.save(state, os.path.join(folder, ES_STATE_NAME))
             # Written last: a checkpoint with es_settings.json was saved whole.
             save_es_settings(folder, self.args, self.perturbation_name)
@@ -251,7 +267,8 @@ class ESTrainer(GRPOTrainer):
             state = torch.load(path, weights_only=True)
             self.perturbation_space.load_state_dict(state["space"])
             self.strategy.load_state_dict(state["strategy"])
-        elif self.strategy.state_dict() or self.perturbation_space.state_dict():
+            self.reference_kl.load_state_dict(state.get("reference", {}))
+        elif self.strategy.state_dict() or self.perturbation_space.state_dict() or self.reference_kl.state_dict():
             raise ValueError(
                 f"{resume_from_checkpoint} has no {ES_STATE_NAME}, but strategy={self.args.strategy!r} with "
                 f"perturbation={self.perturbation_name!r} needs it to resume (the search state is not in the weights)."
@@ -369,6 +386,7 @@ class ESTrainer(GRPOTrainer):
         rewards = self._combine_reward_funcs(results.rewards_per_func)  # (members, prompts)
         fitness = member_fitness(rewards, normalize_per_prompt=self.args.normalize_per_prompt)
         fitness = self.router_balance.penalize(fitness, self.accelerator, self._metrics["train"])
+        fitness = self.reference_kl.penalize(fitness, self.accelerator, self._metrics["train"])
         invalid = self._check_fitness(step, fitness)
         if invalid.all():
             # No signal: the optimizer finds no gradient and leaves the weights as they are; the run goes on.
@@ -426,8 +444,11 @@ class ESTrainer(GRPOTrainer):
                 self._seeded_sampling(space.noise.sampling_seed(step, members[0])),
             ):
                 trl_compat.force_weight_sync(self)
-                prompt_ids, completion_ids, completions = trl_compat.rollout(self, block_prompts)
+                prompt_ids, completion_ids, tool_mask, completions = trl_compat.rollout_with_tool_mask(
+                    self, block_prompts
+                )
                 self.router_balance.measure(members, prompt_ids, completion_ids)
+                self.reference_kl.measure(members, prompt_ids, completion_ids, tool_mask)
             scores = trl_compat.calculate_rewards(self, block_rows, block_prompts, completions, completion_ids).cpu()
             place_scores(rewards_per_func, round_, scores)
             logs = self._split_by_member(members, len(rows), completions, trl_compat.take_extra_logs(self))
@@ -554,8 +575,9 @@ class ESTrainer(GRPOTrainer):
         seed = derive_seed(self.args.seed, "eval", self.state.global_step, self._eval_batches)
         self._eval_batches += 1
         with torch.no_grad(), self._seeded_sampling(seed):
-            prompt_ids, completion_ids, completions = trl_compat.rollout(self, prompts)
+            prompt_ids, completion_ids, tool_mask, completions = trl_compat.rollout_with_tool_mask(self, prompts)
         self.router_balance.log_eval(prompt_ids, completion_ids, self.accelerator, self._metrics["eval"])
+        self.reference_kl.log_eval(prompt_ids, completion_ids, tool_mask, self.accelerator, self._metrics["eval"])
         rewards_per_func = trl_compat.calculate_rewards(self, rows, prompts, completions, completion_ids).cpu()
         # One model, no population to normalise across: the weighted sum is what is reported.
         rewards = self._combine_reward_funcs(rewards_per_func, "sum_then_normalize")

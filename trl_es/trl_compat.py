@@ -52,7 +52,10 @@ READ_BY_GENERATE = {
     "_async_tool_dicts": "each rollout's async tools by name",
 }
 # ``_generate`` returns (prompt_ids, completion_ids, tool_mask, completions, ...): the positions read below.
-GENERATE_PROMPT_IDS, GENERATE_COMPLETION_IDS, GENERATE_COMPLETIONS = 0, 1, 3
+GENERATE_PROMPT_IDS, GENERATE_COMPLETION_IDS, GENERATE_TOOL_MASK, GENERATE_COMPLETIONS = 0, 1, 2, 3
+# GRPOConfig fields that make GRPOTrainer.__init__ load a reference model (beta != 0; with a PeftModel, a copy of its
+# adapter named "ref") and register its SyncRefModelCallback (sync_ref_model), with the values that make it do neither.
+GRPO_REFERENCE_FIELDS = {"beta": 0.0, "sync_ref_model": False}
 # What GRPO generates from when a row has no prompt and an environment's `reset()` supplies it.
 PLACEHOLDER_PROMPT = ({"role": "user", "content": ""},)
 
@@ -74,6 +77,25 @@ def check_trl_internals(trainer) -> None:
         )
 
 
+@contextlib.contextmanager
+def grpo_builds_no_reference(args):
+    """Hide ``beta`` and ``sync_ref_model`` from ``GRPOTrainer.__init__`` (restored afterwards).
+
+    GRPO would load a second copy of the policy from disk (or add a "ref" adapter) and sync it after its own loss
+    steps; ES keeps its own reference (``trl_es.reference``: a copy of the evolved tensors only, or the adapter
+    disabled) and reads ``args.beta`` itself. GRPO reads these fields only while it is built: after that its
+    ``self.beta`` stays 0, which nothing ES calls looks at.
+    """
+    saved = {name: getattr(args, name) for name in GRPO_REFERENCE_FIELDS}
+    for name, value in GRPO_REFERENCE_FIELDS.items():
+        setattr(args, name, value)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(args, name, value)
+
+
 def generate(trainer, prompts: list) -> tuple[list[list[int]], list]:
     """``(completion_ids, completions)`` for ``prompts``, through GRPO's own generation backend."""
     _, completion_ids, completions = rollout(trainer, prompts)
@@ -83,6 +105,13 @@ def generate(trainer, prompts: list) -> tuple[list[list[int]], list]:
 def rollout(trainer, prompts: list) -> tuple[list[list[int]], list[list[int]], list]:
     """``(prompt_ids, completion_ids, completions)`` for ``prompts``, through GRPO's own generation backend (tool
     calls included: a completion's ids then hold the tool results too, as GRPO's do)."""
+    prompt_ids, completion_ids, _, completions = rollout_with_tool_mask(trainer, prompts)
+    return prompt_ids, completion_ids, completions
+
+
+def rollout_with_tool_mask(trainer, prompts: list) -> tuple[list, list, list | None, list]:
+    """``(prompt_ids, completion_ids, tool_mask, completions)``: :func:`rollout` plus, per completion, 1 for the
+    tokens the model generated and 0 for tool results (``None`` when no tool or environment answered)."""
     outputs = trainer._generate(prompts)
     if not isinstance(outputs, tuple) or len(outputs) <= GENERATE_COMPLETIONS:
         raise RuntimeError(
@@ -90,7 +119,12 @@ def rollout(trainer, prompts: list) -> tuple[list[list[int]], list[list[int]], l
             f"{len(outputs) if isinstance(outputs, tuple) else '?'}; trl_es expects (prompt_ids, completion_ids, "
             "tool_mask, completions, ...). Update trl_es/trl_compat.py."
         )
-    return outputs[GENERATE_PROMPT_IDS], outputs[GENERATE_COMPLETION_IDS], outputs[GENERATE_COMPLETIONS]
+    return (
+        outputs[GENERATE_PROMPT_IDS],
+        outputs[GENERATE_COMPLETION_IDS],
+        outputs[GENERATE_TOOL_MASK],
+        outputs[GENERATE_COMPLETIONS],
+    )
 
 
 # ---------------------------------------------------------------------- tools and environments

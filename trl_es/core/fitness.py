@@ -116,6 +116,43 @@ def penalize_router_imbalance(fitness: torch.Tensor, aux_loss: torch.Tensor, coe
     return torch.where(torch.isnan(aux_loss), fitness, fitness - coef * aux_loss)
 
 
+def k3_kl_per_completion(member_logps: torch.Tensor, ref_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each completion's KL estimate to the reference: the mean over its tokens of Schulman's k3 estimator.
+
+    ``(completions, tokens)`` log-probabilities of the completion tokens under the member (which generated them) and
+    under the reference, and a 0/1 ``mask`` of the tokens that count (padding and tool results are 0). Per token,
+    with ``r = logp_ref - logp_member``: ``k3 = exp(r) - r - 1``, the estimator GRPO uses; it is >= 0 and unbiased
+    for KL(member || reference) when the tokens are sampled from the member. A completion without a counted token
+    gets NaN (no estimate).
+    """
+    if member_logps.shape != ref_logps.shape or member_logps.shape != mask.shape:
+        raise ValueError(
+            f"member_logps {tuple(member_logps.shape)}, ref_logps {tuple(ref_logps.shape)} and mask "
+            f"{tuple(mask.shape)} must have one shape (completions, tokens)"
+        )
+    log_ratio = ref_logps.double() - member_logps.double()
+    per_token = torch.expm1(log_ratio) - log_ratio  # exp(r) - 1 - r without cancellation near r = 0
+    mask = mask.to(per_token.dtype)
+    tokens = mask.sum(dim=-1)
+    total = (per_token * mask).sum(dim=-1)
+    return torch.where(tokens > 0, total / tokens.clamp(min=1), torch.nan).float()
+
+
+def penalize_kl(fitness: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.Tensor:
+    """Fitness of each member minus ``beta`` times its KL estimate to the reference policy.
+
+    GRPO adds ``beta * KL`` to the loss it minimises; ES maximises fitness, so a member that drifts further from the
+    reference on its own completions is less fit by the same amount. A member without an estimate (NaN ``kl``: no
+    completion token) keeps its fitness; an unscorable member (NaN fitness) stays unscorable.
+    """
+    if fitness.shape != kl.shape:
+        raise ValueError(f"fitness {tuple(fitness.shape)} and kl {tuple(kl.shape)} must match per member")
+    if not 0 <= beta < float("inf"):
+        raise ValueError(f"beta must be finite and >= 0, got {beta}")
+    kl = kl.to(fitness.device, torch.float32)
+    return torch.where(torch.isnan(kl), fitness, fitness - beta * kl)
+
+
 def shape_fitness(fitness: torch.Tensor, method: str = "centered_rank") -> torch.Tensor:
     if method not in FITNESS_SHAPINGS:
         raise ValueError(f"unknown fitness_shaping {method!r}; choose one of {sorted(FITNESS_SHAPINGS)}")

@@ -77,6 +77,14 @@ class PerturbationSpace(ABC):
     def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         """``t.grad = sum_k coefficients[k] * eps_k(t)`` for every evolved tensor ``t`` (accumulated in fp32)."""
 
+    def apply_member(self, step: int, member: int) -> None:
+        """Make ``member``'s perturbation permanent: ``theta += sigma * eps_member`` (selection strategies, GA).
+
+        Spaces that support it compute the sum exactly as :meth:`perturbed` does, so the weights afterwards are
+        bit-identical to those the member was evaluated with.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot apply one member's perturbation to its weights")
+
     def step_optimizer(self) -> None:
         """Apply the gradients written by :meth:`write_gradients` (only for ``steps_own_optimizer`` spaces)."""
         raise NotImplementedError(f"{type(self).__name__} is stepped by the Trainer's optimizer")
@@ -173,10 +181,7 @@ class InPlaceSpace(PerturbationSpace):
             edited = 0  # how many tensors carry noise: an exception part-way must only undo those
             try:
                 for (name, param), local in zip(self.named_params, locals_, strict=True):
-                    _, offset = self._local(param)
-                    if local.numel():
-                        eps = self._noise(step, name, param, local, offset, member=member)
-                        local.add_(eps.mul_(self.sigma).to(local.dtype))
+                    self._add_member_noise(step, member, name, param, local)
                     edited += 1
                 yield
             finally:
@@ -192,6 +197,20 @@ class InPlaceSpace(PerturbationSpace):
                         if local.numel():
                             eps = self._noise(step, name, param, local, offset, member=member)
                             local.add_(eps.mul_(-self.sigma).to(local.dtype))
+
+    def _add_member_noise(self, step: int, member: int, name: str, param, local: torch.Tensor) -> None:
+        """``local += sigma * eps_member`` in the tensor's dtype: the one expression both perturbing and
+        :meth:`apply_member` use, so an applied member is bit-identical to the evaluated one."""
+        _, offset = self._local(param)
+        if local.numel():
+            eps = self._noise(step, name, param, local, offset, member=member)
+            local.add_(eps.mul_(self.sigma).to(local.dtype))
+
+    def apply_member(self, step: int, member: int) -> None:
+        with torch.no_grad():
+            self._before_edit()
+            for (name, param), local in zip(self.named_params, self.local_tensors(), strict=True):
+                self._add_member_noise(step, member, name, param, local)
 
     def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         coefficients = coefficients.tolist()

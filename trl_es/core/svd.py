@@ -246,17 +246,27 @@ class SVDSpace(PerturbationSpace):
                 for target, weight in saved:
                     target.weight.copy_(weight)
 
+    def _member_values(self, step: int, member: int) -> dict[int, torch.Tensor]:
+        values = {}
+        for index, target in enumerate(self._targets):
+            eps = self.noise.member_noise(step, member, target.name, target.values.shape, target.values.device)
+            values[index] = target.values.detach() + self.sigma * eps
+        return values
+
     def perturbed(self, step: int, members: Sequence[int]) -> contextlib.AbstractContextManager[None]:
         """The model acts as ``s + sigma * eps_member`` for the one member given; exact restore on exit."""
         members = list(members)
         if len(members) != 1:
             raise ValueError(f"SVDSpace evaluates one member at a time, got {members}")
-        (member,) = members
-        values = {}
-        for index, target in enumerate(self._targets):
-            eps = self.noise.member_noise(step, member, target.name, target.values.shape, target.values.device)
-            values[index] = target.values.detach() + self.sigma * eps
-        return self._acting_as(values)
+        return self._acting_as(self._member_values(step, members[0]))
+
+    def apply_member(self, step: int, member: int) -> None:
+        """``s += sigma * eps_member`` (the same sum :meth:`perturbed` forms) and the weights rebuilt from it."""
+        values = self._member_values(step, member)
+        with torch.no_grad():
+            for index, target in enumerate(self._targets):
+                target.values.copy_(values[index])
+        self.after_update()
 
     def perturbed_by(self, offsets: dict[str, torch.Tensor]) -> contextlib.AbstractContextManager[None]:
         """The model acts as the evolved values plus explicit ``offsets`` (by evolved-tensor name; missing = 0)."""

@@ -6,10 +6,11 @@ A strategy is one small file with a subclass of :class:`Strategy`; it talks to t
 
 from .base import Strategy, StrategyUpdate
 from .cma import CMAStrategy
+from .ga import GeneticAlgorithm
 from .gaussian import GaussianES
 
 
 # name -> class; each builds itself from an ESConfig-like object with ``from_config(space, args)``.
-STRATEGIES = {"gaussian": GaussianES, "cma": CMAStrategy}
+STRATEGIES = {"gaussian": GaussianES, "cma": CMAStrategy, "ga": GeneticAlgorithm}
 
-__all__ = ["STRATEGIES", "CMAStrategy", "GaussianES", "Strategy", "StrategyUpdate"]
+__all__ = ["STRATEGIES", "CMAStrategy", "GaussianES", "GeneticAlgorithm", "Strategy", "StrategyUpdate"]

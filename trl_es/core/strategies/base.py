@@ -18,10 +18,13 @@ class StrategyUpdate:
         shaped: the weight each member received, ``(population,)``.
         coefficients: the per-direction coefficients written as ``t.grad = sum_k c_k eps_k(t)`` for the optimizer
             to step; ``None`` when the strategy set the evolved tensors itself.
+        winner: for strategies that select (``Strategy.selects_a_member``, e.g. GA): the member whose perturbation
+            was added to the evolved tensors (``theta += sigma * eps_winner``), or ``None`` when the parent was kept.
     """
 
     shaped: torch.Tensor
     coefficients: torch.Tensor | None
+    winner: int | None = None
 
 
 class Strategy(ABC):
@@ -32,6 +35,10 @@ class Strategy(ABC):
     for a member with no scorable completion). Then the Trainer's optimizer steps ``space.named_tensors()`` from the
     gradients ``tell`` wrote, and ``space.after_update()`` runs.
     """
+
+    #: True for strategies whose update is one member's perturbation made permanent (``StrategyUpdate.winner``);
+    #: the seed log then records the winner of every step, and replay applies it through the space.
+    selects_a_member: bool = False
 
     def __init__(self, space: PerturbationSpace):
         self.space = space
@@ -62,6 +69,11 @@ class Strategy(ABC):
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume the search exactly (nothing for stateless strategies)."""
         return {}
+
+    def seed_log_state(self) -> dict:
+        """What the seed log records whenever it changes (default: all of :meth:`state_dict`). A strategy whose state
+        the step records already imply returns less, so that the log does not grow with a copy of it every step."""
+        return self.state_dict()
 
     def load_state_dict(self, state: dict) -> None:
         if state:

@@ -1,0 +1,67 @@
+"""strategy='ga' in ESTrainer: the parent's reward never drops (elitism) and rises on a tiny task; resume is bit-exact
+(the genome is in es_state.pt); settings GA cannot run with are named."""
+
+import pytest
+import torch
+from conftest import es_config
+
+from trl_es import ESConfig, ESTrainer
+from trl_es.tasks import arithmetic_dataset
+
+
+def digit_reward(completions, **kwargs):
+    """A quarter point per digit: the random tiny model writes few, so there is room to climb."""
+    return [sum(ch.isdigit() for ch in c) / 4 for c in completions]
+
+
+def ga_trainer(model_dir, path, **overrides):
+    # Greedy decoding on the same 4 prompts every step: a member's fitness is a function of its weights alone.
+    values = dict(strategy="ga", temperature=0.0, sigma=0.1, population_size=8, max_steps=4, shuffle_dataset=False)
+    return ESTrainer(
+        model_dir,
+        reward_funcs=digit_reward,
+        args=es_config(path, **(values | overrides)),
+        train_dataset=arithmetic_dataset("train", size=4),
+    )
+
+
+def test_elitism_keeps_the_best_and_the_reward_rises(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = ga_trainer(tiny_model_dir, tmp_path)
+    told, tell = [], trainer.strategy.tell
+    monkeypatch.setattr(
+        trainer.strategy, "tell", lambda step, fitness: told.append(fitness.clone()) or tell(step, fitness)
+    )
+    trainer.train()
+    assert len(told) == 4
+    for before, after in zip(told, told[1:]):
+        # the new parent (member 0) is the last step's best, bit for bit: the winner became the weights exactly
+        assert after[0] == before.max()
+    best = [entry["es/best_member_reward"] for entry in trainer.state.log_history if "es/best_member_reward" in entry]
+    assert best == sorted(best), "elitism: the best reward never drops"
+    assert told[-1].max() > told[0][0], "no child ever beat the initial parent"
+    assert trainer.strategy.genome and all(0 < member < 8 for _, member in trainer.strategy.genome)
+
+
+def test_resume_is_bit_exact_and_restores_the_genome(tiny_model_dir, tmp_path):
+    full = ga_trainer(tiny_model_dir, tmp_path / "full", save_strategy="steps", save_steps=2)
+    full.train()
+    assert (tmp_path / "full" / "checkpoint-2" / "es_state.pt").is_file()
+    resumed = ga_trainer(tiny_model_dir, tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
+    for (name, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b), f"{name} differs after resume"
+    assert resumed.strategy.genome == full.strategy.genome and full.strategy.genome
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (dict(perturbation="low_rank"), r"strategy='ga' .* perturbation='low_rank' serves every member in one"),
+        (dict(ga_min_improvement=-0.5), r"ga_min_improvement must be >= 0, got -0.5"),
+        (dict(ga_min_improvement=float("inf")), r"ESConfig.ga_min_improvement must be finite"),
+        (dict(ga_elite="yes"), r"ESConfig.ga_elite: expected true or false"),
+    ],
+)
+def test_bad_ga_settings_are_named(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        ESConfig(str(tmp_path), report_to="none", bf16=False, strategy="ga", **overrides)
