@@ -300,9 +300,13 @@ class ESTrainer(GRPOTrainer):
                 f"ES step {self.state.global_step}: the pseudo-gradient of {bad[:5]} is NaN or infinite (sigma="
                 f"{space.sigma}, fitness shaping {self.args.fitness_shaping!r}); no update was made."
             )
-        if self.args.log_update_norm:
-            self._weights_before_update = [t.detach().clone() for t in space.local_tensors()]
         self._update_guard.__enter__()  # Ctrl-C waits until every tensor is stepped
+
+    def _snapshot_weights(self) -> None:
+        """Keep the weights before this step's update: the update norm is measured against them, and a non-finite
+        update is undone with them."""
+        if self.args.log_update_norm:
+            self._weights_before_update = [t.detach().clone() for t in self.perturbation_space.local_tensors()]
 
     def _after_update(self) -> None:
         space = self.perturbation_space
@@ -393,6 +397,8 @@ class ESTrainer(GRPOTrainer):
             self.last_strategy_update = (step, None)
             self._log_step(batch, results, rewards, fitness, invalid, torch.zeros_like(fitness), comm_bytes)
         else:
+            # Before tell: strategies that set the tensors themselves (CMA-ES, GA) move them inside it.
+            self._snapshot_weights()
             update = self.strategy.tell(step, fitness)
             self.last_strategy_update = (step, update)
             self._log_step(batch, results, rewards, fitness, invalid, update.shaped, comm_bytes)

@@ -293,7 +293,9 @@ def main(argv=None):
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "size": args.size,
         "seed": args.seed,
-        "command": shlex.join(["python", "-m", "trl_es.tasks.build_policy", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(
+            ["python", "-m", "trl_es.tasks.build_policy", *(sys.argv[1:] if argv is None else argv)]
+        ),
     }
     Path(args.output_dir, "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))
