@@ -62,6 +62,10 @@ TRAJECTORY_FIELDS = (
     "svd_fraction",
     "cma_sigma0",
     "cma_diagonal",
+    # which member completes which prompts, the step's sigma, and the pull toward the initial weights
+    "prompt_groups",
+    "sigma_decay",
+    "anchor_decay",
 )
 
 # Model weights in the forms Trainer.save_model writes (full model, sharded, PEFT adapter).

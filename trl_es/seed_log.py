@@ -51,6 +51,7 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .core import Anchor
 from .search import build_search
 
 
@@ -73,7 +74,12 @@ ES_SETTINGS = (
     "strategy",
     "fitness_shaping",
     "normalize_per_prompt",
+    "prompt_groups",
+    "sigma_decay",
+    "anchor_decay",
 )
+# What a log written before a setting existed implies for it (the behaviour of the time).
+ES_SETTING_DEFAULTS = {"prompt_groups": 1, "sigma_decay": 1.0, "anchor_decay": 0.0}
 # Header parts a resumed run must share with its checkpoint's log, or the continued log would not replay.
 RESUME_MUST_MATCH = ("es", "optimizer", "evolved")
 # Param-group keys that are not hyperparameters: the tensors, the per-step lr, and the scheduler's bookkeeping.
@@ -569,7 +575,10 @@ def load_base_model(path: str, log: SeedLog, device: str | torch.device | None =
 def build_replay_search(model, log: SeedLog):
     """The run's perturbation space and strategy on ``model``, built by ``trl_es.search`` as the trainer builds them."""
     es = log.header["es"]
-    args = SimpleNamespace(**{name: es[name] for name in ES_SETTINGS}, perturbation=es["perturbation"])
+    args = SimpleNamespace(
+        **{name: es[name] if name in es else ES_SETTING_DEFAULTS[name] for name in ES_SETTINGS},
+        perturbation=es["perturbation"],
+    )
     args.population_batch_size = None  # how members share a forward; replay runs no forward
     setup = SimpleNamespace(
         args=args, model=model, is_deepspeed_enabled=False, accelerator=SimpleNamespace(num_processes=1)
@@ -614,6 +623,9 @@ def replay_steps(model, log: SeedLog) -> int:
     space, strategy = build_replay_search(model, log)
     optimizer, recorded_groups = build_replay_optimizer(space, log)
     max_grad_norm = log.header["optimizer"]["max_grad_norm"]
+    # anchor_decay pulls toward the run's initial tensors: the base model's, before the first replayed step.
+    anchor_decay = log.header["es"].get("anchor_decay", 0.0)
+    anchor = Anchor([tensor for _, tensor in space.named_tensors()], anchor_decay) if anchor_decay else None
     for record in log.records:
         if record.state is not None:
             strategy.load_state_dict(record.state)
@@ -621,6 +633,8 @@ def replay_steps(model, log: SeedLog) -> int:
             continue  # no signal that step: the optimizer found no gradient and stepped nothing
         device = space.named_tensors()[0][1].device
         space.write_gradients(record.step, record.coefficients.to(device))
+        if anchor is not None:  # as ESTrainer adds it: after the strategy's gradient, before clipping
+            anchor.add_pull(space.named_tensors())
         for group, number in zip(optimizer.param_groups, recorded_groups):
             group["lr"] = record.lr[number]
         if max_grad_norm and max_grad_norm > 0:
