@@ -155,6 +155,8 @@ def test_compare_end_to_end_writes_the_report_with_equal_budgets(tiny_model_dir,
             len(run["validation_accuracy"]) == 2 and run["final_validation_accuracy"] == run["validation_accuracy"][1]
         )
         assert set(run["machine"]) >= {"load_average_before", "others_cpu_cores", "busy"}
+        assert ("es/fitness_std" in run["es_metrics"]) == (name != "grpo")  # the trainer's diagnostics, averaged
+        assert (out / "runs" / f"{name}_seed3" / "log_history.json").is_file()
     # both arms start from the same base model and evaluate the same held-out prompts the same way
     assert report["arms"]["es"]["runs"][0]["eval_accuracy"][0] == report["arms"]["grpo"]["runs"][0]["eval_accuracy"][0]
     assert report["summary"]["equal_rollouts"]["at"] == 64

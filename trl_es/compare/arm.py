@@ -18,7 +18,9 @@ harness picks each arm's grid point on the final validation accuracy, never on t
 
 import json
 import math
+import os
 import resource
+import statistics
 import sys
 import time
 
@@ -155,7 +157,14 @@ def run_arm(spec: dict) -> dict:
         spec["budget_rollouts"],
         spec.get("budget_seconds"),
         spec["eval_every_rollouts"],
-        label=f"{arm} lr={args.learning_rate:g} seed={seed}",
+        # CMA-ES has no learning rate: its step size is cma_sigma0
+        label=f"{arm} "
+        + (
+            f"cma_sigma0={args.cma_sigma0:g}"
+            if getattr(args, "strategy", None) == "cma"
+            else f"lr={args.learning_rate:g}"
+        )
+        + f" seed={seed}",
     )
     callback.trainer = trainer
     trainer.add_callback(callback)
@@ -166,6 +175,16 @@ def run_arm(spec: dict) -> dict:
     steps = trainer.state.global_step
     if validation is not None:
         validation.append(evaluate(validation_dataset))
+    # The trainer's own logs (es/* diagnostics, rewards, ...) stay next to the run; the result keeps their means.
+    history = [entry for entry in trainer.state.log_history if "eval_loss" not in entry]
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "log_history.json"), "w") as file:
+        json.dump(history, file, indent=1)
+    es_metrics = {
+        key: statistics.fmean(values)
+        for key in sorted({key for entry in history for key in entry if key.startswith("es/")})
+        if (values := [entry[key] for entry in history if isinstance(entry.get(key), (int, float))])
+    }
     return {
         "seed": seed,
         "learning_rate": args.learning_rate,
@@ -184,6 +203,7 @@ def run_arm(spec: dict) -> dict:
         "final_validation_accuracy": validation[-1] if validation else None,
         # ru_maxrss is in KiB on Linux: the peak resident memory of this process, model loading included.
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "es_metrics": es_metrics,  # mean over the logged steps (logging_steps), e.g. es/frac_changed_completions
     }
 
 

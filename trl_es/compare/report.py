@@ -244,9 +244,12 @@ def plot(report: dict, path: Path) -> bool:
             mean = [statistics.fmean(column) for column in zip(*per_seed, strict=True)]
             low = [min(column) for column in zip(*per_seed, strict=True)]
             high = [max(column) for column in zip(*per_seed, strict=True)]
-            setting = point_label(arm["selected"] or {}) or (
-                f"lr {arm['learning_rate']:g}" if arm["learning_rate"] is not None else ""
-            )
+            if arm["selected"]:
+                setting = point_label(arm["selected"])
+            elif arm["settings"].get("strategy") == "cma":  # no learning rate: its step size
+                setting = f"cma_sigma0 {arm['settings'].get('cma_sigma0', '?')}"
+            else:
+                setting = f"lr {arm['learning_rate']:g}" if arm["learning_rate"] is not None else ""
             line = ax.step(xs, mean, where="post", label=f"{arm_title(name)}" + (f", {setting}" if setting else ""))[0]
             ax.fill_between(xs, low, high, step="post", alpha=0.2, color=line.get_color())
         ax.set_xlabel(label)
