@@ -170,7 +170,7 @@ def test_adamw_on_the_es_estimate_trains_and_changes_the_weights(tiny_model_dir,
     changed = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
     assert len(changed) == len(before)
     # Adam's first step moves every weight by ~lr (the sign of its gradient), whatever the ES estimate's scale
-    step = max(float((p - before[n]).abs().max()) for n, p in trainer.model.named_parameters())
+    step = max(float((p.detach() - before[n]).abs().max()) for n, p in trainer.model.named_parameters())
     assert 1e-4 < step < 1e-2
 
 
