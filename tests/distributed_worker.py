@@ -1,6 +1,7 @@
 """Run a few ES steps and save the final weights; launched by test_distributed.py with 1 or 2 processes.
 
-torchrun --nproc_per_node 2 tests/distributed_worker.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH [PERTURBATION [TEMPERATURE]]
+torchrun --nproc_per_node 2 tests/distributed_worker.py MODEL_DIR OUT_DIR PER_DEVICE_BATCH [PERTURBATION [TEMPERATURE
+    [PROMPT_GROUPS]]]
 """
 
 import os
@@ -20,6 +21,7 @@ def main():
     model_dir, out_dir, per_device_batch = sys.argv[1], sys.argv[2], int(sys.argv[3])
     perturbation = sys.argv[4] if len(sys.argv) > 4 else "full"
     temperature = float(sys.argv[5]) if len(sys.argv) > 5 else 1.0
+    prompt_groups = int(sys.argv[6]) if len(sys.argv) > 6 else 1
     # "svd": ESSA, CMA-ES over the singular values of a LoRA adapter
     essa = perturbation == "svd"
     peft_config = None
@@ -44,6 +46,7 @@ def main():
         logging_steps=1,
         perturbation=perturbation,
         strategy="cma" if essa else "gaussian",
+        prompt_groups=prompt_groups,
         seed=11,
     )
     trainer = ESTrainer(

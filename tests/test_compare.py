@@ -1,4 +1,5 @@
-"""`trl-es compare`: recipe splitting, equal-budget accounting, the report schema, and a failing arm."""
+"""`trl-es compare`: recipe splitting, variants, equal-budget accounting per arm, validation-based selection, machine
+load, the report schema, and a failing arm."""
 
 import json
 import pathlib
@@ -7,7 +8,7 @@ import pytest
 import yaml
 
 from trl_es.compare.plan import make_plan, rollouts_per_step
-from trl_es.compare.report import accuracy_at, summarize
+from trl_es.compare.report import accuracy_at, markdown, summarize
 from trl_es.recipes import load_recipe, parse_overrides, train_config
 
 
@@ -52,8 +53,8 @@ def test_overrides_target_sections_and_bad_sections_are_named():
 
 def test_grid_is_centred_on_each_arms_learning_rate():
     plan = make_plan(load_recipe(QUICKSTART))
-    assert plan.grids["es"] == pytest.approx([2e-4, 4e-4, 8e-4])
-    assert plan.grids["grpo"] == pytest.approx([3e-4, 6e-4, 1.2e-3])
+    assert [p["learning_rate"] for p in plan.grids["es"]] == pytest.approx([2e-4, 4e-4, 8e-4])
+    assert [p["learning_rate"] for p in plan.grids["grpo"]] == pytest.approx([3e-4, 6e-4, 1.2e-3])
 
 
 def _run(rollouts, seconds, accuracy, **scalars):
@@ -80,7 +81,7 @@ def test_summary_compares_at_the_furthest_point_both_arms_reached():
     assert summary["peak_rss_es_over_grpo"] == 0.5
 
 
-def _tiny_recipe(tmp_path, model_dir, grpo_extra=None):
+def _tiny_recipe(tmp_path, model_dir, grpo_extra=None, **extra):
     recipe = {
         "model_name_or_path": model_dir,
         "dataset_name": "builtin:arithmetic",
@@ -101,6 +102,7 @@ def _tiny_recipe(tmp_path, model_dir, grpo_extra=None):
         # GRPO arm: 8 rows = 8 rollouts per step
         "grpo": {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "num_generations": 4, **(grpo_extra or {})},
         "compare": {"budget_rollouts": 64, "eval_points": 2},
+        **extra,
     }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
@@ -111,13 +113,29 @@ def test_compare_end_to_end_writes_the_report_with_equal_budgets(tiny_model_dir,
     from trl_es.compare.run import compare
 
     out = tmp_path / "out"
-    compare(str(_tiny_recipe(tmp_path, tiny_model_dir)), str(out), seeds=1)
+    # a variant: the ES arm with 2 prompt groups, 4 members x 4 prompts / 2 = 8 rollouts per step
+    recipe = _tiny_recipe(tmp_path, tiny_model_dir, variants={"grouped": {"prompt_groups": 2}})
+    compare(str(recipe), str(out), seeds=1, overrides=["--compare.validation_size", "16"])
     report = json.loads((out / "compare.json").read_text())
-    assert set(report) == {"arms", "budget", "config", "summary"}
+    assert set(report) == {"arms", "budget", "config", "summary", "splits", "machine"}
+    assert list(report["arms"]) == ["es", "grouped", "grpo"]
     assert report["budget"]["rollouts"] == 64 and report["budget"]["seeds"] == [3]
-    assert (out / "compare.md").read_text().count("|") > 10 and (out / "compare.png").stat().st_size > 0
-    steps = {"es": 64 // 16, "grpo": 64 // 8}
-    for name in ("es", "grpo"):
+    assert report["budget"]["max_steps"] == {"es": 4, "grouped": 8, "grpo": 8}
+    assert report["splits"] == {
+        "reported_on": "test",
+        "test_examples": 12,
+        "selected_on": None,
+        "validation_examples": 16,
+        "selection": "no grid: each arm as configured",
+    }
+    machine = report["machine"]
+    assert len(machine["load_average_start"]) == 3 and len(machine["load_average_end"]) == 3
+    assert machine["cores"] >= 1 and "cores - 0.5" in machine["busy_rule"] and isinstance(machine["busy"], bool)
+    markdown_text = (out / "compare.md").read_text()
+    assert markdown_text.count("|") > 10 and (out / "compare.png").stat().st_size > 0
+    assert "ES variant `grouped`" in markdown_text and "prompt_groups=2" in markdown_text
+    steps = {"es": 64 // 16, "grouped": 64 // 8, "grpo": 64 // 8}
+    for name in ("es", "grouped", "grpo"):
         arm = report["arms"][name]
         assert not arm["errors"], arm["errors"]
         (run,) = arm["runs"]
@@ -132,6 +150,13 @@ def test_compare_end_to_end_writes_the_report_with_equal_budgets(tiny_model_dir,
         assert run["peak_rss_mb"] > 100 and run["mean_step_s"] > 0
         assert run["final_eval_accuracy"] == run["eval_accuracy"][-1]
         assert all(0.0 <= a <= 1.0 for a in run["eval_accuracy"])
+        # the validation split is scored at the start and the end; the curve is the test split
+        assert (
+            len(run["validation_accuracy"]) == 2 and run["final_validation_accuracy"] == run["validation_accuracy"][1]
+        )
+        assert set(run["machine"]) >= {"load_average_before", "others_cpu_cores", "busy"}
+        assert ("es/fitness_std" in run["es_metrics"]) == (name != "grpo")  # the trainer's diagnostics, averaged
+        assert (out / "runs" / f"{name}_seed3" / "log_history.json").is_file()
     # both arms start from the same base model and evaluate the same held-out prompts the same way
     assert report["arms"]["es"]["runs"][0]["eval_accuracy"][0] == report["arms"]["grpo"]["runs"][0]["eval_accuracy"][0]
     assert report["summary"]["equal_rollouts"]["at"] == 64
@@ -150,13 +175,159 @@ def test_a_failing_arm_is_reported_and_the_other_arm_is_still_written(tiny_model
     assert "failed" in (out / "compare.md").read_text()
 
 
-def test_grid_reports_each_arms_best_learning_rate_by_mean_final_accuracy():
+def test_grid_chooses_each_arms_point_on_validation_never_on_test():
     from trl_es.compare.report import build_arm
 
-    def runs(*finals):
-        return [{"final_eval_accuracy": final} for final in finals]
+    def runs(lr, *pairs):  # (validation, test) final accuracy of each seed
+        return [{"learning_rate": lr, "final_validation_accuracy": v, "final_eval_accuracy": t} for v, t in pairs]
 
-    arm = build_arm({}, {1e-4: runs(0.4, 0.6), 3e-4: runs(0.55, 0.55), 1e-3: runs(0.9, 0.1)}, errors=[])
-    assert arm["learning_rate"] == 3e-4 and arm["mean_final_eval_accuracy"] == 0.55
-    assert [g["learning_rate"] for g in arm["grid"]] == [1e-4, 3e-4, 1e-3]
+    points = {"a": {"learning_rate": 1e-4}, "b": {"learning_rate": 3e-4}, "c": {"learning_rate": 1e-3}}
+    grid = {
+        "a": runs(1e-4, (0.4, 0.95), (0.6, 0.95)),  # the best on test: must not matter
+        "b": runs(3e-4, (0.55, 0.5), (0.55, 0.6)),
+        "c": runs(1e-3, (0.9, 0.1), (0.1, 0.1)),
+    }
+    arm = build_arm({}, grid, errors=[], points=points)
+    assert arm["selected"] == {"learning_rate": 3e-4} and arm["learning_rate"] == 3e-4
+    assert arm["mean_final_eval_accuracy"] == 0.55 and arm["mean_final_validation_accuracy"] == 0.55
+    assert [g["point"] for g in arm["grid"]] == list(points.values())
+    assert [g["mean_final_validation_accuracy"] for g in arm["grid"]] == pytest.approx([0.5, 0.55, 0.5])
     assert build_arm({}, {}, errors=[{"error": "boom"}])["learning_rate"] is None
+    without_validation = {key: [{**r, "final_validation_accuracy": None} for r in rs] for key, rs in grid.items()}
+    with pytest.raises(ValueError, match="chosen on the validation split"):
+        build_arm({}, without_validation, errors=[], points=points)
+
+
+def test_variants_are_es_arms_over_the_es_settings_and_get_their_own_budget_steps():
+    recipe = load_recipe(QUICKSTART)
+    recipe["variants"] = {
+        "many": {"perturbation": "low_rank", "population_size": 256, "prompt_groups": 8},
+        "adam": {"optim": "adamw_torch", "learning_rate": 1e-4, "anchor_decay": 0.1},
+        "essa": {"adapter_name_or_path": "builtin:arithmetic-lora", "perturbation": "svd", "strategy": "cma"},
+    }
+    plan = make_plan(
+        recipe,
+        parse_overrides(["--variants.many.sigma", "0.02", "--variants.probe.log_frac_changed_completions", "true"]),
+    )
+    assert list(plan.arms) == ["es", "many", "adam", "essa", "probe", "grpo"]
+    assert set(plan.kinds.values()) == {"es", "grpo"} and plan.kinds["many"] == "es" and plan.kinds["grpo"] == "grpo"
+    many, adam, essa, probe = (plan.arms[name] for name in ("many", "adam", "essa", "probe"))
+    # a variant is the ES arm's settings plus its own
+    assert many["sigma"] == 0.02 and many["num_generations"] == 2 and many["population_size"] == 256
+    assert adam["population_size"] == 32 and adam["optim"] == "adamw_torch" and adam["anchor_decay"] == 0.1
+    assert essa["adapter_name_or_path"] == "builtin:arithmetic-lora" and "adapter_name_or_path" not in plan.arms["es"]
+    # budget accounting per arm: 256 members x 128 prompts / 8 groups = 32 x 128 per step; the diagnostic adds 128
+    assert rollouts_per_step("es", many) == rollouts_per_step("es", plan.arms["es"]) == 4096
+    assert rollouts_per_step("es", probe) == 4096 + 128
+    assert many["max_steps"] == adam["max_steps"] == essa["max_steps"] == 75
+    assert probe["max_steps"] == -(-307200 // (4096 + 128))
+    # CMA-ES has no learning rate: its default grid is its step size
+    assert [p["cma_sigma0"] for p in plan.grids["essa"]] == pytest.approx([0.05, 0.1, 0.2])
+    assert plan.variants["many"] == {
+        "perturbation": "low_rank",
+        "population_size": 256,
+        "prompt_groups": 8,
+        "sigma": 0.02,
+    }
+    # --arms / compare.arms pick and order a subset
+    assert list(make_plan(recipe, arms=["grpo", "many"]).arms) == ["grpo", "many"]
+    with pytest.raises(ValueError, match=r"arms \['nope'\]: choose from"):
+        make_plan(recipe, arms=["nope"])
+
+
+def test_arm_sections_may_not_change_what_makes_arms_comparable():
+    recipe = load_recipe(QUICKSTART)
+    with pytest.raises(ValueError, match=r"variants.v: \['dataset_test_size', 'seed'\] are shared by every arm"):
+        make_plan({**recipe, "variants": {"v": {"seed": 1, "dataset_test_size": 10}}})
+    with pytest.raises(ValueError, match=r"grpo section: \['reward_funcs'\] are shared"):
+        make_plan({**recipe, "grpo": {"reward_funcs": ["x"]}})
+    with pytest.raises(ValueError, match="not a usable arm name"):
+        make_plan({**recipe, "variants": {"grpo": {}}})
+    with pytest.raises(ValueError, match="--variants.NAME.KEY VALUE"):
+        make_plan(recipe, {"variants.sigma": 0.1})
+    with pytest.raises(ValueError, match="prompt_groups=3 does not divide the 128 prompt rows"):
+        make_plan({**recipe, "variants": {"v": {"prompt_groups": 3}}})
+    with pytest.raises(ValueError, match=r"compare.grid: no arm named \['ghost'\]"):
+        make_plan({**recipe, "compare": {**recipe["compare"], "grid": {"ghost": [1e-3]}}})
+    # the GRPO arm may load the same warm-start adapter as an ESSA variant
+    plan = make_plan({**recipe, "grpo": {**recipe["grpo"], "adapter_name_or_path": "builtin:arithmetic-lora"}})
+    assert plan.arms["grpo"]["adapter_name_or_path"] == "builtin:arithmetic-lora"
+
+
+def test_validation_size_is_shared_by_every_arm_and_grid_mappings_expand():
+    recipe = load_recipe(QUICKSTART)
+    compare_section = {
+        **recipe["compare"],
+        "validation_size": 500,
+        "grid": {"es": {"learning_rate": [1e-4, 2e-4], "sigma": [0.01, 0.02]}},
+    }
+    plan = make_plan({**recipe, "compare": compare_section})
+    assert plan.shared["dataset_validation_size"] == 500 and plan.validation_size == 500
+    assert plan.grids["es"] == [
+        {"learning_rate": 1e-4, "sigma": 0.01},
+        {"learning_rate": 1e-4, "sigma": 0.02},
+        {"learning_rate": 2e-4, "sigma": 0.01},
+        {"learning_rate": 2e-4, "sigma": 0.02},
+    ]
+    with pytest.raises(ValueError, match="validation_size must be a number of rows"):
+        make_plan({**recipe, "compare": {**recipe["compare"], "validation_size": 0}})
+
+
+def test_the_report_flags_a_busy_machine_with_its_rule():
+    from trl_es.compare.machine import BUSY_RULE, CpuWindow, machine_record
+
+    window = CpuWindow().start()
+    sum(i * i for i in range(200_000))  # our own CPU time is not "other processes"
+    record = window.stop()
+    assert record["cores"] >= 1 and (record["others_cpu_cores"] is None or record["others_cpu_cores"] >= 0)
+    quiet = machine_record([0.1, 0.1, 0.1], [{"label": "es_seed1", "machine": {"busy": False}}])
+    assert not quiet["busy"] and quiet["busy_rule"] == BUSY_RULE and len(quiet["load_average_end"]) == 3
+    busy = machine_record([0.1, 0.1, 0.1], [{"label": "es_seed1", "machine": {"busy": True}}])
+    assert busy["busy"] and busy["busy_runs"] == ["es_seed1"]
+    assert machine_record([99.0, 1.0, 1.0], [])["busy_at_start"]
+    run = _run([0, 10], [0.0, 1.0], [0.1, 0.2], final_eval_accuracy=0.2, rollouts_total=10, peak_rss_mb=1.0)
+    run.update(mean_step_s=1.0, tokens_generated=1, train_seconds=1.0, machine={"busy": True})
+    report = {
+        "arms": {"es": {"kind": "es", "settings": {}, "selected": {}, "learning_rate": 1e-3, "runs": [run]}},
+        "budget": {"seeds": [1], "rollouts": 10},
+        "config": {},
+        "machine": busy,
+    }
+    report["summary"] = summarize(report["arms"])
+    text = markdown(report)
+    assert "**Busy machine**" in text and "es_seed1" in text and "(1 busy)" in text
+
+
+def test_grid_runs_every_point_and_reports_the_one_validation_chose(tiny_model_dir, tmp_path):
+    from trl_es.compare.run import main
+
+    recipe = _tiny_recipe(tmp_path, tiny_model_dir, grpo_extra={})
+    out = tmp_path / "out"
+    argv = ["--config", str(recipe), "--output_dir", str(out), "--grid", "--arms", "es"]
+    with pytest.raises(ValueError, match="--grid chooses each arm's settings on a validation split"):
+        main(argv)
+    assert main(argv + ["--compare.validation_size", "16", "--compare.grid", "{es: [1.0e-3, 1.0e-2]}"]) == 0
+    report = json.loads((out / "compare.json").read_text())
+    assert list(report["arms"]) == ["es"] and report["splits"]["selected_on"] == "validation"
+    arm = report["arms"]["es"]
+    by_point = {g["point"]["learning_rate"]: g["mean_final_validation_accuracy"] for g in arm["grid"]}
+    assert set(by_point) == {1e-3, 1e-2}
+    assert arm["selected"]["learning_rate"] == max(by_point, key=by_point.get)  # ties: the first point
+    (run,) = arm["runs"]
+    assert run["grid_point"] == arm["selected"] and run["learning_rate"] == arm["selected"]["learning_rate"]
+
+
+def test_the_variants_recipe_plans_five_arms_on_one_budget_and_every_arm_type_checks():
+    from trl import GRPOConfig, ModelConfig
+
+    from trl_es import ESConfig
+    from trl_es.recipe_checks import check_recipe_types
+    from trl_es.recipes import ESScriptArguments
+
+    plan = make_plan(load_recipe(QUICKSTART.with_name("compare_variants.yaml")))
+    assert list(plan.arms) == ["es", "many", "adam", "essa", "grpo"] and plan.validation_size == 500
+    for name, config in plan.arms.items():
+        kind = plan.kinds[name]
+        classes = (ESScriptArguments, ESConfig if kind == "es" else GRPOConfig, ModelConfig)
+        assert check_recipe_types({**plan.shared, **config}, classes) == [], name
+        assert config["max_steps"] == (1200 if kind == "grpo" else 75), name  # 4,096 rollouts per ES-family step

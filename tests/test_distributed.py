@@ -24,14 +24,27 @@ def run(command, tmp_path):
 # full: sampled decoding, every member generates alone, so the runs must match bit for bit.
 # low_rank: greedy, because one sampling stream serves a whole batched member group and the grouping differs.
 # svd: ESSA (CMA-ES over a LoRA's singular values), sampled decoding, one member per generate call: bit for bit.
-@pytest.mark.parametrize("perturbation, temperature", [("full", "1.0"), ("low_rank", "0.0"), ("svd", "1.0")])
-def test_one_and_two_processes_give_identical_weights(tiny_model_dir, tmp_path, perturbation, temperature):
+# prompt_groups 2: the two member groups complete different halves of the prompts; with two processes a round's
+# processes then generate different rows (low_rank: each process's one batched group is one prompt group).
+@pytest.mark.parametrize(
+    "perturbation, temperature, prompt_groups",
+    [
+        ("full", "1.0", "1"),
+        ("low_rank", "0.0", "1"),
+        ("svd", "1.0", "1"),
+        ("full", "1.0", "2"),
+        ("low_rank", "0.0", "2"),
+    ],
+)
+def test_one_and_two_processes_give_identical_weights(
+    tiny_model_dir, tmp_path, perturbation, temperature, prompt_groups
+):
     one, two = tmp_path / "one", tmp_path / "two"
     # global batch 16 rows in both runs: 16 per device x 1 process, 8 per device x 2 processes
-    run([sys.executable, WORKER, tiny_model_dir, str(one), "16", perturbation, temperature], tmp_path)
+    run([sys.executable, WORKER, tiny_model_dir, str(one), "16", perturbation, temperature, prompt_groups], tmp_path)
     run(
         ["torchrun", "--nproc_per_node", "2", "--master_port", free_port()]
-        + [WORKER, tiny_model_dir, str(two), "8", perturbation, temperature],
+        + [WORKER, tiny_model_dir, str(two), "8", perturbation, temperature, prompt_groups],
         tmp_path,
     )
     a, b = torch.load(one / "result.pt"), torch.load(two / "result.pt")

@@ -73,6 +73,23 @@ def test_replay_rebuilds_the_saved_model_bit_exactly(tiny_model_dir, tmp_path, p
     assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
 
 
+@pytest.mark.parametrize("perturbation", ["full", "low_rank"])
+def test_anchor_decay_sigma_decay_and_prompt_groups_replay_bit_exactly(tiny_model_dir, tmp_path, perturbation):
+    """The anchor pull is rebuilt from the base weights; the sigma schedule and the prompt groups live in the
+    recorded coefficients. Three steps, so the pull acts on moved weights twice."""
+    settings = dict(anchor_decay=0.5, sigma_decay=0.9, prompt_groups=2, max_steps=3)
+    _, changed = train_run(tiny_model_dir, tmp_path / "run", perturbation, "adamw_torch", **settings)
+    assert changed
+    log = read_seed_log(tmp_path / "run" / LOG_NAME)
+    assert {key: log.header["es"][key] for key in settings if key != "max_steps"} == {
+        "anchor_decay": 0.5,
+        "sigma_decay": 0.9,
+        "prompt_groups": 2,
+    }
+    cli_replay(tiny_model_dir, tmp_path / "run" / LOG_NAME, tmp_path / "replayed")
+    assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
+
+
 def test_replay_clips_like_the_trainer(tiny_model_dir, tmp_path):
     # The tiny run's pseudo-gradient norm is in the hundreds: max_grad_norm=1 clips every step.
     train_run(tiny_model_dir, tmp_path / "run", max_grad_norm=1.0)

@@ -69,6 +69,10 @@ TRAJECTORY_FIELDS = (
     "sync_ref_model",
     "ref_model_sync_steps",
     "ref_model_mixup_alpha",
+    # which member completes which prompts, the step's sigma, and the pull toward the initial weights
+    "prompt_groups",
+    "sigma_decay",
+    "anchor_decay",
 )
 
 # Model weights in the forms Trainer.save_model writes (full model, sharded, PEFT adapter).

@@ -81,7 +81,7 @@ _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
 # step, inf clips nothing or everything.
 FINITE_FIELDS = (
     "sigma", "learning_rate", "weight_decay", "max_grad_norm", "temperature", "beta", "ref_model_mixup_alpha",
-    "ga_min_improvement",
+    "ga_min_improvement", "sigma_decay", "anchor_decay",
 )  # fmt: skip
 
 
@@ -152,6 +152,18 @@ class ESConfig(GRPOConfig):
         metadata={
             "help": "Z-score each prompt's rewards across members before averaging, so every prompt weighs the "
             "same whatever its difficulty."
+        },
+    )
+    prompt_groups: int = field(
+        default=1,
+        metadata={
+            "help": "Many directions on few prompts each (EGGROLL): split the step's distinct prompts into this many "
+            "equal groups and the population (antithetic pairs kept together) into as many equal member groups; "
+            "member group g completes only prompt group g. Rollouts per step = population_size x distinct prompts / "
+            "prompt_groups, so a population G times larger costs what 1 group did. 1 (default): every member "
+            "completes every prompt. Both population_size (in pairs when antithetic) and the distinct prompts per "
+            "step must divide by it. Combine with normalize_per_prompt, which then normalises each prompt's rewards "
+            "across the members that saw it (within its group, as EGGROLL does)."
         },
     )
     perturbation: str = field(
@@ -240,6 +252,33 @@ class ESConfig(GRPOConfig):
             "help": "How weights are restored after a member is evaluated: 'copy' (bit-exact, holds one copy of "
             "the evolved weights) or 'subtract' (regenerates and subtracts the noise; no copy, ~1e-7 drift).",
             "choices": list(RESTORE_MODES),
+        },
+    )
+    sigma_decay: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sigma schedule: the perturbation scale of step t is sigma * sigma_decay**t (1.0: constant; e.g. "
+            "0.99 halves it in ~69 steps). Set from the step number when the members are drawn, so a resumed run "
+            "continues the schedule exactly. In (0, 1]; strategy='gaussian' only (CMA-ES adapts its own step size)."
+        },
+    )
+    anchor_decay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Drift control: add anchor_decay * (theta - theta_0) to the ES pseudo-gradient, pulling the evolved "
+            "tensors toward their values at the start of training (an L2 penalty centred on the initial weights, not "
+            "on zero as weight_decay is). Costs one copy of the evolved tensors for the whole run, also saved in "
+            "checkpoints (es_state.pt). 0 (default) = off. strategy='gaussian' only; not under DeepSpeed ZeRO-3."
+        },
+    )
+    log_frac_changed_completions: bool = field(
+        default=False,
+        metadata={
+            "help": "Log es/frac_changed_completions: the fraction of the members' greedy completions that differ "
+            "from the unperturbed model's on the same prompts, a direct reading of how far sigma moves the policy "
+            "(~0: the perturbations change nothing, no signal; ~1: every answer changes). Costs one extra "
+            "generation of the step's prompts by the unperturbed model per step (counted as rollouts by the "
+            "compare harness). Greedy decoding (temperature 0) only."
         },
     )
     log_update_norm: bool = field(
@@ -464,6 +503,39 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"cma_sigma0 must be finite and > 0, got {self.cma_sigma0}.")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        self._check_drift_and_group_fields()
+
+    def _check_drift_and_group_fields(self):
+        if self.prompt_groups < 1:
+            raise ValueError(f"prompt_groups must be >= 1, got {self.prompt_groups}.")
+        per_group, remainder = divmod(self.population_size, self.prompt_groups)
+        if remainder:
+            raise ValueError(
+                f"population_size={self.population_size} does not split into prompt_groups={self.prompt_groups} equal "
+                "member groups; choose a population_size divisible by prompt_groups."
+            )
+        if self.antithetic and self.strategy != "cma" and per_group % 2:
+            raise ValueError(
+                f"population_size={self.population_size} / prompt_groups={self.prompt_groups} = {per_group} members per "
+                "group is odd, but antithetic pairs (+eps, -eps) must be evaluated on the same prompts; choose "
+                "population_size divisible by 2 x prompt_groups."
+            )
+        if not 0 < self.sigma_decay <= 1:
+            raise ValueError(f"sigma_decay must be in (0, 1] (1 = constant sigma), got {self.sigma_decay}.")
+        if not 0 <= self.anchor_decay < float("inf"):
+            raise ValueError(f"anchor_decay must be finite and >= 0 (0 = off), got {self.anchor_decay}.")
+        if self.strategy == "cma":
+            for name, off in (("sigma_decay", 1.0), ("anchor_decay", 0.0)):
+                if getattr(self, name) != off:
+                    raise ValueError(
+                        f"{name}={getattr(self, name)} acts on the Gaussian strategy's sigma and pseudo-gradient; "
+                        f"strategy='cma' adapts its own step size and writes no gradient. Leave {name}={off}."
+                    )
+        if self.log_frac_changed_completions and self.temperature != 0:
+            raise ValueError(
+                f"log_frac_changed_completions compares greedy completions, but temperature={self.temperature} "
+                "samples (a sampled completion may change by chance alone); set temperature=0 or turn it off."
+            )
 
     @classmethod
     def from_grpo_config(cls, grpo: GRPOConfig) -> "ESConfig":

@@ -6,9 +6,11 @@ what only a comparison reads::
 
     es: {...}        # more ES-arm settings (merged over the top level by ``trl-es train`` too)
     grpo: {...}      # the GRPO arm's own settings, on top of TRL's GRPOConfig defaults
-    compare: {...}   # the budget and grid of ``trl-es compare``
+    variants: {...}  # more ES arms: {name: {settings over the ES arm's}}
+    compare: {...}   # the budget, validation split, arms and grid of ``trl-es compare``
 
-``--key value`` on the command line overrides a key (``--grpo.key value`` a key of a section). ``builtin:`` names
+``--key value`` on the command line overrides a key (``--grpo.key value`` a key of a section,
+``--variants.NAME.key value`` a key of one variant, creating it if needed). ``builtin:`` names
 select the offline embedded default: ``dataset_name: builtin:arithmetic``, ``model_name_or_path:
 builtin:arithmetic-policy``.
 """
@@ -23,7 +25,8 @@ from .config import ESConfig
 from .recipe_checks import check_recipe_types, load_yaml_strict
 
 
-SECTIONS = ("es", "grpo", "compare")
+VARIANTS = "variants"
+SECTIONS = ("es", "grpo", VARIANTS, "compare")
 BUILTIN = "builtin:"
 
 
@@ -58,6 +61,15 @@ class ESScriptArguments(ScriptArguments):
     dataset_test_size: int | None = field(
         default=None, metadata={"help": "Keep only the first N held-out examples (deterministic)."}
     )
+    dataset_validation_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Carve the last N rows of the training split out as a validation split: they are removed from "
+            "training, and are disjoint from the held-out test split. `trl-es compare` selects each arm's settings "
+            "on it (`--grid`; set by compare.validation_size). builtin:arithmetic: N=500 gives the task's "
+            "`validation` split. Applied before dataset_train_size, which then keeps the first rows of the rest."
+        },
+    )
     conversational: bool = field(
         default=False, metadata={"help": "Built-in datasets only: emit chat-style prompts instead of plain text."}
     )
@@ -84,7 +96,8 @@ def load_recipe(path: str) -> dict:
 
 
 def train_config(recipe: dict) -> dict:
-    """The keys ``trl-es train`` uses: top level plus the ``es`` section, without the comparison-only sections."""
+    """The keys ``trl-es train`` uses: top level plus the ``es`` section, without the comparison-only sections
+    (``grpo``, ``variants``, ``compare``)."""
     config = {key: value for key, value in recipe.items() if key not in SECTIONS}
     config.update(recipe.get("es") or {})
     return config
@@ -123,7 +136,7 @@ def parse_train_args(argv: list[str]):
     """``(script_args, ESConfig, ModelConfig)`` from ``--config recipe.yaml`` and ``--key value`` overrides.
 
     Like ``TrlParser.parse_args_and_config``, but a recipe may carry the comparison sections: ``es:`` is merged into
-    the top level, ``grpo:`` and ``compare:`` (read by ``trl-es compare``) are skipped.
+    the top level, ``grpo:``, ``variants:`` and ``compare:`` (read by ``trl-es compare``) are skipped.
     """
     parser = make_parser()
     argv = list(argv)

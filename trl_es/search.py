@@ -46,6 +46,13 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
     if trainer.is_deepspeed_enabled:
         for warning in check_zero3_trainer(trainer.accelerator.state.deepspeed_plugin.deepspeed_config, requested):
             logger.warning(warning)
+        if getattr(args, "anchor_decay", 0.0):
+            # The anchor is a copy of the whole evolved tensors on every process; ZeRO-3 exists not to hold them.
+            raise ValueError(
+                f"anchor_decay={args.anchor_decay} needs a copy of the initial weights, which DeepSpeed ZeRO-3 shards "
+                "across processes; anchor_decay is not implemented under ZeRO-3. Set anchor_decay=0, or train with "
+                "plain DDP."
+            )
     if requested == "svd":
         if trainer.is_deepspeed_enabled:
             raise ValueError(

@@ -64,6 +64,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .config import ESConfig
+from .core import Anchor
 from .search import build_search
 
 
@@ -86,7 +87,12 @@ ES_SETTINGS = (
     "strategy",
     "fitness_shaping",
     "normalize_per_prompt",
+    "prompt_groups",
+    "sigma_decay",
+    "anchor_decay",
 )
+# What a log written before a setting existed implies for it (the behaviour of the time).
+ES_SETTING_DEFAULTS = {"prompt_groups": 1, "sigma_decay": 1.0, "anchor_decay": 0.0}
 # Header parts a resumed run must share with its checkpoint's log, or the continued log would not replay.
 RESUME_MUST_MATCH = ("es", "optimizer", "evolved")
 # Param-group keys that are not hyperparameters: the tensors, the per-step lr, and the scheduler's bookkeeping.
@@ -600,10 +606,14 @@ def build_replay_search(model, log: SeedLog):
     """The run's perturbation space and strategy on ``model``, built by ``trl_es.search`` as the trainer builds them."""
     es = log.header["es"]
     # ESConfig's defaults for what the log does not record (a strategy's own settings, e.g. ga_elite): the records
-    # say what each step did, so those settings only have to build the strategy.
+    # say what each step did, so those settings only have to build the strategy. A setting a log written before it
+    # existed lacks takes the behaviour of the time (ES_SETTING_DEFAULTS).
     defaults = {f.name: f.default for f in dataclasses.fields(ESConfig) if f.default is not dataclasses.MISSING}
     args = SimpleNamespace(**defaults)
-    vars(args).update({name: es[name] for name in ES_SETTINGS}, perturbation=es["perturbation"])
+    vars(args).update(
+        {name: es[name] if name in es else ES_SETTING_DEFAULTS[name] for name in ES_SETTINGS},
+        perturbation=es["perturbation"],
+    )
     args.population_batch_size = None  # how members share a forward; replay runs no forward
     setup = SimpleNamespace(
         args=args, model=model, is_deepspeed_enabled=False, accelerator=SimpleNamespace(num_processes=1)
@@ -648,6 +658,9 @@ def replay_steps(model, log: SeedLog) -> int:
     space, strategy = build_replay_search(model, log)
     optimizer, recorded_groups = build_replay_optimizer(space, log)
     max_grad_norm = log.header["optimizer"]["max_grad_norm"]
+    # anchor_decay pulls toward the run's initial tensors: the base model's, before the first replayed step.
+    anchor_decay = log.header["es"].get("anchor_decay", 0.0)
+    anchor = Anchor([tensor for _, tensor in space.named_tensors()], anchor_decay) if anchor_decay else None
     for record in log.records:
         if record.state is not None:
             strategy.load_state_dict(record.state)
@@ -660,6 +673,8 @@ def replay_steps(model, log: SeedLog) -> int:
             continue
         device = space.named_tensors()[0][1].device
         space.write_gradients(record.step, record.coefficients.to(device))
+        if anchor is not None:  # as ESTrainer adds it: after the strategy's gradient, before clipping
+            anchor.add_pull(space.named_tensors())
         for group, number in zip(optimizer.param_groups, recorded_groups):
             group["lr"] = record.lr[number]
         if max_grad_norm and max_grad_norm > 0:

@@ -9,10 +9,12 @@ Data path of one step (``_es_step``)::
 
     prompts of the generation batch, pooled over processes        _step_prompts
       -> population members (strategy.ask; core.layout rounds)     _evaluate_members
+         (with prompt_groups > 1, member group g completes only prompt group g)
       -> completions (GRPO's generation, one seeded call per member group, weights restored after each)
       -> rewards (GRPO's reward code)           shape (members, prompts, reward functions)
       -> fitness (core.fitness)                 one value per member
       -> strategy.tell: shaped fitness -> pseudo-gradient in t.grad (core.strategies)
+      -> + anchor_decay * (theta - theta_0) in t.grad (core.anchor; when anchor_decay > 0)
       -> the Trainer's optimizer and LR scheduler step, then space.after_update()
 """
 
@@ -35,7 +37,17 @@ from trl import GRPOConfig, GRPOTrainer
 from . import trl_compat
 from .checkpoints import prepare_resume, save_es_settings
 from .config import ESConfig
-from .core import combine_reward_functions, derive_seed, distinct_rows, member_fitness, place_scores, plan_rounds
+from .core import (
+    Anchor,
+    combine_reward_functions,
+    derive_seed,
+    distinct_rows,
+    member_fitness,
+    member_rows,
+    place_scores,
+    plan_rounds,
+    seen_mask,
+)
 from .core.layout import check_population_split
 from .guards import DeferredInterrupt, nonfinite
 from .integrations.deepspeed import init_deepspeed_comm
@@ -103,6 +115,8 @@ class MemberResults:
     rewards_per_func: torch.Tensor  # (members, prompts, reward functions); NaN where every function gave None
     completions: dict[int, list]  # member -> its completions (the members this process can see)
     extra_logs: dict[int, dict[str, list]]  # member -> the `log_extra` columns of its completions
+    member_rows: list[range]  # member -> the rows of the step's batch it completed (its prompt group)
+    frac_changed: float | None = None  # es/frac_changed_completions, when log_frac_changed_completions
 
 
 class ESTrainer(GRPOTrainer):
@@ -178,6 +192,10 @@ class ESTrainer(GRPOTrainer):
         self._drop_repeats = self._greedy and trl_compat.rollouts_depend_only_on_rows(self)
         self.perturbation_space, self.strategy = build_search(self)
         self.perturbation_name = space_name(self.perturbation_space, self.model)
+        # theta_0 for anchor_decay: the evolved tensors as the run starts (a resume loads the checkpoint's copy).
+        self.anchor = (
+            Anchor(self.perturbation_space.local_tensors(), args.anchor_decay) if args.anchor_decay > 0 else None
+        )
         check_population_split(
             self.perturbation_space.member_groups(),
             self.accelerator.num_processes,
@@ -254,7 +272,9 @@ class ESTrainer(GRPOTrainer):
                 "space": self.perturbation_space.state_dict(),
                 "reference": self.reference_kl.state_dict(),
             }
-            # e.g. CMA-ES's search distribution, the SVD space's decomposition, a synced reference policy
+            if self.anchor is not None:
+                state["anchor"] = self.anchor.state_dict()
+            # e.g. CMA-ES's search distribution, the SVD space's decomposition, a synced reference, the anchor
             if any(state.values()):
                 torch.save(state, os.path.join(folder, ES_STATE_NAME))
             # Written last: a checkpoint with es_settings.json was saved whole.
@@ -268,6 +288,18 @@ class ESTrainer(GRPOTrainer):
             self.perturbation_space.load_state_dict(state["space"])
             self.strategy.load_state_dict(state["strategy"])
             self.reference_kl.load_state_dict(state.get("reference", {}))
+            if self.anchor is not None:
+                if "anchor" not in state:
+                    raise ValueError(
+                        f"{resume_from_checkpoint} holds no anchor (the initial weights anchor_decay pulls toward): it "
+                        f"was trained without anchor_decay; resume with anchor_decay=0 or start a new run."
+                    )
+                self.anchor.load_state_dict(state["anchor"])
+        elif self.anchor is not None:
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {ES_STATE_NAME} with the anchor (initial weights) that "
+                f"anchor_decay={self.args.anchor_decay} pulls toward: it was trained without anchor_decay."
+            )
         elif self.strategy.state_dict() or self.perturbation_space.state_dict() or self.reference_kl.state_dict():
             raise ValueError(
                 f"{resume_from_checkpoint} has no {ES_STATE_NAME}, but strategy={self.args.strategy!r} with "
@@ -400,6 +432,10 @@ class ESTrainer(GRPOTrainer):
             # Before tell: strategies that set the tensors themselves (CMA-ES, GA) move them inside it.
             self._snapshot_weights()
             update = self.strategy.tell(step, fitness)
+            if self.anchor is not None:
+                self._metrics["train"]["es/anchor_distance"].append(
+                    self.anchor.add_pull(self.perturbation_space.named_tensors())
+                )
             self.last_strategy_update = (step, update)
             self._log_step(batch, results, rewards, fitness, invalid, update.shaped, comm_bytes)
         return torch.tensor(-_nanmean(rewards.reshape(-1)), device=self.accelerator.device)
@@ -423,27 +459,45 @@ class ESTrainer(GRPOTrainer):
         return StepPrompts(rows=rows, prompts=trl_compat.row_prompts(self, rows))
 
     def _evaluate_members(self, step: int, batch: StepPrompts) -> tuple[MemberResults, int]:
-        """Let every member complete the step's prompts and score the completions; the weights are restored after
-        every member group, before any reward function runs."""
+        """Let every member complete the prompts of its prompt group and score the completions; the weights are
+        restored after every member group, before any reward function runs."""
         space, process = self.perturbation_space, self.accelerator.process_index
+        population, num_rows = self.strategy.population_size, len(batch.rows)
+        if (
+            not self._drop_repeats
+            and self.args.prompt_groups > 1
+            and (num_rows // self.args.prompt_groups) % max(1, self.num_generations)
+        ):
+            raise ValueError(
+                f"prompt_groups={self.args.prompt_groups} would split the {self.num_generations} repeats of a prompt "
+                f"over groups: each group of the step's {num_rows} rows must hold whole prompts (a multiple of "
+                f"num_generations={self.num_generations} rows)."
+            )
         rounds = plan_rounds(
             self.strategy.member_groups(),
             self.accelerator.num_processes,
-            len(batch.rows),
+            num_rows,
             space.ranks_share_members,
+            self.args.prompt_groups,
         )
-        rewards_per_func = torch.full(
-            (self.strategy.population_size, len(batch.rows), len(self.reward_funcs)), float("nan")
+        rewards_per_func = torch.full((population, num_rows, len(self.reward_funcs)), float("nan"))
+        results = MemberResults(
+            rewards_per_func,
+            completions={},
+            extra_logs={},
+            member_rows=member_rows(population, num_rows, self.args.prompt_groups),
         )
-        results = MemberResults(rewards_per_func, completions={}, extra_logs={})
+        reference = self._reference_completion_ids(step, batch) if self.args.log_frac_changed_completions else None
+        changed = torch.zeros(2, dtype=torch.float64)  # (completions that differ from the reference, compared)
         comm_bytes = 0
         show_progress = len(rounds) > 1 and not self.args.disable_tqdm and self.is_world_process_zero()
         # A step evaluates the whole population: with slow rewards it can take minutes, so show it moving.
         for round_ in tqdm(rounds, desc=f"ES step {step + 1}: members", leave=False, disable=not show_progress):
-            members, rows = round_.members[process], round_.rows[process]
-            block_rows = [batch.rows[i] for i in rows] * len(members)
+            members, rows = round_.members[process], round_.block_rows(process)
+            # Member-major block: one equal-sized block of rows per member (each member's own prompt group).
+            block_rows = [batch.rows[i] for i in rows]
             # Fresh environments for this block, reset under seeds shared by every member (common random numbers).
-            reset_seeds = [derive_seed(self.args.seed, "reset", step, i) for i in rows] * len(members)
+            reset_seeds = [derive_seed(self.args.seed, "reset", step, i) for i in rows]
             block_prompts = trl_compat.prepare_rollouts(self, block_rows, reset_seeds)
             with (
                 self.strategy.perturbed(step, members),
@@ -455,9 +509,14 @@ class ESTrainer(GRPOTrainer):
                 )
                 self.router_balance.measure(members, prompt_ids, completion_ids)
                 self.reference_kl.measure(members, prompt_ids, completion_ids, tool_mask)
+            if reference is not None:
+                changed += torch.tensor(
+                    [sum(list(ids) != reference[i] for ids, i in zip(completion_ids, rows, strict=True)), len(rows)],
+                    dtype=torch.float64,
+                )
             scores = trl_compat.calculate_rewards(self, block_rows, block_prompts, completions, completion_ids).cpu()
             place_scores(rewards_per_func, round_, scores)
-            logs = self._split_by_member(members, len(rows), completions, trl_compat.take_extra_logs(self))
+            logs = self._split_by_member(members, round_.share, completions, trl_compat.take_extra_logs(self))
             if self._multi_process:
                 comm_bytes += scores.numel() * scores.element_size()
             if space.ranks_share_members and self._multi_process:
@@ -467,7 +526,28 @@ class ESTrainer(GRPOTrainer):
             for member, (texts, extras) in logs.items():
                 results.completions[member], results.extra_logs[member] = texts, extras
         trl_compat.force_weight_sync(self)  # vLLM still holds the last member's weights
+        if reference is not None:
+            if self._multi_process:  # each process compared its own members (or its share of the rows)
+                changed = self.accelerator.reduce(changed.to(self.accelerator.device), reduction="sum").cpu()
+            results.frac_changed = float(changed[0] / changed[1]) if changed[1] else math.nan
         return results, comm_bytes
+
+    def _reference_completion_ids(self, step: int, batch: StepPrompts) -> list[list[int]]:
+        """The unperturbed model's greedy completions of every row of the step (one extra generation), to count the
+        members' completions that differ from them (``es/frac_changed_completions``)."""
+        reset_seeds = [derive_seed(self.args.seed, "reset", step, i) for i in range(len(batch.rows))]
+        prompts = trl_compat.prepare_rollouts(self, batch.rows, reset_seeds)
+        metrics = self._metrics["train"]
+        logged = {key: len(values) for key, values in metrics.items()}
+        trl_compat.force_weight_sync(self)  # vLLM may still hold another model's weights
+        with torch.no_grad():
+            _, completion_ids, _ = trl_compat.rollout(self, prompts)
+        # The completion statistics GRPO's generation logs describe the members; num_tokens counts what was generated.
+        for key, values in metrics.items():
+            if key != "num_tokens":
+                del values[logged.get(key, 0) :]
+        trl_compat.take_extra_logs(self)
+        return [list(ids) for ids in completion_ids]
 
     @staticmethod
     def _split_by_member(members, rows_per_member: int, completions: list, extra: dict) -> dict:
@@ -544,9 +624,17 @@ class ESTrainer(GRPOTrainer):
         metrics["es/search_dim"].append(float(self.perturbation_space.num_parameters()))
         if self._multi_process:
             metrics["es/comm_bytes"].append(float(comm_bytes))
-        # Prompts on which every member scored the same carry no ES signal.
-        spread = torch.nan_to_num(rewards, nan=0.0).std(dim=0, unbiased=False)
-        metrics["es/frac_prompts_no_signal"].append(float((spread == 0).float().mean()))
+        if results.frac_changed is not None:
+            metrics["es/frac_changed_completions"].append(results.frac_changed)
+        if self.args.sigma_decay != 1.0:
+            metrics["es/sigma"].append(float(self.perturbation_space.sigma))
+        # Prompts on which every member that completed them scored the same carry no ES signal (an unscorable
+        # completion counts as 0 here).
+        seen = seen_mask(*rewards.shape, self.args.prompt_groups)
+        values = torch.nan_to_num(rewards, nan=0.0)
+        highest = torch.where(seen, values, -math.inf).amax(dim=0)
+        lowest = torch.where(seen, values, math.inf).amin(dim=0)
+        metrics["es/frac_prompts_no_signal"].append(float((highest == lowest).float().mean()))
         if self.log_completions:
             self._log_best_member(batch, results, fitness, shaped)
 
@@ -555,16 +643,17 @@ class ESTrainer(GRPOTrainer):
         shaped fitness."""
         scores = torch.nan_to_num(fitness, nan=-math.inf).tolist()
         best = max(results.completions, key=lambda member: scores[member])
+        rows = results.member_rows[best]  # its prompt group's rows
         rewards = {
-            name: results.rewards_per_func[best, :, index].tolist()
+            name: results.rewards_per_func[best, rows.start : rows.stop, index].tolist()
             for index, name in enumerate(self.reward_func_names)
         }
         trl_compat.log_completions(
             self,
-            batch.prompts,
+            batch.prompts[rows.start : rows.stop],
             results.completions[best],
             rewards,
-            [float(shaped[best])] * len(batch.prompts),
+            [float(shaped[best])] * len(rows),
             results.extra_logs[best],
         )
 

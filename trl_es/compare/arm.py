@@ -1,4 +1,4 @@
-"""One arm of a comparison (GRPO or ES, one learning rate, one seed), run in a process of its own.
+"""One arm of a comparison (GRPO, ES or an ES variant; one grid point, one seed), run in a process of its own.
 
     python -m trl_es.compare.arm SPEC.json RESULT.json
 
@@ -11,24 +11,29 @@ so that its peak memory (``ru_maxrss`` of this process) is its own. The arm trai
   ``eval_every_rollouts`` rollouts (and on the matching wall-clock schedule when there is a time budget), keeps
   the training wall-clock without evaluation time, and stops training at the rollout or wall-clock budget,
   whichever comes first.
+
+With a validation split (``dataset_validation_size``) the arm also scores it, at the start and at the end: the
+harness picks each arm's grid point on the final validation accuracy, never on the held-out test split.
 """
 
 import json
 import math
+import os
 import resource
+import statistics
 import sys
 import time
 
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser
+from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
 from ..config import ESConfig
 from ..evaluation import greedy_accuracy
 from ..recipe_checks import check_recipe_types
 from ..recipes import ESScriptArguments
-from ..scripts.train import load_datasets, load_model, load_reward_funcs
+from ..scripts.train import load_model, load_reward_funcs, load_splits
 from ..trainer import ESTrainer
 
 
@@ -102,8 +107,9 @@ class BudgetCallback(TrainerCallback):
 
 def run_arm(spec: dict) -> dict:
     """Train one arm as ``spec`` says and return its result record (curve and scalars)."""
-    arm, seed = spec["arm"], spec["seed"]
-    config_cls, trainer_cls = (ESConfig, ESTrainer) if arm == "es" else (GRPOConfig, GRPOTrainer)
+    kind, seed = spec["arm"], spec["seed"]
+    arm = spec.get("name", kind)
+    config_cls, trainer_cls = (ESConfig, ESTrainer) if kind == "es" else (GRPOConfig, GRPOTrainer)
     parser = TrlParser((ESScriptArguments, config_cls, ModelConfig))
     problems = check_recipe_types(spec["config"], (ESScriptArguments, config_cls, ModelConfig))
     if problems:
@@ -112,7 +118,7 @@ def run_arm(spec: dict) -> dict:
         script_args, args, model_args = parser.parse_dict(spec["config"], allow_extra_keys=False)
     except ValueError as error:
         raise ValueError(f"{arm} arm: {error}") from error
-    train_dataset, test_dataset = load_datasets(script_args)
+    train_dataset, validation_dataset, test_dataset = load_splits(script_args)
     if test_dataset is None:
         raise ValueError("the comparison needs a held-out split: set dataset_test_split to a split that exists")
     reward_funcs = load_reward_funcs(script_args)
@@ -122,7 +128,7 @@ def run_arm(spec: dict) -> dict:
         reward_funcs=reward_funcs,
         args=args,
         train_dataset=train_dataset,
-        peft_config=None,
+        peft_config=get_peft_config(model_args),  # use_peft / lora_* (the arm's own or shared)
     )
     names = trainer.reward_func_names
     accuracy_name = script_args.accuracy_reward or names[0]
@@ -135,22 +141,30 @@ def run_arm(spec: dict) -> dict:
             "(name one with accuracy_reward)"
         )
 
-    def evaluate():
+    def evaluate(dataset=test_dataset):
         return greedy_accuracy(
             trainer.accelerator.unwrap_model(trainer.model),
             trainer.processing_class,
-            test_dataset,
+            dataset,
             accuracy_func,
             max_new_tokens=args.max_completion_length,
             batch_size=args.per_device_eval_batch_size,
         )
 
+    validation = [evaluate(validation_dataset)] if validation_dataset is not None else None
     callback = BudgetCallback(
         evaluate,
         spec["budget_rollouts"],
         spec.get("budget_seconds"),
         spec["eval_every_rollouts"],
-        label=f"{arm} lr={args.learning_rate:g} seed={seed}",
+        # CMA-ES has no learning rate: its step size is cma_sigma0
+        label=f"{arm} "
+        + (
+            f"cma_sigma0={args.cma_sigma0:g}"
+            if getattr(args, "strategy", None) == "cma"
+            else f"lr={args.learning_rate:g}"
+        )
+        + f" seed={seed}",
     )
     callback.trainer = trainer
     trainer.add_callback(callback)
@@ -159,9 +173,22 @@ def run_arm(spec: dict) -> dict:
     trainer.remove_callback(ProgressCallback)
     trainer.train()
     steps = trainer.state.global_step
+    if validation is not None:
+        validation.append(evaluate(validation_dataset))
+    # The trainer's own logs (es/* diagnostics, rewards, ...) stay next to the run; the result keeps their means.
+    history = [entry for entry in trainer.state.log_history if "eval_loss" not in entry]
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, "log_history.json"), "w") as file:
+        json.dump(history, file, indent=1)
+    es_metrics = {
+        key: statistics.fmean(values)
+        for key in sorted({key for entry in history for key in entry if key.startswith("es/")})
+        if (values := [entry[key] for entry in history if isinstance(entry.get(key), (int, float))])
+    }
     return {
         "seed": seed,
         "learning_rate": args.learning_rate,
+        "grid_point": spec.get("grid_point", {}),
         **{key: callback.curve[key] for key in ("rollouts", "wall_clock_s", "eval_accuracy")},
         "eval_steps": callback.curve["step"],
         "steps": steps,
@@ -171,8 +198,12 @@ def run_arm(spec: dict) -> dict:
         "train_seconds": round(callback.train_seconds, 3),
         "mean_step_s": round(callback.train_seconds / steps, 4) if steps else math.nan,
         "final_eval_accuracy": callback.curve["eval_accuracy"][-1],
+        # held-out test accuracy above; the validation split (start, end) is what selects among grid points
+        "validation_accuracy": validation,
+        "final_validation_accuracy": validation[-1] if validation else None,
         # ru_maxrss is in KiB on Linux: the peak resident memory of this process, model loading included.
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "es_metrics": es_metrics,  # mean over the logged steps (logging_steps), e.g. es/frac_changed_completions
     }
 
 

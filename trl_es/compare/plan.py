@@ -1,29 +1,41 @@
-"""From one recipe to two arms on the same budget (no model is loaded here).
+"""From one recipe to the arms of a comparison on the same budget (no model is loaded here).
 
-A recipe is an ES training recipe plus three optional sections::
+A recipe is an ES training recipe plus optional sections::
 
     model_name_or_path: ...        # shared: script and model keys, and SHARED_TRAINING_KEYS
     dataset_name: ...
     learning_rate: 4.0e-4          # every other top-level key belongs to the ES arm (a train recipe is an ES recipe)
     es: {...}                      # optional: more ES-arm settings (win over top-level keys)
+    variants:                      # optional: more ES arms, each named, each the ES arm's settings plus its own
+      many: {perturbation: low_rank, population_size: 256, prompt_groups: 8}
+      essa: {adapter_name_or_path: builtin:arithmetic-lora, perturbation: svd, strategy: cma}
     grpo: {...}                    # the GRPO arm's own settings, on top of TRL's GRPOConfig defaults
-    compare: {budget_rollouts: ..., budget_seconds: ..., eval_points: ..., grid: {es: [...], grpo: [...]}}
+    compare: {budget_rollouts: ..., budget_seconds: ..., eval_points: ..., validation_size: ..., arms: [...],
+              grid: {es: [lr, ...], essa: {cma_sigma0: [...]}, ...}}
 
-``trl-es train`` reads the same file and ignores ``grpo`` and ``compare`` (``es`` is merged in); the format
-itself (loading, overrides) lives in ``trl_es/recipes.py``.
+Arms are run in the order ``es``, the variants in recipe order, ``grpo`` (``compare.arms`` or ``--arms`` picks a
+subset). Every arm shares the task and the measurement: data, rewards, held-out and validation splits, seeds,
+completion length, evaluation. An arm's section may set for itself only the shared keys that belong to its method,
+``PER_ARM_MODEL_KEYS`` (a warm-start adapter, a PEFT wrapper): e.g. the GRPO arm can load the same
+``adapter_name_or_path`` as an ESSA variant (it then trains the adapter's LoRA weights by policy gradient).
+
+``trl-es train`` reads the same file and ignores ``grpo``, ``variants`` and ``compare`` (``es`` is merged in); the
+format itself (loading, overrides) lives in ``trl_es/recipes.py``.
 """
 
 import dataclasses
+import itertools
 import math
+import re
 from dataclasses import dataclass, field
 
 from trl import GRPOConfig, ModelConfig
 
 from ..config import ESConfig
-from ..recipes import SECTIONS, ESScriptArguments
+from ..recipes import SECTIONS, VARIANTS, ESScriptArguments
 
 
-# Training keys that define the task or the measurement rather than an algorithm: both arms use the same value.
+# Training keys that define the task or the measurement rather than an algorithm: every arm uses the same value.
 SHARED_TRAINING_KEYS = (
     "seed",
     "max_completion_length",
@@ -39,24 +51,45 @@ SHARED_TRAINING_KEYS = (
     "reward_weights",
     "dataloader_num_workers",
 )
-# Both arms otherwise start from their config class's defaults: for GRPO that is TRL's GRPOConfig (DAPO loss, beta=0,
+# Shared (script or model) keys an arm may set in its own section: what the policy starts from and which of its
+# weights are trainable is part of an arm's method (ESSA's SFT adapter), not of the task.
+PER_ARM_MODEL_KEYS = (
+    "adapter_name_or_path",
+    "use_peft",
+    "lora_r",
+    "lora_alpha",
+    "lora_dropout",
+    "lora_target_modules",
+    "lora_target_parameters",
+    "lora_modules_to_save",
+    "lora_task_type",
+    "use_rslora",
+    "use_dora",
+)
+# Every arm otherwise starts from its config class's defaults: for GRPO that is TRL's GRPOConfig (DAPO loss, beta=0,
 # 8 generations, temperature 1, AdamW). These only keep a comparison run quiet and free of checkpoints. Learning rate
 # and batch belong in the recipe's `grpo:` section: TRL's default learning rate (1e-6) is tuned for billion-parameter
 # models.
 ARM_DEFAULTS = {"save_strategy": "no", "report_to": "none", "disable_tqdm": True}
 GRID_FACTORS = (0.5, 1.0, 2.0)
+COMPARE_KEYS = ("budget_rollouts", "budget_seconds", "eval_points", "grid", "validation_size", "arms")
+ARM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
 @dataclass
 class ComparePlan:
-    """Everything the harness needs: shared keys, each arm's keys, and the budget."""
+    """Everything the harness needs: shared keys, each arm's keys and kind, the budget, the grids."""
 
     shared: dict
-    arms: dict[str, dict]
+    arms: dict[str, dict]  # arm name -> its settings (shared keys excluded, but PER_ARM_MODEL_KEYS it sets)
     budget_rollouts: int
     budget_seconds: float | None
     eval_points: int
-    grids: dict[str, list[float]] = field(default_factory=dict)
+    # arm name -> grid points, each a dict of settings over the arm's own; [{}] runs the arm as it is
+    grids: dict[str, list[dict]] = field(default_factory=dict)
+    kinds: dict[str, str] = field(default_factory=dict)  # arm name -> "es" or "grpo"
+    variants: dict[str, dict] = field(default_factory=dict)  # variant name -> its own keys over the ES arm
+    validation_size: int | None = None
 
     def eval_every_rollouts(self) -> int:
         return max(1, math.ceil(self.budget_rollouts / self.eval_points))
@@ -73,61 +106,136 @@ def _es_only_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(ESConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
 
 
-def _arm_setting(arm: str, config: dict, key: str):
+def _arm_setting(kind: str, config: dict, key: str):
     """``config[key]``, else the default of the arm's config class (``ESConfig`` or TRL's ``GRPOConfig``)."""
     if key in config:
         return config[key]
-    return next(f.default for f in dataclasses.fields(ESConfig if arm == "es" else GRPOConfig) if f.name == key)
+    return next(f.default for f in dataclasses.fields(ESConfig if kind == "es" else GRPOConfig) if f.name == key)
 
 
-def rollouts_per_step(arm: str, config: dict) -> int:
+def rollouts_per_step(kind: str, config: dict, arm: str | None = None) -> int:
     """Completions one optimizer step generates on one process, from the arm's settings.
 
-    ES: every member completes each distinct prompt (once under greedy decoding, ``num_generations`` times when
-    sampling). GRPO: one generation batch serves ``num_iterations`` optimizer steps.
+    ES: each member completes the distinct prompts of its prompt group (once under greedy decoding,
+    ``num_generations`` times when sampling), i.e. ``population_size x distinct / prompt_groups``, plus one
+    generation of the distinct prompts by the unperturbed model with ``log_frac_changed_completions``. GRPO: one
+    generation batch serves ``num_iterations`` optimizer steps.
     """
 
     def get(key):
-        return _arm_setting(arm, config, key)
+        return _arm_setting(kind, config, key)
 
     rows = get("per_device_train_batch_size") * get("gradient_accumulation_steps")
-    if arm == "es":
+    if kind == "es":
         distinct = rows // get("num_generations") if get("temperature") == 0 else rows
-        return get("population_size") * distinct
+        groups = get("prompt_groups")
+        if distinct % groups:
+            raise ValueError(
+                f"{arm or 'es'} arm: prompt_groups={groups} does not divide the {distinct} prompt rows of a step "
+                "(per_device_train_batch_size x gradient_accumulation_steps, / num_generations under greedy decoding)"
+            )
+        extra = distinct if get("log_frac_changed_completions") else 0
+        return get("population_size") * distinct // groups + extra
     return max(1, rows // get("num_iterations"))
 
 
-def make_plan(recipe: dict, overrides: dict | None = None) -> ComparePlan:
-    """Split a recipe (plus ``--key value`` overrides) into the shared keys and each arm's keys, and fix the budget."""
-    recipe = {key: (dict(value) if key in SECTIONS else value) for key, value in recipe.items()}
-    for key, value in (overrides or {}).items():
+def _apply_overrides(recipe: dict, overrides: dict) -> dict:
+    """``--key value`` (top level), ``--section.key value`` and ``--variants.NAME.key value`` into the recipe."""
+    recipe = {key: (dict(value or {}) if key in SECTIONS else value) for key, value in recipe.items()}
+    if VARIANTS in recipe:
+        recipe[VARIANTS] = {name: dict(keys or {}) for name, keys in recipe[VARIANTS].items()}
+    for key, value in overrides.items():
         section, _, name = key.partition(".")
-        if name and section in SECTIONS:
-            recipe.setdefault(section, {})
-            recipe[section] = {**(recipe[section] or {}), name: value}
+        if section == VARIANTS:
+            variant, _, setting = name.partition(".")
+            if not variant or not setting:
+                raise ValueError(
+                    f"--{key}: a variant setting is --variants.NAME.KEY VALUE (e.g. --variants.big.sigma 0.02)"
+                )
+            recipe.setdefault(VARIANTS, {}).setdefault(variant, {})[setting] = value
+        elif name and section in SECTIONS:
+            recipe.setdefault(section, {})[name] = value
         else:
             recipe[key] = value
+    return recipe
+
+
+def _check_arm_section(where: str, section: dict, shared_names: set[str]) -> None:
+    misplaced = sorted(set(section) & (shared_names - set(PER_ARM_MODEL_KEYS)))
+    if misplaced:
+        raise ValueError(
+            f"{where}: {misplaced} are shared by every arm (the same data, rewards, held-out and validation splits, "
+            f"seeds and evaluation make the arms comparable); set them at the top level. An arm may set only "
+            f"{list(PER_ARM_MODEL_KEYS)} for itself."
+        )
+
+
+def _grid_points(name: str, kind: str, config: dict, entry) -> list[dict]:
+    """An arm's grid: a list (learning rates), a mapping ``{key: [values]}`` (every combination), or by default its
+    step size x GRID_FACTORS (``cma_sigma0`` for CMA-ES, which has no learning rate)."""
+    if entry is None:
+        key = "cma_sigma0" if kind == "es" and _arm_setting(kind, config, "strategy") == "cma" else "learning_rate"
+        entry = {key: [_arm_setting(kind, config, key) * factor for factor in GRID_FACTORS]}
+    elif isinstance(entry, list):
+        entry = {"learning_rate": entry}
+    if not isinstance(entry, dict) or not entry or not all(isinstance(v, list) and v for v in entry.values()):
+        raise ValueError(
+            f"compare.grid.{name}: give a list of learning rates or a mapping of setting -> list of values, got {entry!r}"
+        )
+    keys = list(entry)
+    return [dict(zip(keys, values, strict=True)) for values in itertools.product(*entry.values())]
+
+
+def make_plan(recipe: dict, overrides: dict | None = None, arms: list[str] | None = None) -> ComparePlan:
+    """Split a recipe (plus ``--key value`` overrides) into the shared keys and each arm's keys, and fix the budget.
+
+    ``arms``: run only these arms (names: ``es``, ``grpo`` and the variants), in this order.
+    """
+    recipe = _apply_overrides(recipe, overrides or {})
     shared_names = _script_and_model_keys() | set(SHARED_TRAINING_KEYS)
     shared = {key: value for key, value in recipe.items() if key in shared_names}
     es = {key: value for key, value in recipe.items() if key not in shared_names and key not in SECTIONS}
     es.pop("output_dir", None)
+    _check_arm_section("es section", recipe.get("es") or {}, shared_names)
     es.update(recipe.get("es") or {})
     grpo = dict(recipe.get("grpo") or {})
+    _check_arm_section("grpo section", grpo, shared_names)
     misplaced = sorted(set(grpo) & _es_only_keys())
     if misplaced:
         raise ValueError(f"grpo section: {misplaced} are ES fields; GRPOConfig has no such fields.")
+    variants = recipe.get(VARIANTS) or {}
+    for name, keys in variants.items():
+        if not isinstance(name, str) or not ARM_NAME.match(name) or name in ("es", "grpo"):
+            raise ValueError(
+                f"variants: {name!r} is not a usable arm name (letters, digits, '_' or '-', starting with a letter; "
+                "not 'es' or 'grpo')"
+            )
+        if not isinstance(keys, dict):
+            raise ValueError(f"variants.{name} must be a mapping of ES settings, got {type(keys).__name__}")
+        _check_arm_section(f"variants.{name}", keys, shared_names)
     compare = dict(recipe.get("compare") or {})
-    known = {"budget_rollouts", "budget_seconds", "eval_points", "grid"}
-    if set(compare) - known:
-        raise ValueError(f"compare section: unknown keys {sorted(set(compare) - known)}; known: {sorted(known)}")
+    if set(compare) - set(COMPARE_KEYS):
+        raise ValueError(
+            f"compare section: unknown keys {sorted(set(compare) - set(COMPARE_KEYS))}; known: {sorted(COMPARE_KEYS)}"
+        )
 
-    es_per_step = rollouts_per_step("es", es)
+    configs = {"es": {**ARM_DEFAULTS, **es}}
+    configs.update({name: {**ARM_DEFAULTS, **es, **keys} for name, keys in variants.items()})
+    configs["grpo"] = {**ARM_DEFAULTS, **grpo}
+    kinds = {name: "grpo" if name == "grpo" else "es" for name in configs}
+    wanted = arms if arms is not None else compare.get("arms")
+    if wanted is not None:
+        unknown = [name for name in wanted if name not in configs]
+        if unknown or not wanted:
+            raise ValueError(f"arms {unknown or wanted}: choose from {list(configs)}")
+        configs = {name: configs[name] for name in wanted}
+
     budget_rollouts = compare.get("budget_rollouts")
     if budget_rollouts is None:
-        # Default: the ES arm's own recipe (max_steps ES steps) sets the budget both arms get.
+        # Default: the ES arm's own recipe (max_steps ES steps) sets the budget every arm gets.
         if "max_steps" not in es or es["max_steps"] <= 0:
             raise ValueError("set compare.budget_rollouts, or max_steps for the ES arm, to fix the rollout budget")
-        budget_rollouts = es["max_steps"] * es_per_step
+        budget_rollouts = es["max_steps"] * rollouts_per_step("es", es)
     if budget_rollouts <= 0:
         raise ValueError(f"compare.budget_rollouts must be > 0, got {budget_rollouts}")
     budget_seconds = compare.get("budget_seconds")
@@ -136,14 +244,34 @@ def make_plan(recipe: dict, overrides: dict | None = None) -> ComparePlan:
     eval_points = int(compare.get("eval_points", 10))
     if eval_points < 1:
         raise ValueError(f"compare.eval_points must be >= 1, got {eval_points}")
+    validation_size = compare.get("validation_size")
+    if validation_size is not None:
+        if not isinstance(validation_size, int) or validation_size < 1:
+            raise ValueError(f"compare.validation_size must be a number of rows >= 1, got {validation_size!r}")
+        if shared.get("dataset_validation_size") not in (None, validation_size):
+            raise ValueError(
+                f"compare.validation_size={validation_size} and dataset_validation_size="
+                f"{shared['dataset_validation_size']} disagree; set one"
+            )
+        shared["dataset_validation_size"] = validation_size
+    validation_size = shared.get("dataset_validation_size")
 
-    arms = {"es": {**ARM_DEFAULTS, **es}, "grpo": {**ARM_DEFAULTS, **grpo}}
-    for name, config in arms.items():
+    for name, config in configs.items():
         # Each arm's LR schedule spans the budget: max_steps is the number of its steps the budget pays for.
-        config["max_steps"] = math.ceil(budget_rollouts / rollouts_per_step(name, config))
+        config["max_steps"] = math.ceil(budget_rollouts / rollouts_per_step(kinds[name], config, name))
     grid = compare.get("grid") or {}
-    grids = {}
-    for name, config in arms.items():
-        base = _arm_setting(name, config, "learning_rate")
-        grids[name] = [float(lr) for lr in grid.get(name, [base * f for f in GRID_FACTORS])]
-    return ComparePlan(shared, arms, int(budget_rollouts), budget_seconds, eval_points, grids)
+    unknown = sorted(set(grid) - set(configs) - set(variants) - {"es", "grpo"})
+    if unknown:
+        raise ValueError(f"compare.grid: no arm named {unknown}; arms: {list(configs)}")
+    grids = {name: _grid_points(name, kinds[name], config, grid.get(name)) for name, config in configs.items()}
+    return ComparePlan(
+        shared,
+        configs,
+        int(budget_rollouts),
+        budget_seconds,
+        eval_points,
+        grids,
+        {name: kinds[name] for name in configs},
+        {name: dict(keys) for name, keys in variants.items() if name in configs},
+        validation_size,
+    )

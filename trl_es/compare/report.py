@@ -1,7 +1,11 @@
 """compare.json, compare.md and compare.png from the arms' run records.
 
 Accuracy "at" a budget point is the last held-out evaluation at or before it (what a run stopped there would have
-delivered); nothing is interpolated between evaluations. Spread over seeds is min..max.
+delivered); nothing is interpolated between evaluations. Spread over seeds is the population std.
+
+Every number in the result table is measured on the held-out test split. With a grid, each arm's grid point is
+chosen on the validation split (carved from the training data, disjoint from test): the best mean final validation
+accuracy over seeds. The test accuracy of the points not chosen is kept in their run records but never used to choose.
 """
 
 import json
@@ -11,6 +15,18 @@ from pathlib import Path
 
 
 ARM_TITLES = {"es": "ES (trl_es.ESTrainer)", "grpo": "GRPO (trl.GRPOTrainer)"}
+SELECTION_METRIC = "final_validation_accuracy"
+
+
+def arm_title(name: str) -> str:
+    return ARM_TITLES.get(name, f"ES variant `{name}`")
+
+
+def point_label(point: dict) -> str:
+    """A grid point as text: ``learning_rate=0.0004, sigma=0.02`` (empty for the arm's own settings)."""
+    return ", ".join(
+        f"{key}={value:g}" if isinstance(value, float) else f"{key}={value}" for key, value in point.items()
+    )
 
 
 def accuracy_at(run: dict, axis: str, x: float) -> float:
@@ -31,33 +47,60 @@ def _spread(values: list[float]) -> float:
     return statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
-def choose_learning_rate(grid_runs: dict[float, list[dict]]) -> float | None:
-    """The learning rate whose seeds reach the best mean final held-out accuracy (runs that failed are skipped)."""
-    scored = {lr: _mean([r["final_eval_accuracy"] for r in runs]) for lr, runs in grid_runs.items() if runs}
-    scored = {lr: score for lr, score in scored.items() if not math.isnan(score)}
+def choose_grid_point(grid_runs: dict[str, list[dict]]):
+    """The grid point (key of ``grid_runs``) whose seeds reach the best mean final *validation* accuracy; runs that
+    failed are skipped. A single point needs no choice. Several points without validation numbers raise: choosing
+    on the test split would flatter every arm by its own grid."""
+    finished = {key: runs for key, runs in grid_runs.items() if runs}
+    if len(finished) <= 1:
+        return next(iter(finished), None)
+    if any(run.get(SELECTION_METRIC) is None for runs in finished.values() for run in runs):
+        raise ValueError(
+            "a grid is chosen on the validation split, but some runs have no validation accuracy "
+            "(set compare.validation_size)"
+        )
+    scored = {key: _mean([r[SELECTION_METRIC] for r in runs]) for key, runs in finished.items()}
+    scored = {key: score for key, score in scored.items() if not math.isnan(score)}
     return max(scored, key=scored.get) if scored else None
 
 
-def build_arm(settings: dict, grid_runs: dict[float, list[dict]], errors: list[dict]) -> dict:
-    best = choose_learning_rate(grid_runs)
+def build_arm(
+    settings: dict,
+    grid_runs: dict[str, list[dict]],
+    errors: list[dict],
+    points: dict[str, dict] | None = None,
+    kind: str = "es",
+    variant: dict | None = None,
+) -> dict:
+    """One arm's record: its selected grid point's runs and, with a grid, every point's validation score."""
+    best = choose_grid_point(grid_runs)
     runs = grid_runs.get(best, []) if best is not None else []
     arm = {
-        "learning_rate": best,
+        "kind": kind,
         "settings": settings,
+        "selected": (points or {}).get(best, {}) if best is not None else None,
+        "learning_rate": runs[0]["learning_rate"] if runs else None,
         "runs": runs,
         "mean_final_eval_accuracy": _mean([r["final_eval_accuracy"] for r in runs]),
+        "mean_final_validation_accuracy": _mean([r.get(SELECTION_METRIC) for r in runs]),
         "errors": errors,
     }
+    if variant is not None:
+        arm["variant"] = variant
     if len(grid_runs) > 1:
         arm["grid"] = [
-            {"learning_rate": lr, "mean_final_eval_accuracy": _mean([r["final_eval_accuracy"] for r in rs])}
-            for lr, rs in sorted(grid_runs.items())
+            {
+                "point": (points or {}).get(key, {}),
+                "mean_final_validation_accuracy": _mean([r.get(SELECTION_METRIC) for r in rs]),
+                "seeds": len(rs),
+            }
+            for key, rs in grid_runs.items()
         ]
     return arm
 
 
 def summarize(arms: dict[str, dict]) -> dict:
-    """Each arm at equal rollouts and at equal training wall-clock (the furthest point both arms reached)."""
+    """Every arm at equal rollouts and at equal training wall-clock (the furthest point every arm reached)."""
     ready = {name: arm for name, arm in arms.items() if arm["runs"]}
     summary = {}
     if not ready:
@@ -74,11 +117,13 @@ def summarize(arms: dict[str, dict]) -> dict:
             "start_accuracy": _mean([r["eval_accuracy"][0] for r in runs]),
             "final_accuracy": _mean([r["final_eval_accuracy"] for r in runs]),
             "final_accuracy_std": _spread([r["final_eval_accuracy"] for r in runs]),
+            "final_validation_accuracy": _mean([r.get(SELECTION_METRIC) for r in runs]),
             "peak_rss_mb": _mean([r["peak_rss_mb"] for r in runs]),
             "mean_step_s": _mean([r["mean_step_s"] for r in runs]),
             "rollouts": _mean([r["rollouts_total"] for r in runs]),
             "tokens_generated": _mean([r["tokens_generated"] for r in runs]),
             "train_seconds": _mean([r["train_seconds"] for r in runs]),
+            "busy_runs": sum(bool(r.get("machine", {}).get("busy")) for r in runs),
         }
     if "es" in summary and "grpo" in summary:
         summary["peak_rss_es_over_grpo"] = summary["es"]["peak_rss_mb"] / summary["grpo"]["peak_rss_mb"]
@@ -87,38 +132,74 @@ def summarize(arms: dict[str, dict]) -> dict:
 
 def _verdict(summary: dict, key: str, unit: str) -> str:
     entry = summary.get(key)
-    if not entry or "es" not in entry or "grpo" not in entry:
+    means = {name: value["mean"] for name, value in (entry or {}).items() if name != "at"}
+    if len(means) < 2:
         return ""
-    es, grpo = entry["es"]["mean"], entry["grpo"]["mean"]
-    leader = "ES" if es > grpo else "GRPO" if grpo > es else "neither arm"
-    return (
-        f"- At equal {unit} ({entry['at']:,.0f}): ES {es:.3f} vs GRPO {grpo:.3f} held-out accuracy; "
-        f"{leader} ahead by {abs(es - grpo):.3f}.\n"
-    )
+    ranked = sorted(means, key=means.get, reverse=True)
+    gap = means[ranked[0]] - means[ranked[1]]
+    leader = f"{ranked[0]} ahead of {ranked[1]} by {gap:.3f}" if gap > 0 else f"{ranked[0]} and {ranked[1]} tied"
+    listed = ", ".join(f"{name} {means[name]:.3f}" for name in ranked)
+    return f"- At equal {unit} ({entry['at']:,.0f}): {listed} held-out accuracy; {leader}.\n"
+
+
+def _machine_lines(report: dict) -> list[str]:
+    machine = report.get("machine")
+    if not machine:
+        return []
+    start, end = machine.get("load_average_start"), machine.get("load_average_end")
+    loads = f"load average (1/5/15 min) {start} at the start, {end} at the end, on {machine['cores']} cores"
+    if not machine.get("busy"):
+        return [f"Machine: not busy ({loads}).", ""]
+    why = []
+    if machine.get("busy_at_start"):
+        why.append("loaded before the first run")
+    if machine.get("busy_runs"):
+        why.append(f"busy during {', '.join(machine['busy_runs'])}")
+    return [
+        f"**Busy machine** ({'; '.join(why)}; {loads}): the wall-clock columns and the equal-wall-clock comparison "
+        f"are not comparable with runs on an idle machine. Rule: {machine['busy_rule']}",
+        "",
+    ]
 
 
 def markdown(report: dict) -> str:
     arms, summary, budget = report["arms"], report["summary"], report["budget"]
     seeds = budget["seeds"]
+    splits = report.get("splits", {})
+    selection = (
+        f"; grid points chosen on the validation split ({splits.get('validation_examples')} rows carved from "
+        "training, disjoint from test)"
+        if splits.get("selected_on")
+        else ""
+    )
     lines = [
-        f"Held-out accuracy (greedy, {report['config'].get('eval_examples', '?')} problems), "
+        f"Held-out test accuracy (greedy, {report['config'].get('eval_examples', '?')} problems), "
         f"{len(seeds)} seed(s) {seeds}; budget {budget['rollouts']:,} rollouts"
         + (f" or {budget['seconds']:.0f} s of training" if budget.get("seconds") else "")
-        + " per arm, whichever first.\n",
-        "| arm | learning rate | start | final (mean ± std) | rollouts | train s | s / step | tokens | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        + f" per arm, whichever first{selection}.\n",
+        *_machine_lines(report),
+        "| arm | learning rate | selected | start | final (mean ± std) | rollouts | train s | s / step | tokens | "
+        "peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, arm in arms.items():
         s = summary.get(name)
+        title = arm_title(name)
         if s is None:
-            lines.append(
-                f"| {ARM_TITLES[name]} | failed: {arm['errors'][0]['error'][:80] if arm['errors'] else '?'} |"
-            )
+            lines.append(f"| {title} | failed: {arm['errors'][0]['error'][:80] if arm['errors'] else '?'} |")
             continue
+        selected = point_label(arm["selected"]) or "—"
+        if arm.get("grid"):
+            selected += f" (validation {s['final_validation_accuracy']:.3f})"
+        busy = f" ({s['busy_runs']} busy)" if s["busy_runs"] else ""
+        # CMA-ES has no learning rate: its step size is cma_sigma0
+        cma = arm["settings"].get("strategy") == "cma"
+        lr = f"{arm['learning_rate']:g}" if arm["learning_rate"] is not None and not cma else "—"
         lines.append(
-            f"| {ARM_TITLES[name]} | {arm['learning_rate']:g} | {s['start_accuracy']:.3f} | "
+            f"| {title} | {lr} | {selected} | {s['start_accuracy']:.3f} | "
             f"{s['final_accuracy']:.3f} ± {s['final_accuracy_std']:.3f} | {s['rollouts']:,.0f} | "
-            f"{s['train_seconds']:.0f} | {s['mean_step_s']:.3f} | {s['tokens_generated']:,.0f} | {s['peak_rss_mb']:.0f} |"
+            f"{s['train_seconds']:.0f}{busy} | {s['mean_step_s']:.3f} | {s['tokens_generated']:,.0f} | "
+            f"{s['peak_rss_mb']:.0f} |"
         )
     lines.append("")
     lines.append(
@@ -127,9 +208,14 @@ def markdown(report: dict) -> str:
     if "peak_rss_es_over_grpo" in summary:
         lines.append(f"- Peak RSS ES / GRPO: {summary['peak_rss_es_over_grpo']:.2f}.")
     for name, arm in arms.items():
+        if arm.get("variant") is not None:
+            lines.append(f"- `{name}`: the ES arm's settings with {point_label(arm['variant']) or 'nothing changed'}.")
+    for name, arm in arms.items():
         if arm.get("grid"):
-            grid = ", ".join(f"{g['learning_rate']:g}: {g['mean_final_eval_accuracy']:.3f}" for g in arm["grid"])
-            lines.append(f"- {name} learning-rate grid (mean final accuracy): {grid}.")
+            grid = ", ".join(
+                f"{point_label(g['point'])}: {g['mean_final_validation_accuracy']:.3f}" for g in arm["grid"]
+            )
+            lines.append(f"- {name} grid (mean final validation accuracy): {grid}.")
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -142,7 +228,7 @@ def plot(report: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     for ax, (axis, label) in zip(
         axes,
         (("rollouts", "rollouts (generated completions)"), ("wall_clock_s", "training wall-clock (s)")),
@@ -158,14 +244,23 @@ def plot(report: dict, path: Path) -> bool:
             mean = [statistics.fmean(column) for column in zip(*per_seed, strict=True)]
             low = [min(column) for column in zip(*per_seed, strict=True)]
             high = [max(column) for column in zip(*per_seed, strict=True)]
-            line = ax.step(xs, mean, where="post", label=f"{ARM_TITLES[name]}, lr {arm['learning_rate']:g}")[0]
+            if arm["selected"]:
+                setting = point_label(arm["selected"])
+            elif arm["settings"].get("strategy") == "cma":  # no learning rate: its step size
+                setting = f"cma_sigma0 {arm['settings'].get('cma_sigma0', '?')}"
+            else:
+                setting = f"lr {arm['learning_rate']:g}" if arm["learning_rate"] is not None else ""
+            line = ax.step(xs, mean, where="post", label=f"{arm_title(name)}" + (f", {setting}" if setting else ""))[0]
             ax.fill_between(xs, low, high, step="post", alpha=0.2, color=line.get_color())
         ax.set_xlabel(label)
-        ax.set_ylabel("held-out accuracy (greedy)")
+        ax.set_ylabel("held-out test accuracy (greedy)")
         ax.grid(alpha=0.3)
-    axes[0].legend(loc="lower right", fontsize=8)
+    axes[0].legend(loc="lower right", fontsize=7)
     seeds = report["budget"]["seeds"]
-    figure.suptitle(f"ES vs GRPO, same base, prompts, rewards and budget; mean and min..max over {len(seeds)} seed(s)")
+    busy = " — BUSY MACHINE: wall-clock not comparable" if report.get("machine", {}).get("busy") else ""
+    figure.suptitle(
+        f"Same base, prompts, rewards and budget; mean and min..max over {len(seeds)} seed(s){busy}", fontsize=10
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)

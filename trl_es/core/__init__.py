@@ -8,9 +8,11 @@ can be read and tested without a language model. Files, in the order data flows 
 * ``layout.py``     which process evaluates which member on which prompts
 * ``fitness.py``    rewards -> one raw fitness per member -> shaped fitness
 * ``update.py``     shaped fitness -> per-direction pseudo-gradient coefficients
+* ``anchor.py``     drift control: the pull toward the initial weights added to the pseudo-gradient
 * ``strategies/``   ask / tell: how a search uses the above (``gaussian.py``: seeded Gaussian ES)
 """
 
+from .anchor import Anchor
 from .fitness import (
     FITNESS_SHAPINGS,
     REWARD_AGGREGATIONS,
@@ -21,7 +23,16 @@ from .fitness import (
     penalize_router_imbalance,
     shape_fitness,
 )
-from .layout import Round, check_population_split, distinct_rows, place_scores, plan_rounds
+from .layout import (
+    Round,
+    check_population_split,
+    distinct_rows,
+    member_rows,
+    place_scores,
+    plan_rounds,
+    prompt_group_rows,
+    seen_mask,
+)
 from .low_rank import LowRankSpace
 from .noise import MemberNoise, derive_seed
 from .spaces import RESTORE_MODES, InPlaceSpace, PerturbationSpace
@@ -30,6 +41,7 @@ from .update import pseudo_gradient_coefficients
 
 
 __all__ = [
+    "Anchor",
     "FITNESS_SHAPINGS",
     "REWARD_AGGREGATIONS",
     "RESTORE_MODES",
@@ -49,9 +61,12 @@ __all__ = [
     "k3_kl_per_completion",
     "member_fitness",
     "penalize_kl",
+    "member_rows",
     "penalize_router_imbalance",
     "place_scores",
     "plan_rounds",
+    "prompt_group_rows",
     "pseudo_gradient_coefficients",
+    "seen_mask",
     "shape_fitness",
 ]

@@ -54,7 +54,15 @@ def load_model(model_args: ModelConfig, script_args: ESScriptArguments, training
 
 
 def load_datasets(script_args: ESScriptArguments):
-    """(train, test) datasets from a built-in task, a local file format, a local folder or a hub id."""
+    """(train, test) datasets from a built-in task, a local file format, a local folder or a hub id; the rows of a
+    validation carve-out (``dataset_validation_size``) are not in train."""
+    train, _, test = load_splits(script_args)
+    return train, test
+
+
+def load_splits(script_args: ESScriptArguments):
+    """(train, validation, test): validation is ``None`` unless ``dataset_validation_size`` carves the last rows of
+    the training split out (then they are removed from train; test is never touched)."""
     name = script_args.dataset_name
     if not name:
         raise ValueError(
@@ -83,11 +91,22 @@ def load_datasets(script_args: ESScriptArguments):
             ) from error
         train = data[script_args.dataset_train_split]
         test = data[script_args.dataset_test_split] if script_args.dataset_test_split in data else None
+    validation = None
+    size = script_args.dataset_validation_size
+    if size is not None:
+        # The last rows, so that dataset_train_size (the first rows) and every recipe's prompt stream start alike.
+        if not 1 <= size < len(train):
+            raise ValueError(
+                f"dataset_validation_size={size}: the training split {script_args.dataset_train_split!r} of "
+                f"{name!r} has {len(train)} rows; carve out between 1 and {len(train) - 1}"
+            )
+        validation = train.select(range(len(train) - size, len(train)))
+        train = train.select(range(len(train) - size))
     if script_args.dataset_train_size is not None:
         train = train.select(range(min(script_args.dataset_train_size, len(train))))
     if test is not None and script_args.dataset_test_size is not None:
         test = test.select(range(min(script_args.dataset_test_size, len(test))))
-    return train, test
+    return train, validation, test
 
 
 def load_reward_funcs(script_args: ESScriptArguments) -> list:

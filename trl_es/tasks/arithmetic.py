@@ -3,6 +3,13 @@
 All 8,100 problems ``a+b=`` with ``10 <= a, b <= 99`` are shuffled once with a fixed seed; the first
 ``HELD_OUT_SIZE`` form the held-out ``test`` split and the rest the ``train`` split, so the splits are disjoint and
 identical on every machine. The reward is exact numeric equality checked with math-verify.
+
+The ``validation`` split is the last ``VALIDATION_SIZE`` problems of ``train``: disjoint from ``test``, from the same
+distribution as training. It is *inside* ``train`` (kept whole so that every recipe's prompt stream and the shipped
+policy's build stay as they were); a run that selects settings on it carves it out of its training data with
+``dataset_validation_size: 500`` (``trl-es compare``'s ``compare.validation_size``), which removes exactly these rows.
+The shipped policy was fine-tuned on all of ``train``, these rows included: its greedy accuracy on ``validation`` is
+0.426, on the first 500 ``test`` problems 0.362.
 """
 
 import random
@@ -12,6 +19,7 @@ from datasets import Dataset
 
 
 HELD_OUT_SIZE = 1000
+VALIDATION_SIZE = 500
 _SPLIT_SEED = 1234
 # The small Qwen2-style policy shipped with the package (built by ``python -m trl_es.tasks.build_policy``).
 ARITHMETIC_POLICY_DIR = Path(__file__).resolve().parent.parent / "assets" / "arithmetic-policy"
@@ -30,7 +38,8 @@ def arithmetic_dataset(split: str = "train", size: int | None = None, conversati
     """Columns ``prompt`` (text, or a one-message conversation) and ``answer`` (the sum as a string).
 
     Args:
-        split: ``"train"`` or ``"test"`` (the held-out problems).
+        split: ``"train"``, ``"test"`` (the held-out problems) or ``"validation"`` (the last ``VALIDATION_SIZE``
+            problems of ``train``, in ``train``'s order).
         size: keep only the first ``size`` problems of the split (deterministic).
         conversational: emit ``[{"role": "user", "content": "47+38="}]`` prompts instead of plain text.
     """
@@ -39,8 +48,10 @@ def arithmetic_dataset(split: str = "train", size: int | None = None, conversati
         problems = problems[:HELD_OUT_SIZE]
     elif split == "train":
         problems = problems[HELD_OUT_SIZE:]
+    elif split == "validation":
+        problems = problems[-VALIDATION_SIZE:]
     else:
-        raise ValueError(f"unknown split {split!r}: use 'train' or 'test'")
+        raise ValueError(f"unknown split {split!r}: use 'train', 'validation' or 'test'")
     if size is not None:
         if size > len(problems):
             raise ValueError(f"split {split!r} has {len(problems)} problems, {size} requested")
