@@ -29,7 +29,7 @@ def make_trainer(model_dir, tmp_path, reward=length_reward, size=32, **overrides
 def record_step(trainer, monkeypatch):
     """Record every ES step's `MemberResults` and how many rollouts GRPO's generation produced."""
     steps, rollouts = [], [0]
-    evaluate, rollout = trainer._evaluate_members, trl_compat.rollout
+    evaluate, rollout = trainer._evaluate_members, trl_compat.rollout_with_tool_mask
 
     def recording_evaluate(step, batch):
         results, comm = evaluate(step, batch)
@@ -41,7 +41,7 @@ def record_step(trainer, monkeypatch):
         return rollout(self, prompts)
 
     monkeypatch.setattr(trainer, "_evaluate_members", recording_evaluate)
-    monkeypatch.setattr(trl_compat, "rollout", counting_rollout)
+    monkeypatch.setattr(trl_compat, "rollout_with_tool_mask", counting_rollout)
     return steps, rollouts
 
 
