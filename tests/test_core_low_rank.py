@@ -102,3 +102,23 @@ def test_low_rank_es_climbs_a_quadratic():
         space.write_gradients(step, pseudo_gradient_coefficients(ranks, space.noise, space.sigma))
         optimizer.step()
     assert float(-((layer.weight.detach() - target) ** 2).sum()) > 0.3 * start
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_apply_update_is_bit_identical_to_gradients_and_torch_sgd(weight_decay):
+    coefficients = torch.tensor([0.7, -1.3])
+    spaces = []
+    for _ in range(2):
+        model = mlp()
+        linears = [(name, m) for name, m in model.named_children() if isinstance(m, nn.Linear)]
+        spaces.append((model, LowRankSpace(linears, MemberNoise(1, 4), sigma=0.05, rank=2)))
+    (grad_model, grad_space), (model, space) = spaces
+    grad_space.write_gradients(3, coefficients)
+    expected_sq = sum(float(m.weight.grad.double().square().sum()) for _, m in grad_space.named_linears)
+    torch.optim.SGD([m.weight for _, m in grad_space.named_linears], lr=0.05, weight_decay=weight_decay).step()
+    grad_sq = space.apply_update(3, coefficients, lr=0.05, weight_decay=weight_decay)
+    for (name, p), (_, q) in zip(model.named_parameters(), grad_model.named_parameters(), strict=True):
+        assert p.grad is None
+        assert torch.equal(p.detach(), q.detach()), name  # biases untouched in both
+    assert grad_sq == pytest.approx(expected_sq, rel=1e-12)
+    assert not space._factor_cache  # the step's factors are dropped after the update, as after write_gradients

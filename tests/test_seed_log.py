@@ -65,11 +65,31 @@ def cli_replay(model_dir, log_path, output_dir) -> None:
 def test_replay_rebuilds_the_saved_model_bit_exactly(tiny_model_dir, tmp_path, perturbation, optim):
     trainer, changed = train_run(tiny_model_dir, tmp_path / "run", perturbation, optim)
     assert changed, "the run must move the weights, or replaying it proves nothing"
+    assert trainer._inplace_update == (optim == "sgd")  # plain SGD: the update was applied from the seeds
     log = read_seed_log(tmp_path / "run" / LOG_NAME)
     assert [record.step for record in log.records] == [0, 1]
     assert len({record.lr[0] for record in log.records}) == 2  # the schedule moved the lr: replay must use each
     assert log.header["es"]["perturbation"] == perturbation
     cli_replay(tiny_model_dir, tmp_path / "run" / LOG_NAME, tmp_path / "replayed")
+    assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
+
+
+@pytest.mark.parametrize("perturbation", ["full", "low_rank"])
+def test_a_run_through_p_grad_replays_in_place_to_the_same_weights(
+    tiny_model_dir, tmp_path, perturbation, monkeypatch
+):
+    # Replay applies plain SGD from the seeds whichever way the run stepped: the two are bit-identical.
+    trainer, _ = train_run(tiny_model_dir, tmp_path / "run", perturbation, inplace_update=False)
+    assert not trainer._inplace_update
+    from trl_es.core import InPlaceSpace, LowRankSpace
+
+    applied = []
+    for cls in (InPlaceSpace, LowRankSpace):
+        original = cls.apply_update
+        monkeypatch.setattr(cls, "apply_update", lambda self, *a, _f=original: applied.append(a[0]) or _f(self, *a))
+    model, _ = replay(tiny_model_dir, str(tmp_path / "run" / LOG_NAME))
+    assert applied == [0, 1]
+    model.save_pretrained(tmp_path / "replayed")
     assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
 
 

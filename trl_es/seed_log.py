@@ -51,6 +51,7 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .core import plain_sgd_problem, sgd_hyperparameters
 from .search import build_search
 
 
@@ -614,15 +615,28 @@ def replay_steps(model, log: SeedLog) -> int:
     space, strategy = build_replay_search(model, log)
     optimizer, recorded_groups = build_replay_optimizer(space, log)
     max_grad_norm = log.header["optimizer"]["max_grad_norm"]
+    tensors = [tensor for _, tensor in space.named_tensors()]
+    # Plain SGD: apply each step straight from the seeds (no p.grad buffer), bit-identical to the optimizer's step,
+    # whichever of the two ways the run took (ESConfig.inplace_update).
+    in_place = (
+        space.supports_apply_update
+        and strategy.supports_update_in_place
+        and not (max_grad_norm and max_grad_norm > 0)
+        and plain_sgd_problem(optimizer, tensors) is None
+    )
     for record in log.records:
         if record.state is not None:
             strategy.load_state_dict(record.state)
         if record.skip:
             continue  # no signal that step: the optimizer found no gradient and stepped nothing
-        device = space.named_tensors()[0][1].device
-        space.write_gradients(record.step, record.coefficients.to(device))
+        device = tensors[0].device
         for group, number in zip(optimizer.param_groups, recorded_groups):
             group["lr"] = record.lr[number]
+        if in_place:
+            space.apply_update(record.step, record.coefficients.to(device), *sgd_hyperparameters(optimizer, tensors))
+            space.after_update()
+            continue
+        space.write_gradients(record.step, record.coefficients.to(device))
         if max_grad_norm and max_grad_norm > 0:
             # What Trainer does between the ES step and the optimizer step (accelerate's clip_grad_norm_).
             torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_grad_norm)

@@ -21,14 +21,15 @@ from .fitness import (
 )
 from .layout import Round, check_population_split, distinct_rows, place_scores, plan_rounds
 from .low_rank import LowRankSpace
-from .noise import MemberNoise, derive_seed
+from .noise import NOISE_CHUNK, MemberNoise, derive_seed
 from .spaces import RESTORE_MODES, InPlaceSpace, PerturbationSpace
 from .strategies import STRATEGIES, GaussianES, Strategy, StrategyUpdate
-from .update import pseudo_gradient_coefficients
+from .update import plain_sgd_problem, pseudo_gradient_coefficients, sgd_hyperparameters
 
 
 __all__ = [
     "FITNESS_SHAPINGS",
+    "NOISE_CHUNK",
     "REWARD_AGGREGATIONS",
     "RESTORE_MODES",
     "STRATEGIES",
@@ -47,7 +48,9 @@ __all__ = [
     "member_fitness",
     "penalize_router_imbalance",
     "place_scores",
+    "plain_sgd_problem",
     "plan_rounds",
     "pseudo_gradient_coefficients",
+    "sgd_hyperparameters",
     "shape_fitness",
 ]

@@ -24,7 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .noise import MemberNoise
-from .spaces import PerturbationSpace
+from .spaces import PerturbationSpace, _check_finite, _per_tensor, _sgd_step
 
 
 class LowRankSpace(PerturbationSpace):
@@ -39,6 +39,8 @@ class LowRankSpace(PerturbationSpace):
         members_per_forward: how many members one forward serves (default: the whole population;
             ``ESConfig.population_batch_size``).
     """
+
+    supports_apply_update = True
 
     def __init__(
         self,
@@ -108,19 +110,38 @@ class LowRankSpace(PerturbationSpace):
             for module in patched:
                 del module.forward
 
+    def _pseudo_gradient(self, step: int, name: str, weight: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        """``sum_k c_k A_k B_k^T / sqrt(r)`` for one layer as one (out x K r) @ (K r x in) matmul, in fp32, cast to the
+        weight's dtype (what the optimizer is handed)."""
+        a_all, b_all = self._all_factors(step, name, weight)
+        scale = coefficients.to(weight.device)[:, None, None] / math.sqrt(self.rank)
+        out_features, in_features = weight.shape
+        left = (a_all * scale).permute(1, 0, 2).reshape(out_features, -1)
+        right = b_all.permute(1, 0, 2).reshape(in_features, -1)
+        grad = left @ right.T
+        return grad if weight.dtype == torch.float32 else grad.to(weight.dtype)
+
     def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         with torch.no_grad():
             for name, module in self.named_linears:
-                weight = module.weight
-                a_all, b_all = self._all_factors(step, name, weight)
-                scale = coefficients.to(weight.device)[:, None, None] / math.sqrt(self.rank)
-                out_features, in_features = weight.shape
-                # sum_k c_k A_k B_k^T / sqrt(r) as one (out x K r) @ (K r x in) matmul, in fp32
-                left = (a_all * scale).permute(1, 0, 2).reshape(out_features, -1)
-                right = b_all.permute(1, 0, 2).reshape(in_features, -1)
-                grad = left @ right.T
-                weight.grad = grad if weight.dtype == torch.float32 else grad.to(weight.dtype)
+                module.weight.grad = self._pseudo_gradient(step, name, module.weight, coefficients)
         self._factor_cache.clear()
+
+    def apply_update(self, step, coefficients, lr, weight_decay=0.0) -> float:
+        # One layer's pseudo-gradient at a time (a weight-sized temporary; row blocks of the matmul could round
+        # differently from the whole product, and the update must equal write_gradients + SGD bit for bit).
+        lrs = _per_tensor(lr, len(self.named_linears), "lr")
+        decays = _per_tensor(weight_decay, len(self.named_linears), "weight_decay")
+        grad_sq = 0.0
+        with torch.no_grad():
+            for (name, module), lr_, decay in zip(self.named_linears, lrs, decays, strict=True):
+                grad = self._pseudo_gradient(step, name, module.weight, coefficients)
+                _check_finite(grad, f"{name}.weight", coefficients.tolist())
+                grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float64)) ** 2
+                _sgd_step(module.weight, grad, lr_, decay)
+                del grad
+        self._factor_cache.clear()
+        return grad_sq
 
 
 def _batched_member_forward(module: nn.Linear, a: torch.Tensor, b: torch.Tensor):

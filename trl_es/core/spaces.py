@@ -261,6 +261,7 @@ class InPlaceSpace(PerturbationSpace):
                 with _flat(local) as flat:
                     for span in spans:
                         grad = self._pseudo_gradient(step, name, numel, span, coefficients, local.device)
+                        _check_finite(grad, name, coefficients)
                         if local.dtype != torch.float32:
                             grad = grad.to(local.dtype)  # what _store_gradient hands the optimizer
                         grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float64)) ** 2
@@ -277,6 +278,15 @@ def _sgd_step(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: 
     if weight_decay != 0:
         grad.add_(param, alpha=weight_decay)  # SGD: grad = grad.add(param, alpha=weight_decay)
     param.add_(grad, alpha=-lr)
+
+
+def _check_finite(grad: torch.Tensor, name: str, coefficients) -> None:
+    """Refuse a non-finite pseudo-gradient before it reaches the weights (what the trainer checks in p.grad)."""
+    if not bool(torch.isfinite(grad).all()):
+        raise FloatingPointError(
+            f"the pseudo-gradient of {name!r} is NaN or infinite (coefficients {list(coefficients)}); it was not "
+            "applied"
+        )
 
 
 def _per_tensor(value, count: int, what: str) -> list[float]:

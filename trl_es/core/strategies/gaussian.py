@@ -19,6 +19,8 @@ class GaussianES(Strategy):
     fitness_shaping: a name of ``core.fitness.FITNESS_SHAPINGS``.
     """
 
+    supports_update_in_place = True
+
     def __init__(self, space: PerturbationSpace, fitness_shaping: str = "centered_rank"):
         super().__init__(space)
         self.fitness_shaping = fitness_shaping
@@ -30,5 +32,6 @@ class GaussianES(Strategy):
     def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
         shaped = shape_fitness(fitness, self.fitness_shaping)
         coefficients = pseudo_gradient_coefficients(shaped, self.space.noise, self.space.sigma)
-        self.space.write_gradients(step, coefficients)
+        if not self.update_in_place:  # else the trainer applies them at the optimizer step: no t.grad at all
+            self.space.write_gradients(step, coefficients)
         return StrategyUpdate(shaped=shaped, coefficients=coefficients)
