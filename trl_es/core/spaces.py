@@ -264,7 +264,8 @@ class InPlaceSpace(PerturbationSpace):
                         _check_finite(grad, name, coefficients)
                         if local.dtype != torch.float32:
                             grad = grad.to(local.dtype)  # what _store_gradient hands the optimizer
-                        grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float64)) ** 2
+                        # fp32 norm (as Trainer's grad_norm): a float64 one would copy the chunk at twice its size
+                        grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
                         target = flat.narrow(0, span.slice_offset, span.count)
                         _sgd_step(target, grad, lr_, decay)
                         del grad
