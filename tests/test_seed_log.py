@@ -127,17 +127,22 @@ def test_resumed_run_continues_the_log_and_checkpoints_replay_to_themselves(tiny
     assert_same_saved_weights(tmp_path / "resumed", tmp_path / "replayed")
 
 
-def test_a_step_without_signal_is_logged_as_skipped_and_replays(tiny_model_dir, tmp_path):
+# sgd: the in-place update, which must apply nothing on the skipped step and log a zero gradient norm
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_a_step_without_signal_is_logged_as_skipped_and_replays(tiny_model_dir, tmp_path, optim):
     def none_on_the_first_step(completions, trainer_state, **kwargs):
         return [None if trainer_state.global_step == 0 else float(len(c)) for c in completions]
 
     trainer = ESTrainer(
         tiny_model_dir,
         reward_funcs=none_on_the_first_step,
-        args=es_config(tmp_path / "run", optim="adamw_torch", temperature=1.0, seed=3, max_steps=2),
+        args=es_config(tmp_path / "run", optim=optim, temperature=1.0, seed=3, max_steps=2),
         train_dataset=arithmetic_dataset("train", size=16),
     )
     trainer.train()
+    assert trainer._inplace_update == (optim == "sgd")
+    grad_norms = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
+    assert grad_norms[0] == 0.0 and grad_norms[1] > 0
     trainer.save_model(str(tmp_path / "run"))
     log = read_seed_log(str(tmp_path / "run" / LOG_NAME))
     assert [record.skip for record in log.records] == [True, False]

@@ -340,6 +340,8 @@ class ESTrainer(GRPOTrainer):
                 f"{space.sigma}, fitness shaping {self.args.fitness_shaping!r}); no update was made."
             )
         pending = self._pending_inplace_update(optimizer) if self._inplace_update else None
+        if self._inplace_update:
+            self._inplace_grad_sq = 0.0  # a step without signal: no gradient, as the p.grad path logs it
         if self.args.log_update_norm:
             self._weights_before_update = [t.detach().clone() for t in space.local_tensors()]
         self._update_guard.__enter__()  # Ctrl-C waits until every tensor is stepped
