@@ -221,9 +221,12 @@ def _batched_member_forward(module: nn.Linear, a: torch.Tensor, x_b: _InputProdu
         rows = x.reshape(members, -1, x.shape[-1])  # (G, rows per member * tokens, in)
         product = x_b(x, rows)
         mine = product if whole else product[..., columns]  # (G, rows per member * tokens, r)
+        # In place on the fresh output of F.linear: no second output-sized tensor per layer and token.
         out_blocks = out.view(members, -1, out.shape[-1])
         if rank == 1:  # an outer product: one fused multiply-add beats a matmul with inner dimension 1
-            return torch.addcmul(out_blocks, mine, a_t).view(out.shape)
-        return torch.baddbmm(out_blocks, mine, a_t).view(out.shape)  # out_g += (x_g B_g) A_g^T
+            out_blocks.addcmul_(mine, a_t)
+        else:
+            out_blocks.baddbmm_(mine, a_t)  # out_g += (x_g B_g) A_g^T
+        return out
 
     return forward
