@@ -93,6 +93,37 @@ def test_a_run_through_p_grad_replays_in_place_to_the_same_weights(
     assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
 
 
+def test_noise_chunk_is_recorded_and_a_log_from_before_chunks_replays_with_whole_tensor_noise(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import trl_es.search
+    from trl_es.seed_log import WHOLE_TENSOR_NOISE
+
+    # Chunks of 100 elements: the tiny model's matrices span several, so the chunk size decides their noise.
+    monkeypatch.setattr(trl_es.search, "NOISE_CHUNK", 100)
+    train_run(tiny_model_dir, tmp_path / "chunked")
+    assert read_seed_log(tmp_path / "chunked" / LOG_NAME).header["es"]["noise_chunk"] == 100
+    monkeypatch.setattr(trl_es.search, "NOISE_CHUNK", 2**20)  # replay must take the chunk size from the log
+    model, _ = replay(tiny_model_dir, str(tmp_path / "chunked" / LOG_NAME))
+    model.save_pretrained(tmp_path / "chunked-replayed")
+    assert_same_saved_weights(tmp_path / "chunked", tmp_path / "chunked-replayed")
+
+    # A run of before chunks drew each tensor's noise in one piece, and its log has no noise_chunk.
+    monkeypatch.setattr(trl_es.search, "NOISE_CHUNK", WHOLE_TENSOR_NOISE)
+    train_run(tiny_model_dir, tmp_path / "old")
+    path = tmp_path / "old" / LOG_NAME
+    header, *records = path.read_text().splitlines()
+    header = json.loads(header)
+    del header["es"]["noise_chunk"]
+    path.write_text("\n".join([json.dumps(header), *records]) + "\n")
+    monkeypatch.setattr(trl_es.search, "NOISE_CHUNK", 100)
+    model, _ = replay(tiny_model_dir, str(path))
+    model.save_pretrained(tmp_path / "old-replayed")
+    assert_same_saved_weights(tmp_path / "old", tmp_path / "old-replayed")
+    chunked, old = saved_weights(tmp_path / "chunked"), saved_weights(tmp_path / "old")
+    assert any(not torch.equal(chunked[name], old[name]) for name in old), "the chunk size changed no noise"
+
+
 def test_replay_clips_like_the_trainer(tiny_model_dir, tmp_path):
     # The tiny run's pseudo-gradient norm is in the hundreds: max_grad_norm=1 clips every step.
     train_run(tiny_model_dir, tmp_path / "run", max_grad_norm=1.0)

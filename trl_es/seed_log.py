@@ -8,7 +8,8 @@ same torch optimizer, stepped again with the same hyperparameters, rebuilds its 
 
 Format (JSON lines, UTF-8):
 
-* line 1, the header: ``format``, ``version``, the ES settings (``es``), the optimizer class with its defaults and
+* line 1, the header: ``format``, ``version``, the ES settings (``es``; with ``noise_chunk``, the noise chunk size,
+  absent from logs written before noise came in chunks, which replay with whole-tensor noise), the optimizer class with its defaults and
   every param group's hyperparameters and evolved tensors (``optimizer``; ``max_grad_norm`` because the Trainer
   clips before stepping), the model's dtype and device, the names of the evolved tensors in order (``evolved``),
   for PEFT runs the adapter config and the initial adapter weights (``peft``; PEFT draws the initial adapter from the
@@ -75,6 +76,8 @@ ES_SETTINGS = (
     "fitness_shaping",
     "normalize_per_prompt",
 )
+# Chunk size that makes every tensor one chunk: the noise of seed logs written before chunks existed.
+WHOLE_TENSOR_NOISE = 2**62
 # Header parts a resumed run must share with its checkpoint's log, or the continued log would not replay.
 RESUME_MUST_MATCH = ("es", "optimizer", "evolved")
 # Param-group keys that are not hyperparameters: the tensors, the per-step lr, and the scheduler's bookkeeping.
@@ -209,6 +212,7 @@ def build_header(trainer, optimizer: torch.optim.Optimizer, with_base: bool = Tr
             **{name: _jsonable(getattr(args, name), name) for name in ES_SETTINGS},
             "perturbation": trainer.perturbation_name,
             "num_directions": space.noise.num_directions,
+            "noise_chunk": space.noise.chunk_size,
         },
         "optimizer": {
             "class": f"{cls.__module__}.{cls.__qualname__}",
@@ -572,6 +576,8 @@ def build_replay_search(model, log: SeedLog):
     es = log.header["es"]
     args = SimpleNamespace(**{name: es[name] for name in ES_SETTINGS}, perturbation=es["perturbation"])
     args.population_batch_size = None  # how members share a forward; replay runs no forward
+    # A log without noise_chunk predates chunked noise: each tensor's noise was one draw, i.e. a single chunk.
+    args.noise_chunk = es.get("noise_chunk", WHOLE_TENSOR_NOISE)
     setup = SimpleNamespace(
         args=args, model=model, is_deepspeed_enabled=False, accelerator=SimpleNamespace(num_processes=1)
     )
