@@ -18,6 +18,8 @@ Also, in the same interleaved loop:
   perturb_restore_copy / perturb_restore_subtract
                           entering and leaving ``full``'s ``perturbed`` for one member (noise drawn chunk by chunk,
                           added; restored from a copy, or by drawing the noise again and subtracting it)
+  noise_draw              drawing one member's noise for every parameter, nothing else: the share of the above
+                          that is the (serial) CPU random number generator
 
 and, once after the timed loop, one profiled low-rank generate and one profiled plain generate: the self CPU time of
 each op kind, so the extra time of (b) over (a) can be told apart (the low-rank ops, and everything else).
@@ -25,7 +27,8 @@ each op kind, so the extra time of (b) over (a) can be told apart (the low-rank 
 Rewards are left out (they cost the same in every variant). Each variant runs ``--repeats`` times, interleaved,
 and the median is reported. Prints a table; ``--json OUT`` writes the ratios: ``low_rank_vs_plain`` (throughput
 of b / a), ``low_rank_vs_sequential`` (time of c / b), ``shared_input_speedup`` (time of b' / b),
-``perturb_restore_fraction`` (perturb + restore / member_pass, copy and subtract), ``low_rank_profile_ms`` for the
+``perturb_restore_fraction`` (perturb + restore / member_pass, copy and subtract), ``noise_draw_fraction``
+(noise_draw / member_pass), ``low_rank_profile_ms`` for the
 quickstart model at top level and for a ~25M-parameter model of the same family under ``larger``; and
 ``load_average`` (start, end) of the run.
 
@@ -117,6 +120,11 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
                 generate(model, one, new_tokens, pad)
         full.write_gradients(0, pseudo_gradient_coefficients(fitness, full.noise, full.sigma))
 
+    def noise_draw():  # one member's noise for every parameter, drawn chunk by chunk and dropped: the RNG's share
+        for name, param in full.named_params:
+            for span in full.noise.chunk_spans(param.numel()):
+                full.noise.direction_chunk(0, 0, name, param.numel(), span.chunk)
+
     def perturb_restore(space):
         def run():
             with space.perturbed(0, [1]):
@@ -132,6 +140,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "member_pass": lambda: generate(model, member_rows, new_tokens, pad),
         "perturb_restore_copy": perturb_restore(full),
         "perturb_restore_subtract": perturb_restore(full_subtract),
+        "noise_draw": noise_draw,
     }
     times = {name: [] for name in variants}
     with torch.no_grad():
@@ -171,6 +180,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "perturb_restore_fraction": {
             mode: median[f"perturb_restore_{mode}"] / median["member_pass"] for mode in ("copy", "subtract")
         },
+        "noise_draw_fraction": median["noise_draw"] / median["member_pass"],
         "low_rank_factor_bytes_per_member": factor_numbers * 4,
         "full_noise_bytes_per_member": sum(p.numel() for p in model.parameters()) * 4,
     }
@@ -212,7 +222,8 @@ def report(title, result):
     fraction = result["perturb_restore_fraction"]
     print(
         f"full space perturb + restore / one {result['full_rows']}-row generation pass: copy {fraction['copy']:.3f}, "
-        f"subtract {fraction['subtract']:.3f}   (goal <= 0.1)"
+        f"subtract {fraction['subtract']:.3f}   (goal <= 0.1); drawing one member's noise alone "
+        f"{result['noise_draw_fraction']:.3f} (the CPU generator is serial: copy restore draws once, subtract twice)"
     )
     print(
         f"memory per member: low-rank factors {result['low_rank_factor_bytes_per_member'] / 1024:.1f} KiB "
