@@ -20,6 +20,7 @@ The update ``sum_i f_i A_i B_i^T`` is high rank in general; it is computed per m
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -122,11 +123,11 @@ class LowRankSpace(PerturbationSpace):
                         # member g: sign_g * sigma / sqrt(r) * A_{d(g)} and B_{d(g)}; antithetic partners share factors
                         a_list.append((a_all[index] * scales.to(weight.device)[:, None, None]).to(weight.dtype))
                         b_list.append(b_all[index].to(weight.dtype))
-                    # (G, in, r * layers): one x B for the whole group, each layer reads its r columns
-                    x_b = _InputProduct(torch.cat(b_list, dim=2) if len(b_list) > 1 else b_list[0])
-                    for position, ((_, module), a) in enumerate(zip(group, a_list, strict=True)):
+                    # (G, in, r * layers): one x B for a group of layers, each layer reads its r columns
+                    shared = _InputProduct(torch.cat(b_list, dim=2)) if len(group) > 1 else None
+                    for position, ((_, module), a, b) in enumerate(zip(group, a_list, b_list, strict=True)):
                         columns = slice(position * self.rank, (position + 1) * self.rank)
-                        module.forward = _batched_member_forward(module, a, x_b, columns)
+                        module.forward = _batched_member_forward(module, a, b, shared, columns)
                         patched.append(module)
             yield
         finally:
@@ -188,28 +189,32 @@ def _input_groups(named_linears) -> list[list[tuple[str, nn.Linear]]]:
 class _InputProduct:
     """``x B`` for the layers of one input group: computed by the first layer called with ``x``, read by the others.
 
-    It keeps the last input (identity and in-place version) and product only while the group is patched; a layer
-    called with any other tensor recomputes the product for it.
+    It knows the last input by a weak reference and its in-place version (holding the activation itself would keep
+    it from being freed), and keeps the product only while the group is patched; a layer called with any other
+    tensor recomputes the product for it.
     """
 
     def __init__(self, b: torch.Tensor):
         self.b = b  # (G, in, r * layers)
-        self.input: torch.Tensor | None = None
+        self.input = lambda: None
         self.version = -1
         self.product: torch.Tensor | None = None
 
-    def __call__(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        if x is not self.input or x._version != self.version:
+    def of(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.input() is not x or x._version != self.version:
             self.product = torch.bmm(rows, self.b)  # (G, rows per member * tokens, r * layers)
-            self.input, self.version = x, x._version
+            self.input, self.version = weakref.ref(x), x._version
         return self.product
 
 
-def _batched_member_forward(module: nn.Linear, a: torch.Tensor, x_b: _InputProduct, columns: slice):
-    """A replacement ``forward`` adding member ``g``'s ``(x B_g) A_g^T`` to the rows of block ``g``."""
+def _batched_member_forward(
+    module: nn.Linear, a: torch.Tensor, b: torch.Tensor, shared: _InputProduct | None, columns: slice
+):
+    """A replacement ``forward`` adding member ``g``'s ``(x B_g) A_g^T`` to the rows of block ``g``; ``x B_g`` comes
+    from ``shared`` (columns ``columns``) when the layer shares its input with others, else from its own ``b``."""
     members, rank = a.shape[0], a.shape[2]
     a_t = a.transpose(1, 2).contiguous()  # (G, r, out): ready for the second bmm
-    whole = x_b.b.shape[2] == rank  # the layer is alone in its group: no columns to cut
+    index = (Ellipsis, columns)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, module.weight, module.bias)
@@ -219,14 +224,13 @@ def _batched_member_forward(module: nn.Linear, a: torch.Tensor, x_b: _InputProdu
                 "member-major batches (len(members) equal blocks of rows)"
             )
         rows = x.reshape(members, -1, x.shape[-1])  # (G, rows per member * tokens, in)
-        product = x_b(x, rows)
-        mine = product if whole else product[..., columns]  # (G, rows per member * tokens, r)
+        x_b = torch.bmm(rows, b) if shared is None else shared.of(x, rows)[index]  # (G, rows * tokens, r)
         # In place on the fresh output of F.linear: no second output-sized tensor per layer and token.
         out_blocks = out.view(members, -1, out.shape[-1])
         if rank == 1:  # an outer product: one fused multiply-add beats a matmul with inner dimension 1
-            out_blocks.addcmul_(mine, a_t)
+            out_blocks.addcmul_(x_b, a_t)
         else:
-            out_blocks.baddbmm_(mine, a_t)  # out_g += (x_g B_g) A_g^T
+            out_blocks.baddbmm_(x_b, a_t)  # out_g += (x_g B_g) A_g^T
         return out
 
     return forward
