@@ -22,7 +22,8 @@ Also, in the same interleaved loop:
                           that is the (serial) CPU random number generator
 
 and, once after the timed loop, one profiled low-rank generate and one profiled plain generate: the self CPU time of
-each op kind, so the extra time of (b) over (a) can be told apart (the low-rank ops, and everything else).
+each op kind and the ops whose time grew most, so the extra time of (b) over (a) can be told apart (the low-rank
+ops, and everything else).
 
 Rewards are left out (they cost the same in every variant). Each variant runs ``--repeats`` times, interleaved,
 and the median is reported. Prints a table; ``--json OUT`` writes the ratios: ``low_rank_vs_plain`` (throughput
@@ -66,21 +67,29 @@ def generate(model, inputs, new_tokens, pad_id):
 
 
 # Profiled op names, grouped: the low-rank member terms, the base Linear GEMMs, and everything else.
-LOW_RANK_OPS = ("aten::bmm", "aten::addcmul", "aten::baddbmm", "aten::slice", "aten::reshape", "aten::_unsafe_view")
+LOW_RANK_OPS = (
+    "aten::bmm", "aten::addcmul", "aten::addcmul_", "aten::baddbmm", "aten::baddbmm_", "aten::slice", "aten::reshape",
+    "aten::_unsafe_view",
+)  # fmt: skip
 LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::t", "aten::transpose")
 
 
-def profile_ms(run) -> dict:
-    """Self CPU milliseconds of one call of ``run``, by op kind (low-rank terms, base GEMMs, the rest) and top ops."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        run()
-    by_op = collections.Counter()
-    for event in prof.key_averages():
-        by_op[event.key] += event.self_cpu_time_total / 1000
+def profile_ms(run, times: int = 3) -> dict:
+    """Self CPU milliseconds of a call of ``run`` (per op, the median of ``times`` profiled calls: one is noisy), by op
+    kind (low-rank terms, base GEMMs, the rest) and by op."""
+    runs = []
+    for _ in range(times):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        counts = collections.Counter()
+        for event in prof.key_averages():
+            counts[event.key] += event.self_cpu_time_total / 1000
+        runs.append(counts)
+    by_op = {op: statistics.median(counts.get(op, 0.0) for counts in runs) for op in set().union(*runs)}
     kinds = collections.Counter()
     for op, ms in by_op.items():
         kinds["low_rank_ops" if op in LOW_RANK_OPS else "linear_ops" if op in LINEAR_OPS else "other"] += ms
-    return {"total": sum(by_op.values()), **kinds, "top": dict(by_op.most_common(8))}
+    return {"total": sum(by_op.values()), **kinds, "by_op": dict(by_op)}
 
 
 def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, repeats, full_rows):
@@ -155,7 +164,13 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
             with low_rank.perturbed(0, list(range(members))):
                 generate(model, everyone, new_tokens, pad)
 
-        profile = {"low_rank": profile_ms(low_rank_generate), "plain": profile_ms(plain)}
+        profile = {"low_rank": profile_ms(low_rank_generate), "plain": profile_ms(plain)}  # after the timing
+    ops = set(profile["low_rank"]["by_op"]) | set(profile["plain"]["by_op"])
+    growth = {op: profile["low_rank"]["by_op"].get(op, 0.0) - profile["plain"]["by_op"].get(op, 0.0) for op in ops}
+    # where the extra time goes: the ops whose self time grew most from plain to low-rank generation
+    profile["extra_by_op"] = dict(sorted(growth.items(), key=lambda item: -item[1])[:8])
+    for run in ("low_rank", "plain"):
+        profile[run]["by_op"] = dict(collections.Counter(profile[run]["by_op"]).most_common(8))
     model.zero_grad(set_to_none=True)
     median = {name: statistics.median(values) for name, values in times.items()}
     rows = members * prompts_per_member
@@ -218,6 +233,10 @@ def report(title, result):
         f"{profile['plain']['low_rank_ops']:.0f}, base GEMMs {profile['low_rank']['linear_ops']:.0f} vs "
         f"{profile['plain']['linear_ops']:.0f}, other {profile['low_rank']['other']:.0f} vs "
         f"{profile['plain']['other']:.0f}"
+    )
+    print(
+        "  ops whose self time grew most (ms): "
+        + ", ".join(f"{op} {ms:+.0f}" for op, ms in profile["extra_by_op"].items())
     )
     fraction = result["perturb_restore_fraction"]
     print(
