@@ -202,13 +202,12 @@ class InPlaceSpace(PerturbationSpace):
                     del eps  # before the next draw: one chunk of noise alive at a time
                     progress[0] += 1
 
-    def _pseudo_gradient(self, step, name, numel, span, coefficients, device) -> torch.Tensor:
-        """``sum_k c_k eps_k`` over one span, accumulated in fp32 in direction order (low precision would round small
-        updates to zero)."""
-        grad = torch.zeros(span.count, dtype=torch.float32, device=device)
+    def _pseudo_gradient(self, grad: torch.Tensor, step, name, numel, span, coefficients) -> torch.Tensor:
+        """Add ``sum_k c_k eps_k`` over one span into ``grad`` (fp32 zeros: low precision would round small updates
+        to zero), direction by direction in order."""
         for direction, coefficient in enumerate(coefficients):
             if coefficient != 0.0:
-                eps = self._draw(step, direction, name, numel, span, device)
+                eps = self._draw(step, direction, name, numel, span, grad.device)
                 grad.add_(eps, alpha=coefficient)
                 del eps
         return grad
@@ -244,9 +243,9 @@ class InPlaceSpace(PerturbationSpace):
                 grad = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
                 flat = grad.view(-1)
                 for span in spans:
-                    part = self._pseudo_gradient(step, name, numel, span, coefficients, local.device)
-                    flat.narrow(0, span.slice_offset, span.count).copy_(part)
-                    del part
+                    self._pseudo_gradient(
+                        flat.narrow(0, span.slice_offset, span.count), step, name, numel, span, coefficients
+                    )
                 self._store_gradient(param, grad)
 
     def apply_update(self, step, coefficients, lr, weight_decay=0.0) -> float:
@@ -260,7 +259,8 @@ class InPlaceSpace(PerturbationSpace):
                 local, numel, spans = self._pieces(param)
                 with _flat(local) as flat:
                     for span in spans:
-                        grad = self._pseudo_gradient(step, name, numel, span, coefficients, local.device)
+                        grad = torch.zeros(span.count, dtype=torch.float32, device=local.device)
+                        self._pseudo_gradient(grad, step, name, numel, span, coefficients)
                         _check_finite(grad, name, coefficients)
                         if local.dtype != torch.float32:
                             grad = grad.to(local.dtype)  # what _store_gradient hands the optimizer
