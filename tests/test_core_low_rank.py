@@ -139,8 +139,8 @@ class Attention(nn.Module):
 def test_layers_sharing_an_input_compute_x_b_once(monkeypatch):
     block = Attention()
     linears = [(name, m) for name, m in block.named_children()]
-    shared = LowRankSpace(linears, MemberNoise(0, 4), sigma=0.1, rank=2)
-    alone = LowRankSpace(linears, MemberNoise(0, 4), sigma=0.1, rank=2, share_inputs=False)
+    shared = LowRankSpace(linears, MemberNoise(0, 4), sigma=0.1, rank=2, share_inputs=True)
+    alone = LowRankSpace(linears, MemberNoise(0, 4), sigma=0.1, rank=2)
     assert [[n for n, _ in group] for group in shared.input_groups] == [["q_proj", "k_proj", "v_proj"], ["o_proj"]]
     x, y = torch.randn(4 * 3, 6), torch.randn(4 * 3, 6)
     calls = []

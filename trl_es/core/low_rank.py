@@ -12,8 +12,11 @@ member-major: ``len(members)`` equal blocks of rows, block ``g`` belonging to ``
 matrix with antithetic pairs) are drawn from one seeded generator per matrix and step, kept until that step's
 update and then dropped.
 
-Layers fed the same input (a block's q/k/v projections; gate/up) share one ``x [B_q | B_k | B_v]`` product: the
-first of them to run computes it for all, the others read their columns (``SHARED_INPUT_PROJECTIONS``).
+Optionally (``share_inputs=True``), layers fed the same input (a block's q/k/v projections; gate/up) share one
+``x [B_q | B_k | B_v]`` product: the first of them to run computes it for all, the others read their columns
+(``SHARED_INPUT_PROJECTIONS``). Off by default: on the 2-core CPU it measured 0.96-1.01x of computing ``x B`` per
+layer (``benchmarks/population_throughput.py``, ``shared_input_speedup``); the saved matmuls are small next to the
+Python and slicing per call. It may pay where reading ``x`` dominates (long prefills, wide layers, GPUs).
 
 The update ``sum_i f_i A_i B_i^T`` is high rank in general; it is computed per matrix as one matmul.
 """
@@ -53,8 +56,8 @@ class LowRankSpace(PerturbationSpace):
         rank: ``r``.
         members_per_forward: how many members one forward serves (default: the whole population;
             ``ESConfig.population_batch_size``).
-        share_inputs: compute ``x B`` once for layers that share an input (``SHARED_INPUT_PROJECTIONS``); the
-            numbers are the same either way up to the matmul's rounding.
+        share_inputs: compute ``x B`` once for layers that share an input (``SHARED_INPUT_PROJECTIONS``; off by
+            default, see the module docstring); the numbers are the same either way up to the matmul's rounding.
     """
 
     supports_apply_update = True
@@ -66,7 +69,7 @@ class LowRankSpace(PerturbationSpace):
         sigma: float,
         rank: int = 1,
         members_per_forward: int | None = None,
-        share_inputs: bool = True,
+        share_inputs: bool = False,
     ):
         super().__init__(noise, sigma)
         if rank < 1:
