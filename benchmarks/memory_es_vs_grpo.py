@@ -4,19 +4,27 @@ At the quickstart's size (0.6M parameters) the Python/torch baseline (~0.5 GB) h
 this script uses a randomly initialised Qwen2-style model of ~101M parameters (hidden 768, 16 layers). Each
 variant runs in a process of its own (peak RSS = ``ru_maxrss`` of that process) with the same rollouts per step:
 
-  inference   one generate of the step's rows, no training: the floor (weights + KV cache + activations)
-  grpo        GRPOTrainer, AdamW (TRL's default), 8 prompts x 4 samples
-  es          ESTrainer, full space, defaults (copy restore, update-norm logging), 4 members x 8 prompts
-  es_lean     ESTrainer, full space, perturbation_restore=subtract and log_update_norm=False
+  inference      one generate of the step's rows, no training: the floor (weights + KV cache + activations)
+  grpo           GRPOTrainer, AdamW (TRL's default), 8 prompts x 4 samples
+  es             ESTrainer, full space, defaults (copy restore, update-norm logging; plain SGD, so the update is
+                 applied in place from the seeds: inplace_update auto), 4 members x 8 prompts
+  es_lean        ESTrainer, full space, perturbation_restore=subtract and log_update_norm=False (in-place update)
+  es_lean_pgrad  es_lean with inplace_update=False: the pseudo-gradient in p.grad for the optimizer (how ES ran
+                 before the in-place update)
 
 and the script prints each peak, the ratios ES / GRPO, and how far above inference each ES variant sits, in units
-of the fp32 weight size (the ES floor is inference plus one fp32 buffer, the pseudo-gradient in ``p.grad``).
+of the fp32 weight size. The lean in-place floor is inference plus noise chunks (2^20 numbers, 4 MiB each) and the
+update's chunk temporaries; the p.grad path adds one fp32 buffer (1.0), the defaults one weight copy (the bit-exact
+restore while a member generates, the update-norm snapshot during the update: never both at once). JSON keys:
+``peak_rss_mb`` per variant, ``<variant>_over_grpo``, ``<variant>_above_inference_in_weights``,
+``inplace_update`` (what each ES variant resolved to), ``load_average``.
 
     python benchmarks/memory_es_vs_grpo.py [--json OUT.json]
 """
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -25,7 +33,8 @@ import time
 
 HIDDEN, LAYERS, INTERMEDIATE = 768, 16, 2048
 PROMPTS, SAMPLES, NEW_TOKENS, STEPS = 8, 4, 8, 3
-VARIANTS = ("inference", "grpo", "es", "es_lean")
+VARIANTS = ("inference", "grpo", "es", "es_lean", "es_lean_pgrad")
+ES_VARIANTS = ("es", "es_lean", "es_lean_pgrad")
 
 
 def reward_length(completions, **kwargs):
@@ -55,6 +64,7 @@ def run_variant(variant: str) -> dict:
         seed=0,
     )
     start = time.perf_counter()
+    inplace = None
     if variant == "inference":
         # Load the same libraries as the trainers, so the floor holds the same Python/torch/TRL baseline.
         import trl_es.trainer  # noqa: F401
@@ -72,7 +82,7 @@ def run_variant(variant: str) -> dict:
     else:
         from trl_es import ESConfig, ESTrainer
 
-        lean = variant == "es_lean"
+        lean = variant.startswith("es_lean")
         args = ESConfig(
             **common,
             population_size=SAMPLES,
@@ -82,10 +92,14 @@ def run_variant(variant: str) -> dict:
             perturbation="full",
             perturbation_restore="subtract" if lean else "copy",
             log_update_norm=not lean,
+            inplace_update=False if variant.endswith("_pgrad") else None,
         )
-        ESTrainer(model, reward_length, args=args, train_dataset=dataset, processing_class=tokenizer).train()
+        trainer = ESTrainer(model, reward_length, args=args, train_dataset=dataset, processing_class=tokenizer)
+        trainer.train()
+        inplace = trainer._inplace_update
     return {
         "variant": variant,
+        "inplace_update": inplace,
         "parameters": parameters,
         "weights_mb": parameters * 4 / 2**20,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -101,6 +115,8 @@ def main() -> None:
     if args.variant:
         print(json.dumps(run_variant(args.variant)))
         return
+    load_start = os.getloadavg()
+    print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
     results = {}
     for variant in VARIANTS:  # one at a time: two jobs on two cores disturb each other
         output = subprocess.run(
@@ -110,27 +126,35 @@ def main() -> None:
             sys.exit(f"{variant} failed:\n{output.stderr[-3000:]}")
         results[variant] = json.loads(output.stdout.strip().splitlines()[-1])
         print(
-            f"{variant:>10}: peak RSS {results[variant]['peak_rss_mb']:8.0f} MB  ({results[variant]['seconds']:.0f} s)"
+            f"{variant:>14}: peak RSS {results[variant]['peak_rss_mb']:8.0f} MB  ({results[variant]['seconds']:.0f} s)"
         )
     weights = results["es"]["weights_mb"]
     floor = results["inference"]["peak_rss_mb"]
+    grpo = results["grpo"]["peak_rss_mb"]
     summary = {
         "parameters": results["es"]["parameters"],
         "weights_mb": round(weights, 1),
         "peak_rss_mb": {v: round(r["peak_rss_mb"], 1) for v, r in results.items()},
-        "es_over_grpo": results["es"]["peak_rss_mb"] / results["grpo"]["peak_rss_mb"],
-        "es_lean_over_grpo": results["es_lean"]["peak_rss_mb"] / results["grpo"]["peak_rss_mb"],
-        "es_above_inference_in_weights": (results["es"]["peak_rss_mb"] - floor) / weights,
-        "es_lean_above_inference_in_weights": (results["es_lean"]["peak_rss_mb"] - floor) / weights,
-        "grpo_above_inference_in_weights": (results["grpo"]["peak_rss_mb"] - floor) / weights,
+        "inplace_update": {v: results[v]["inplace_update"] for v in ES_VARIANTS},
+        **{f"{v}_over_grpo": results[v]["peak_rss_mb"] / grpo for v in ES_VARIANTS},
+        **{
+            f"{v}_above_inference_in_weights": (results[v]["peak_rss_mb"] - floor) / weights
+            for v in (*ES_VARIANTS, "grpo")
+        },
+        "load_average": {"start": load_start, "end": os.getloadavg()},
     }
     print(f"\nmodel: {summary['parameters'] / 1e6:.1f}M parameters, fp32 weights {weights:.0f} MB")
-    print(f"ES / GRPO peak RSS:       {summary['es_over_grpo']:.2f}  (lean: {summary['es_lean_over_grpo']:.2f})")
+    print(
+        f"ES / GRPO peak RSS:  defaults {summary['es_over_grpo']:.2f}, lean {summary['es_lean_over_grpo']:.2f} "
+        f"(goal <= 0.45), lean through p.grad {summary['es_lean_pgrad_over_grpo']:.2f}"
+    )
     print(
         "above inference, in fp32 weight sizes: "
-        f"ES {summary['es_above_inference_in_weights']:.2f}, ES lean {summary['es_lean_above_inference_in_weights']:.2f}, "
-        f"GRPO {summary['grpo_above_inference_in_weights']:.2f}  (ES floor: 1.0, the pseudo-gradient buffer)"
+        + ", ".join(f"{v} {summary[f'{v}_above_inference_in_weights']:.2f}" for v in (*ES_VARIANTS, "grpo"))
+        + "  (goal for lean: <= 0.15)"
     )
+    print(f"in-place update: {summary['inplace_update']}")
+    print(f"load average at end: {' '.join(f'{x:.2f}' for x in summary['load_average']['end'])}")
     if args.json:
         with open(args.json, "w") as file:
             json.dump(summary, file, indent=2)

@@ -9,16 +9,37 @@ Measures in one run, greedy, N members x P prompts x T new tokens (every row for
   (c) full      one sequential full-parameter ES step: per member perturb in place, generate its P rows, restore;
                 then the update
 
+Also, in the same interleaved loop:
+
+  (b') low_rank_shared    (b) with ``x B`` computed once per input group (q/k/v, gate/up; ``share_inputs=True``)
+                          instead of per layer, to show what sharing the input product buys
+  member_pass             one member's generate of ``--full_rows`` (128) rows with plain weights: a generation pass
+                          of the ``full`` space at the quickstart's rows per member
+  perturb_restore_copy / perturb_restore_subtract
+                          entering and leaving ``full``'s ``perturbed`` for one member (noise drawn chunk by chunk,
+                          added; restored from a copy, or by drawing the noise again and subtracting it)
+  noise_draw              drawing one member's noise for every parameter, nothing else: the share of the above
+                          that is the (serial) CPU random number generator
+
+and, once after the timed loop, one profiled low-rank generate and one profiled plain generate: the self CPU time of
+each op kind and the ops whose time grew most, so the extra time of (b) over (a) can be told apart (the low-rank
+ops, and everything else).
+
 Rewards are left out (they cost the same in every variant). Each variant runs ``--repeats`` times, interleaved,
 and the median is reported. Prints a table; ``--json OUT`` writes the ratios: ``low_rank_vs_plain`` (throughput
-of b / a) and ``low_rank_vs_sequential`` (time of c / b) for the quickstart model at top level and for a
-~25M-parameter model of the same family under ``larger``.
+of b / a), ``low_rank_vs_sequential`` (time of c / b), ``shared_input_speedup`` (time of b / b'),
+``perturb_restore_fraction`` (perturb + restore / member_pass, copy and subtract), ``noise_draw_fraction``
+(noise_draw / member_pass), ``low_rank_profile_ms`` for the
+quickstart model at top level and for a ~25M-parameter model of the same family under ``larger``; and
+``load_average`` (start, end) of the run.
 
     python benchmarks/population_throughput.py --json outputs/population_throughput.json
 """
 
 import argparse
+import collections
 import json
+import os
 import statistics
 import time
 
@@ -45,15 +66,44 @@ def generate(model, inputs, new_tokens, pad_id):
     )
 
 
-def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, repeats):
+# Profiled op names, grouped: the low-rank member terms, the base Linear GEMMs, and everything else.
+LOW_RANK_OPS = (
+    "aten::bmm", "aten::addcmul", "aten::addcmul_", "aten::baddbmm", "aten::baddbmm_", "aten::slice", "aten::reshape",
+    "aten::_unsafe_view",
+)  # fmt: skip
+LINEAR_OPS = ("aten::addmm", "aten::mm", "aten::linear", "aten::matmul", "aten::t", "aten::transpose")
+
+
+def profile_ms(run, times: int = 3) -> dict:
+    """Self CPU milliseconds of a call of ``run`` (per op, the median of ``times`` profiled calls: one is noisy), by op
+    kind (low-rank terms, base GEMMs, the rest) and by op."""
+    runs = []
+    for _ in range(times):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run()
+        counts = collections.Counter()
+        for event in prof.key_averages():
+            counts[event.key] += event.self_cpu_time_total / 1000
+        runs.append(counts)
+    by_op = {op: statistics.median(counts.get(op, 0.0) for counts in runs) for op in set().union(*runs)}
+    kinds = collections.Counter()
+    for op, ms in by_op.items():
+        kinds["low_rank_ops" if op in LOW_RANK_OPS else "linear_ops" if op in LINEAR_OPS else "other"] += ms
+    return {"total": sum(by_op.values()), **kinds, "by_op": dict(by_op)}
+
+
+def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, repeats, full_rows):
     tokenizer.padding_side = "left"
-    prompts = list(arithmetic_dataset("train", size=prompts_per_member)["prompt"])
-    one = tokenizer(prompts, return_tensors="pt", padding=True)
-    everyone = tokenizer(prompts * members, return_tensors="pt", padding=True)
+    prompts = list(arithmetic_dataset("train", size=max(prompts_per_member, full_rows))["prompt"])
+    one = tokenizer(prompts[:prompts_per_member], return_tensors="pt", padding=True)
+    everyone = tokenizer(prompts[:prompts_per_member] * members, return_tensors="pt", padding=True)
+    member_rows = tokenizer(prompts[:full_rows], return_tensors="pt", padding=True)
     noise = MemberNoise(0, members)
     fitness = torch.linspace(-0.5, 0.5, members)
     low_rank = LowRankSpace(linears(model), noise, sigma=1e-3, rank=rank)
+    shared = LowRankSpace(linears(model), noise, sigma=1e-3, rank=rank, share_inputs=True)
     full = InPlaceSpace([(n, p) for n, p in model.named_parameters()], noise, sigma=1e-3)
+    full_subtract = InPlaceSpace([(n, p) for n, p in model.named_parameters()], noise, sigma=1e-3, restore="subtract")
     pad = tokenizer.pad_token_id
 
     def plain():
@@ -61,16 +111,17 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
 
     breakdown = {"factors_and_patch": [], "generate": [], "update": []}
 
-    def low_rank_step():
+    def low_rank_step(space=low_rank, record=True):
         start = time.perf_counter()
-        with low_rank.perturbed(0, list(range(members))):
+        with space.perturbed(0, list(range(members))):
             patched = time.perf_counter()
             generate(model, everyone, new_tokens, pad)
             generated = time.perf_counter()
-        low_rank.write_gradients(0, pseudo_gradient_coefficients(fitness, low_rank.noise, low_rank.sigma))
-        breakdown["factors_and_patch"].append(patched - start)
-        breakdown["generate"].append(generated - patched)
-        breakdown["update"].append(time.perf_counter() - generated)
+        space.write_gradients(0, pseudo_gradient_coefficients(fitness, space.noise, space.sigma))
+        if record:
+            breakdown["factors_and_patch"].append(patched - start)
+            breakdown["generate"].append(generated - patched)
+            breakdown["update"].append(time.perf_counter() - generated)
 
     def full_step():
         for member in range(members):
@@ -78,7 +129,28 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
                 generate(model, one, new_tokens, pad)
         full.write_gradients(0, pseudo_gradient_coefficients(fitness, full.noise, full.sigma))
 
-    variants = {"plain": plain, "low_rank": low_rank_step, "full_sequential": full_step}
+    def noise_draw():  # one member's noise for every parameter, drawn chunk by chunk and dropped: the RNG's share
+        for name, param in full.named_params:
+            for span in full.noise.chunk_spans(param.numel()):
+                full.noise.direction_chunk(0, 0, name, param.numel(), span.chunk)
+
+    def perturb_restore(space):
+        def run():
+            with space.perturbed(0, [1]):
+                pass
+
+        return run
+
+    variants = {
+        "plain": plain,
+        "low_rank": low_rank_step,
+        "low_rank_shared": lambda: low_rank_step(shared, record=False),
+        "full_sequential": full_step,
+        "member_pass": lambda: generate(model, member_rows, new_tokens, pad),
+        "perturb_restore_copy": perturb_restore(full),
+        "perturb_restore_subtract": perturb_restore(full_subtract),
+        "noise_draw": noise_draw,
+    }
     times = {name: [] for name in variants}
     with torch.no_grad():
         plain()  # warm-up (allocator, kernels)
@@ -87,22 +159,43 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
                 start = time.perf_counter()
                 run()
                 times[name].append(time.perf_counter() - start)
+
+        def low_rank_generate():
+            with low_rank.perturbed(0, list(range(members))):
+                generate(model, everyone, new_tokens, pad)
+
+        profile = {"low_rank": profile_ms(low_rank_generate), "plain": profile_ms(plain)}  # after the timing
+    ops = set(profile["low_rank"]["by_op"]) | set(profile["plain"]["by_op"])
+    growth = {op: profile["low_rank"]["by_op"].get(op, 0.0) - profile["plain"]["by_op"].get(op, 0.0) for op in ops}
+    # where the extra time goes: the ops whose self time grew most from plain to low-rank generation
+    profile["extra_by_op"] = dict(sorted(growth.items(), key=lambda item: -item[1])[:8])
+    for run in ("low_rank", "plain"):
+        profile[run]["by_op"] = dict(collections.Counter(profile[run]["by_op"]).most_common(8))
     model.zero_grad(set_to_none=True)
     median = {name: statistics.median(values) for name, values in times.items()}
     rows = members * prompts_per_member
     factor_numbers = sum(rank * (m.in_features + m.out_features) for _, m in low_rank.named_linears)
+    generation = ("plain", "low_rank", "low_rank_shared", "full_sequential")
     return {
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "members": members,
         "prompts_per_member": prompts_per_member,
         "new_tokens": new_tokens,
         "rank": rank,
+        "full_rows": full_rows,
         "seconds": median,
-        "tokens_per_second": {name: rows * new_tokens / t for name, t in median.items()},
+        "tokens_per_second": {name: rows * new_tokens / median[name] for name in generation},
         "low_rank_vs_plain": median["plain"] / median["low_rank"],
+        "low_rank_shared_vs_plain": median["plain"] / median["low_rank_shared"],
+        "shared_input_speedup": median["low_rank"] / median["low_rank_shared"],
         "low_rank_vs_sequential": median["full_sequential"] / median["low_rank"],
         "sequential_vs_plain_ceiling": median["full_sequential"] / median["plain"],
         "low_rank_breakdown_s": {name: statistics.median(values) for name, values in breakdown.items()},
+        "low_rank_profile_ms": profile,
+        "perturb_restore_fraction": {
+            mode: median[f"perturb_restore_{mode}"] / median["member_pass"] for mode in ("copy", "subtract")
+        },
+        "noise_draw_fraction": median["noise_draw"] / median["member_pass"],
         "low_rank_factor_bytes_per_member": factor_numbers * 4,
         "full_noise_bytes_per_member": sum(p.numel() for p in model.parameters()) * 4,
     }
@@ -113,13 +206,43 @@ def report(title, result):
         f"\n{title}: {result['num_parameters'] / 1e6:.2f}M parameters, N={result['members']}, "
         f"P={result['prompts_per_member']}, T={result['new_tokens']}, rank={result['rank']}"
     )
-    print(f"{'variant':<18}{'median s':>10}{'tokens/s':>12}")
+    print(f"{'variant':<26}{'median s':>10}{'tokens/s':>12}")
     for name, seconds in result["seconds"].items():
-        print(f"{name:<18}{seconds:>10.3f}{result['tokens_per_second'][name]:>12.0f}")
+        tokens = result["tokens_per_second"].get(name)
+        print(f"{name:<26}{seconds:>10.3f}{'' if tokens is None else round(tokens):>12}")
     print(f"low_rank_vs_plain      {result['low_rank_vs_plain']:.3f}   (goal >= 0.9)")
+    print(
+        f"x B shared by q/k/v and gate/up (share_inputs=True): {result['shared_input_speedup']:.3f}x the speed of per "
+        f"layer (shared vs plain {result['low_rank_shared_vs_plain']:.3f})"
+    )
     print(
         f"low_rank_vs_sequential {result['low_rank_vs_sequential']:.2f}x  "
         f"(ceiling sequential/plain = {result['sequential_vs_plain_ceiling']:.2f}x)"
+    )
+    breakdown = result["low_rank_breakdown_s"]
+    print(
+        "low-rank step: "
+        + ", ".join(f"{name} {seconds:.3f} s" for name, seconds in breakdown.items())
+        + f"; extra generate time over plain {breakdown['generate'] - result['seconds']['plain']:+.3f} s"
+    )
+    profile = result["low_rank_profile_ms"]
+    extra = profile["low_rank"]["total"] - profile["plain"]["total"]
+    print(
+        f"profiled (self CPU ms, low_rank vs plain): total {profile['low_rank']['total']:.0f} vs "
+        f"{profile['plain']['total']:.0f} (+{extra:.0f}); low-rank ops {profile['low_rank']['low_rank_ops']:.0f} vs "
+        f"{profile['plain']['low_rank_ops']:.0f}, base GEMMs {profile['low_rank']['linear_ops']:.0f} vs "
+        f"{profile['plain']['linear_ops']:.0f}, other {profile['low_rank']['other']:.0f} vs "
+        f"{profile['plain']['other']:.0f}"
+    )
+    print(
+        "  ops whose self time grew most (ms): "
+        + ", ".join(f"{op} {ms:+.0f}" for op, ms in profile["extra_by_op"].items())
+    )
+    fraction = result["perturb_restore_fraction"]
+    print(
+        f"full space perturb + restore / one {result['full_rows']}-row generation pass: copy {fraction['copy']:.3f}, "
+        f"subtract {fraction['subtract']:.3f}   (goal <= 0.1); drawing one member's noise alone "
+        f"{result['noise_draw_fraction']:.3f} (the CPU generator is serial: copy restore draws once, subtract twice)"
     )
     print(
         f"memory per member: low-rank factors {result['low_rank_factor_bytes_per_member'] / 1024:.1f} KiB "
@@ -135,13 +258,16 @@ def main():
     parser.add_argument("--new_tokens", type=int, default=16)
     parser.add_argument("--rank", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--full_rows", type=int, default=128, help="rows of one member's generation pass (full)")
     parser.add_argument("--skip_larger", action="store_true")
     args = parser.parse_args()
     torch.manual_seed(0)
+    load_start = os.getloadavg()
+    print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
 
     tokenizer = AutoTokenizer.from_pretrained(ARITHMETIC_POLICY_DIR)
     model = AutoModelForCausalLM.from_pretrained(ARITHMETIC_POLICY_DIR, dtype=torch.float32).eval()
-    settings = (args.members, args.prompts, args.new_tokens, args.rank, args.repeats)
+    settings = (args.members, args.prompts, args.new_tokens, args.rank, args.repeats, args.full_rows)
     result = measure(model, tokenizer, *settings)
     report("quickstart policy", result)
     if not args.skip_larger:
@@ -149,6 +275,8 @@ def main():
         larger = build_model(tokenizer, hidden_size=512, num_layers=8, intermediate_size=1408).eval()
         result["larger"] = measure(larger, tokenizer, *settings)
         report("larger model (random init)", result["larger"])
+    result["load_average"] = {"start": load_start, "end": os.getloadavg()}
+    print(f"\nload average at end: {' '.join(f'{x:.2f}' for x in result['load_average']['end'])}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

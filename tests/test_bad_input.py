@@ -188,22 +188,49 @@ except ValueError as error:
     assert expected in out.stdout, out.stderr[-2000:]
 
 
-def test_nonfinite_pseudo_gradient_is_refused_before_the_update(tiny_model_dir, tmp_path):
+# inplace_update=None: plain SGD, so the update is applied from the seeds (no p.grad); False: through p.grad.
+@pytest.mark.parametrize("inplace_update", [None, False])
+def test_nonfinite_pseudo_gradient_is_refused_before_the_update(tiny_model_dir, tmp_path, inplace_update):
     def extreme(completions, **kwargs):  # finite rewards whose differences overflow float32 in the coefficients
         return [3e38 if len(c) % 2 else -3e38 for c in completions]
 
-    trainer = make_trainer(tiny_model_dir, tmp_path, extreme, fitness_shaping="none", max_steps=1)
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, extreme, fitness_shaping="none", max_steps=1, inplace_update=inplace_update
+    )
     before = snapshot(trainer.model)
-    with pytest.raises(FloatingPointError, match="pseudo-gradient of .* is NaN or infinite"):
+    with pytest.raises(FloatingPointError, match="pseudo-gradient .*is NaN or infinite.*no update was made"):
+        trainer.train()
+    assert trainer._inplace_update == (inplace_update is None)
+    assert_same_weights(trainer.model, before)
+
+
+@pytest.mark.parametrize("inplace_update", [None, False])
+def test_update_that_makes_weights_nonfinite_is_undone_and_named(tiny_model_dir, tmp_path, inplace_update):
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, length_reward, learning_rate=1e38, max_steps=1, inplace_update=inplace_update
+    )
+    before = snapshot(trainer.model)
+    with pytest.raises(FloatingPointError, match=r"learning_rate=1e\+38.*put back to those before the update"):
         trainer.train()
     assert_same_weights(trainer.model, before)
 
 
-def test_update_that_makes_weights_nonfinite_is_undone_and_named(tiny_model_dir, tmp_path):
-    trainer = make_trainer(tiny_model_dir, tmp_path, length_reward, learning_rate=1e38, max_steps=1)
+def test_inplace_pseudo_gradient_that_overflows_midway_is_undone(tiny_model_dir, tmp_path, monkeypatch):
+    # Finite coefficients whose weighted sum of noise overflows float32: found per tensor while applying, after the
+    # tensors before it were updated; the copy kept for the update norm puts those back.
+    trainer = make_trainer(tiny_model_dir, tmp_path, length_reward, max_steps=1)
+    original = trainer.strategy.tell
+
+    def huge(step, fitness):
+        update = original(step, fitness)
+        update.coefficients = torch.full_like(update.coefficients, 3e38)
+        return update
+
+    monkeypatch.setattr(trainer.strategy, "tell", huge)
     before = snapshot(trainer.model)
-    with pytest.raises(FloatingPointError, match=r"learning_rate=1e\+38.*put back to those before the update"):
+    with pytest.raises(FloatingPointError, match=r"pseudo-gradient of '.*' is NaN or infinite.*put back"):
         trainer.train()
+    assert trainer._inplace_update
     assert_same_weights(trainer.model, before)
 
 
@@ -212,10 +239,11 @@ def test_ctrl_c_is_held_until_the_update_is_written():
 
     from trl_es.guards import DeferredInterrupt
 
+    before = signal.getsignal(signal.SIGINT)  # SIG_IGN when pytest runs as a background job of a shell
     reached_end = False
     with pytest.raises(KeyboardInterrupt):
         with DeferredInterrupt():
             os.kill(os.getpid(), signal.SIGINT)
             reached_end = True  # the interrupt did not cut the block short
     assert reached_end
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is before

@@ -102,3 +102,59 @@ def test_low_rank_es_climbs_a_quadratic():
         space.write_gradients(step, pseudo_gradient_coefficients(ranks, space.noise, space.sigma))
         optimizer.step()
     assert float(-((layer.weight.detach() - target) ** 2).sum()) > 0.3 * start
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_apply_update_is_bit_identical_to_gradients_and_torch_sgd(weight_decay):
+    coefficients = torch.tensor([0.7, -1.3])
+    spaces = []
+    for _ in range(2):
+        model = mlp()
+        linears = [(name, m) for name, m in model.named_children() if isinstance(m, nn.Linear)]
+        spaces.append((model, LowRankSpace(linears, MemberNoise(1, 4), sigma=0.05, rank=2)))
+    (grad_model, grad_space), (model, space) = spaces
+    grad_space.write_gradients(3, coefficients)
+    expected_sq = sum(float(m.weight.grad.double().square().sum()) for _, m in grad_space.named_linears)
+    torch.optim.SGD([m.weight for _, m in grad_space.named_linears], lr=0.05, weight_decay=weight_decay).step()
+    grad_sq = space.apply_update(3, coefficients, lr=0.05, weight_decay=weight_decay)
+    for (name, p), (_, q) in zip(model.named_parameters(), grad_model.named_parameters(), strict=True):
+        assert p.grad is None
+        assert torch.equal(p.detach(), q.detach()), name  # biases untouched in both
+    assert grad_sq == pytest.approx(expected_sq, rel=1e-6)
+    assert not space._factor_cache  # the step's factors are dropped after the update, as after write_gradients
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (
+            nn.Linear(6, 4),
+            nn.Linear(6, 4),
+            nn.Linear(6, 8),
+            nn.Linear(8, 6),
+        )
+
+
+def test_layers_sharing_an_input_compute_x_b_once(monkeypatch):
+    block = Attention()
+    linears = [(name, m) for name, m in block.named_children()]
+    shared = LowRankSpace(linears, MemberNoise(0, 4), sigma=0.1, rank=2, share_inputs=True)
+    alone = LowRankSpace(linears, MemberNoise(0, 4), sigma=0.1, rank=2)
+    assert [[n for n, _ in group] for group in shared.input_groups] == [["q_proj", "k_proj", "v_proj"], ["o_proj"]]
+    x, y = torch.randn(4 * 3, 6), torch.randn(4 * 3, 6)
+    calls = []
+    bmm = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a: calls.append(1) or bmm(*a))
+    with torch.no_grad(), shared.perturbed(1, [0, 1, 2, 3]):
+        got = [block.q_proj(x), block.k_proj(x), block.v_proj(x)]
+        assert len(calls) == 1  # one x [B_q | B_k | B_v] for the three
+        got.append(block.k_proj(y))  # another input: its own product, still right
+        x.mul_(2.0)  # changed in place: the kept product is stale and must be recomputed
+        got.append(block.v_proj(x))
+        assert len(calls) == 3
+    with torch.no_grad(), alone.perturbed(1, [0, 1, 2, 3]):
+        x.div_(2.0)
+        expected = [block.q_proj(x), block.k_proj(x), block.v_proj(x), block.k_proj(y), block.v_proj(x * 2.0)]
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-6)

@@ -6,10 +6,11 @@ import torch
 from trl_es.core import STRATEGIES, GaussianES, InPlaceSpace, MemberNoise, shape_fitness
 
 
-def make_space(restore="copy", population=4):
+def make_space(restore="copy", population=4, chunk_size=2**20):
     torch.manual_seed(0)
     params = [(f"t{i}", torch.nn.Parameter(torch.randn(3, 2))) for i in range(4)]
-    return InPlaceSpace(params, MemberNoise(5, population), sigma=0.1, restore=restore), params
+    noise = MemberNoise(5, population, chunk_size=chunk_size)
+    return InPlaceSpace(params, noise, sigma=0.1, restore=restore), params
 
 
 def test_gaussian_tell_writes_the_pseudo_gradient_by_hand():
@@ -39,25 +40,31 @@ class Interrupt(BaseException):
 
 
 @pytest.mark.parametrize("restore", ["copy", "subtract"])
-@pytest.mark.parametrize("fail_at", range(4))
-def test_failure_at_any_tensor_while_perturbing_leaves_the_weights_as_they_were(restore, fail_at, monkeypatch):
-    space, params = make_space(restore)
+# one chunk per tensor (a failure before each tensor), and two chunks per tensor (6 = 4 + 2: before each chunk)
+@pytest.mark.parametrize("chunk_size, fail_at", [(6, n) for n in range(4)] + [(4, n) for n in range(8)])
+def test_failure_at_any_chunk_while_perturbing_leaves_the_weights_as_they_were(
+    restore, chunk_size, fail_at, monkeypatch
+):
+    space, params = make_space(restore, chunk_size=chunk_size)
     before = [p.detach().clone() for _, p in params]
     calls = {"n": 0}
-    original = space.noise.member_noise
+    original = space.noise.direction_chunk
 
-    def failing(step, member, name, shape, device="cpu"):
+    def failing(*args, **kwargs):
         if calls["n"] == fail_at:
             calls["n"] += 1
             raise Interrupt()
         calls["n"] += 1
-        return original(step, member, name, shape, device)
+        return original(*args, **kwargs)
 
-    monkeypatch.setattr(space.noise, "member_noise", failing)
+    monkeypatch.setattr(space.noise, "direction_chunk", failing)
     with pytest.raises(Interrupt), space.perturbed(0, [1]):
         pass
+    chunks_per_tensor = -(-6 // chunk_size)
     for (name, param), saved in zip(params, before, strict=True):
-        # copy: bit-exact; subtract: only the tensors that were perturbed are un-perturbed (rounding ~1e-7)
+        # copy: bit-exact; subtract: only the chunks that were perturbed are un-perturbed (rounding ~1e-7)
         torch.testing.assert_close(param.detach(), saved, rtol=0, atol=1e-6, msg=name)
-        if restore == "copy" or int(name[1:]) >= fail_at:
-            assert torch.equal(param.detach(), saved), f"{name} not restored exactly"
+        for chunk in range(chunks_per_tensor):
+            if restore == "copy" or int(name[1:]) * chunks_per_tensor + chunk >= fail_at:
+                part = slice(chunk * chunk_size, (chunk + 1) * chunk_size)
+                assert torch.equal(param.detach().flatten()[part], saved.flatten()[part]), f"{name} not exact"

@@ -65,6 +65,7 @@ def cli_replay(model_dir, log_path, output_dir) -> None:
 def test_replay_rebuilds_the_saved_model_bit_exactly(tiny_model_dir, tmp_path, perturbation, optim):
     trainer, changed = train_run(tiny_model_dir, tmp_path / "run", perturbation, optim)
     assert changed, "the run must move the weights, or replaying it proves nothing"
+    assert trainer._inplace_update == (optim == "sgd")  # plain SGD: the update was applied from the seeds
     log = read_seed_log(tmp_path / "run" / LOG_NAME)
     assert [record.step for record in log.records] == [0, 1]
     assert len({record.lr[0] for record in log.records}) == 2  # the schedule moved the lr: replay must use each
@@ -88,6 +89,56 @@ def test_anchor_decay_sigma_decay_and_prompt_groups_replay_bit_exactly(tiny_mode
     }
     cli_replay(tiny_model_dir, tmp_path / "run" / LOG_NAME, tmp_path / "replayed")
     assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
+
+
+@pytest.mark.parametrize("perturbation", ["full", "low_rank"])
+def test_a_run_through_p_grad_replays_in_place_to_the_same_weights(
+    tiny_model_dir, tmp_path, perturbation, monkeypatch
+):
+    # Replay applies plain SGD from the seeds whichever way the run stepped: the two are bit-identical.
+    trainer, _ = train_run(tiny_model_dir, tmp_path / "run", perturbation, inplace_update=False)
+    assert not trainer._inplace_update
+    from trl_es.core import InPlaceSpace, LowRankSpace
+
+    applied = []
+    for cls in (InPlaceSpace, LowRankSpace):
+        original = cls.apply_update
+        monkeypatch.setattr(cls, "apply_update", lambda self, *a, _f=original: applied.append(a[0]) or _f(self, *a))
+    model, _ = replay(tiny_model_dir, str(tmp_path / "run" / LOG_NAME))
+    assert applied == [0, 1]
+    model.save_pretrained(tmp_path / "replayed")
+    assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
+
+
+def test_noise_chunk_is_recorded_and_a_log_from_before_chunks_replays_with_whole_tensor_noise(
+    tiny_model_dir, tmp_path, monkeypatch
+):
+    import trl_es.search
+    from trl_es.seed_log import WHOLE_TENSOR_NOISE
+
+    # Chunks of 100 elements: the tiny model's matrices span several, so the chunk size decides their noise.
+    monkeypatch.setattr(trl_es.search, "NOISE_CHUNK", 100)
+    train_run(tiny_model_dir, tmp_path / "chunked")
+    assert read_seed_log(tmp_path / "chunked" / LOG_NAME).header["es"]["noise_chunk"] == 100
+    monkeypatch.setattr(trl_es.search, "NOISE_CHUNK", 2**20)  # replay must take the chunk size from the log
+    model, _ = replay(tiny_model_dir, str(tmp_path / "chunked" / LOG_NAME))
+    model.save_pretrained(tmp_path / "chunked-replayed")
+    assert_same_saved_weights(tmp_path / "chunked", tmp_path / "chunked-replayed")
+
+    # A run of before chunks drew each tensor's noise in one piece, and its log has no noise_chunk.
+    monkeypatch.setattr(trl_es.search, "NOISE_CHUNK", WHOLE_TENSOR_NOISE)
+    train_run(tiny_model_dir, tmp_path / "old")
+    path = tmp_path / "old" / LOG_NAME
+    header, *records = path.read_text().splitlines()
+    header = json.loads(header)
+    del header["es"]["noise_chunk"]
+    path.write_text("\n".join([json.dumps(header), *records]) + "\n")
+    monkeypatch.setattr(trl_es.search, "NOISE_CHUNK", 100)
+    model, _ = replay(tiny_model_dir, str(path))
+    model.save_pretrained(tmp_path / "old-replayed")
+    assert_same_saved_weights(tmp_path / "old", tmp_path / "old-replayed")
+    chunked, old = saved_weights(tmp_path / "chunked"), saved_weights(tmp_path / "old")
+    assert any(not torch.equal(chunked[name], old[name]) for name in old), "the chunk size changed no noise"
 
 
 def test_replay_clips_like_the_trainer(tiny_model_dir, tmp_path):
@@ -124,17 +175,22 @@ def test_resumed_run_continues_the_log_and_checkpoints_replay_to_themselves(tiny
     assert_same_saved_weights(tmp_path / "resumed", tmp_path / "replayed")
 
 
-def test_a_step_without_signal_is_logged_as_skipped_and_replays(tiny_model_dir, tmp_path):
+# sgd: the in-place update, which must apply nothing on the skipped step and log a zero gradient norm
+@pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
+def test_a_step_without_signal_is_logged_as_skipped_and_replays(tiny_model_dir, tmp_path, optim):
     def none_on_the_first_step(completions, trainer_state, **kwargs):
         return [None if trainer_state.global_step == 0 else float(len(c)) for c in completions]
 
     trainer = ESTrainer(
         tiny_model_dir,
         reward_funcs=none_on_the_first_step,
-        args=es_config(tmp_path / "run", optim="adamw_torch", temperature=1.0, seed=3, max_steps=2),
+        args=es_config(tmp_path / "run", optim=optim, temperature=1.0, seed=3, max_steps=2),
         train_dataset=arithmetic_dataset("train", size=16),
     )
     trainer.train()
+    assert trainer._inplace_update == (optim == "sgd")
+    grad_norms = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
+    assert grad_norms[0] == 0.0 and grad_norms[1] > 0
     trainer.save_model(str(tmp_path / "run"))
     log = read_seed_log(str(tmp_path / "run" / LOG_NAME))
     assert [record.skip for record in log.records] == [True, False]

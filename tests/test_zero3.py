@@ -111,9 +111,11 @@ def fake_zero3_param(full: torch.Tensor, rank: int, world: int, captured: dict) 
     return param
 
 
-def test_shards_with_padding_match_the_unsharded_space(monkeypatch):
+@pytest.mark.parametrize("chunk_size", [2**20, 5])
+def test_shards_with_padding_match_the_unsharded_space(monkeypatch, chunk_size):
     """Three ranks, a tensor of 35 elements (partitions of 12, the last one padded): every rank perturbs, restores and
-    writes the gradient of exactly its slice of what the unsharded space does, and leaves the padding alone."""
+    writes the gradient of exactly its slice of what the unsharded space does, and leaves the padding alone. With
+    noise chunks of 5 elements the shards start and end inside chunks: each rank draws only the chunks it overlaps."""
     from deepspeed import comm
 
     from trl_es.core import InPlaceSpace, MemberNoise, pseudo_gradient_coefficients
@@ -121,7 +123,7 @@ def test_shards_with_padding_match_the_unsharded_space(monkeypatch):
 
     world, sigma, step, member = 3, 0.1, 4, 1
     full = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
-    noise = MemberNoise(seed=3, population_size=4)
+    noise = MemberNoise(seed=3, population_size=4, chunk_size=chunk_size)
     fitness = torch.tensor([0.5, -0.5, 0.25, -0.25])
     reference = torch.nn.Parameter(full.clone())
     plain = InPlaceSpace([("w", reference)], noise, sigma)

@@ -288,6 +288,19 @@ class ESConfig(GRPOConfig):
             "Holds a copy of the evolved weights during the optimizer step."
         },
     )
+    inplace_update: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Apply the ES update straight from the seeds, tensor by tensor (one noise chunk of temporaries "
+            "at a time), instead of writing the pseudo-gradient to p.grad for the optimizer: saves one fp32 copy of "
+            "the evolved weights. Possible only where the optimizer's step is a function of the gradient alone: "
+            "plain torch SGD (momentum 0, any lr schedule, its L2 weight decay) with max_grad_norm=0, the "
+            "'full', 'lora' or 'low_rank' space and strategy='gaussian'; the weights are bit-identical to the p.grad "
+            "path on CPU. None (auto): on exactly when possible; True: fail naming what prevents it; False: always "
+            "p.grad. The optimizer still steps (it finds no gradient) and the LR schedule advances as usual; "
+            "`grad_norm` is then logged from the update itself."
+        },
+    )
     seed_log: bool = field(
         default=True,
         metadata={
@@ -503,6 +516,23 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"cma_sigma0 must be finite and > 0, got {self.cma_sigma0}.")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
+        if self.inplace_update:
+            # What a config alone can tell; the optimizer actually built is checked when training starts.
+            if self.max_grad_norm:
+                raise ValueError(
+                    f"inplace_update=True applies the update without a gradient, so max_grad_norm={self.max_grad_norm} "
+                    "could not clip it; set max_grad_norm=0, or inplace_update=None (auto) to write p.grad when clipping."
+                )
+            if self.anchor_decay:
+                raise ValueError(
+                    f"inplace_update=True applies the update without a gradient, but anchor_decay={self.anchor_decay} "
+                    "adds its pull to the gradient; set anchor_decay=0, or inplace_update=None (auto)."
+                )
+            if str(self.optim) != "sgd":
+                raise ValueError(
+                    f"inplace_update=True needs optim='sgd' (plain SGD, no optimizer state), got optim={str(self.optim)!r}; "
+                    "set inplace_update=None (auto) to use the p.grad path with other optimizers."
+                )
         self._check_drift_and_group_fields()
 
     def _check_drift_and_group_fields(self):

@@ -10,7 +10,7 @@ import logging
 import torch
 from accelerate.utils import is_peft_model
 
-from .core import STRATEGIES, InPlaceSpace, LowRankSpace, MemberNoise, PerturbationSpace, Strategy
+from .core import NOISE_CHUNK, STRATEGIES, InPlaceSpace, LowRankSpace, MemberNoise, PerturbationSpace, Strategy
 from .core.svd import SVDSpace, svd_target_modules
 from .integrations.deepspeed import ZeRO3Space, check_zero3_trainer
 
@@ -23,7 +23,8 @@ def build_search(trainer) -> tuple[PerturbationSpace, Strategy]:
     args = trainer.args
     # CMA-ES draws its own candidates: mirrored pairs are a Gaussian-ES device.
     antithetic = args.antithetic and args.strategy != "cma"
-    noise = MemberNoise(args.seed, args.population_size, antithetic)
+    # The chunk size defines the noise of tensors above it; replay passes the one its seed log recorded.
+    noise = MemberNoise(args.seed, args.population_size, antithetic, getattr(args, "noise_chunk", NOISE_CHUNK))
     space = build_space(trainer, noise)
     strategy = STRATEGIES[args.strategy].from_config(space, args)
     return space, strategy

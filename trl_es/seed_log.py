@@ -8,7 +8,8 @@ same torch optimizer, stepped again with the same hyperparameters, rebuilds its 
 
 Format (JSON lines, UTF-8):
 
-* line 1, the header: ``format``, ``version``, the ES settings (``es``), the optimizer class with its defaults and
+* line 1, the header: ``format``, ``version``, the ES settings (``es``; with ``noise_chunk``, the noise chunk size,
+  absent from logs written before noise came in chunks, which replay with whole-tensor noise), the optimizer class with its defaults and
   every param group's hyperparameters and evolved tensors (``optimizer``; ``max_grad_norm`` because the Trainer
   clips before stepping), the model's dtype and device, the names of the evolved tensors in order (``evolved``),
   for PEFT runs the adapter config and the initial adapter weights (``peft``; PEFT draws the initial adapter from the
@@ -64,7 +65,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .config import ESConfig
-from .core import Anchor
+from .core import Anchor, plain_sgd_problem, sgd_hyperparameters
 from .search import build_search
 
 
@@ -93,6 +94,8 @@ ES_SETTINGS = (
 )
 # What a log written before a setting existed implies for it (the behaviour of the time).
 ES_SETTING_DEFAULTS = {"prompt_groups": 1, "sigma_decay": 1.0, "anchor_decay": 0.0}
+# Chunk size that makes every tensor one chunk: the noise of seed logs written before chunks existed.
+WHOLE_TENSOR_NOISE = 2**62
 # Header parts a resumed run must share with its checkpoint's log, or the continued log would not replay.
 RESUME_MUST_MATCH = ("es", "optimizer", "evolved")
 # Param-group keys that are not hyperparameters: the tensors, the per-step lr, and the scheduler's bookkeeping.
@@ -227,6 +230,7 @@ def build_header(trainer, optimizer: torch.optim.Optimizer, with_base: bool = Tr
             **{name: _jsonable(getattr(args, name), name) for name in ES_SETTINGS},
             "perturbation": trainer.perturbation_name,
             "num_directions": space.noise.num_directions,
+            "noise_chunk": space.noise.chunk_size,
         },
         "optimizer": {
             "class": f"{cls.__module__}.{cls.__qualname__}",
@@ -615,6 +619,8 @@ def build_replay_search(model, log: SeedLog):
         perturbation=es["perturbation"],
     )
     args.population_batch_size = None  # how members share a forward; replay runs no forward
+    # A log without noise_chunk predates chunked noise: each tensor's noise was one draw, i.e. a single chunk.
+    args.noise_chunk = es.get("noise_chunk", WHOLE_TENSOR_NOISE)
     setup = SimpleNamespace(
         args=args, model=model, is_deepspeed_enabled=False, accelerator=SimpleNamespace(num_processes=1)
     )
@@ -660,7 +666,17 @@ def replay_steps(model, log: SeedLog) -> int:
     max_grad_norm = log.header["optimizer"]["max_grad_norm"]
     # anchor_decay pulls toward the run's initial tensors: the base model's, before the first replayed step.
     anchor_decay = log.header["es"].get("anchor_decay", 0.0)
-    anchor = Anchor([tensor for _, tensor in space.named_tensors()], anchor_decay) if anchor_decay else None
+    tensors = [tensor for _, tensor in space.named_tensors()]
+    anchor = Anchor(tensors, anchor_decay) if anchor_decay else None
+    # Plain SGD: apply each step straight from the seeds (no p.grad buffer), bit-identical to the optimizer's step,
+    # whichever of the two ways the run took (ESConfig.inplace_update).
+    in_place = (
+        space.supports_apply_update
+        and strategy.supports_update_in_place
+        and not (max_grad_norm and max_grad_norm > 0)
+        and anchor is None
+        and plain_sgd_problem(optimizer, tensors) is None
+    )
     for record in log.records:
         if record.state is not None:
             strategy.load_state_dict(record.state)
@@ -671,12 +687,16 @@ def replay_steps(model, log: SeedLog) -> int:
             if record.winner is not None:
                 space.apply_member(record.step, record.winner)
             continue
-        device = space.named_tensors()[0][1].device
+        device = tensors[0].device
+        for group, number in zip(optimizer.param_groups, recorded_groups):
+            group["lr"] = record.lr[number]
+        if in_place:
+            space.apply_update(record.step, record.coefficients.to(device), *sgd_hyperparameters(optimizer, tensors))
+            space.after_update()
+            continue
         space.write_gradients(record.step, record.coefficients.to(device))
         if anchor is not None:  # as ESTrainer adds it: after the strategy's gradient, before clipping
             anchor.add_pull(space.named_tensors())
-        for group, number in zip(optimizer.param_groups, recorded_groups):
-            group["lr"] = record.lr[number]
         if max_grad_norm and max_grad_norm > 0:
             # What Trainer does between the ES step and the optimizer step (accelerate's clip_grad_norm_).
             torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_grad_norm)

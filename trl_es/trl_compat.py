@@ -39,6 +39,10 @@ REQUIRED_ATTRIBUTES = {
     "aux_loss_enabled": "whether GRPO would add the MoE router load-balancing loss",
     "router_aux_loss_coef": "the weight of that loss",
 }
+# transformers.Trainer methods ESTrainer overrides; were one renamed, the override would silently stop acting.
+OVERRIDDEN_TRAINER_METHODS = {
+    "_get_grad_norm": "the gradient norm Trainer logs, which reads p.grad (none with the in-place update)",
+}
 # Only there when `environment_factory` is given.
 REQUIRED_ENVIRONMENT_ATTRIBUTES = {
     "_environment_pool": "{environment name: reusable instances}",
@@ -65,6 +69,9 @@ def check_trl_internals(trainer) -> None:
     if getattr(trainer, "environment_factories", None) is not None:
         required.update(REQUIRED_ENVIRONMENT_ATTRIBUTES)
     missing = [f"{name} ({why})" for name, why in required.items() if not hasattr(trainer, name)]
+    missing += [
+        f"{name} ({why})" for name, why in OVERRIDDEN_TRAINER_METHODS.items() if not hasattr(GRPOTrainer, name)
+    ]
     if getattr(trainer, "tools", None):
         source = inspect.getsource(GRPOTrainer)
         missing += [

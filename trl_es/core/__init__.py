@@ -34,15 +34,16 @@ from .layout import (
     seen_mask,
 )
 from .low_rank import LowRankSpace
-from .noise import MemberNoise, derive_seed
+from .noise import NOISE_CHUNK, MemberNoise, derive_seed
 from .spaces import RESTORE_MODES, InPlaceSpace, PerturbationSpace
 from .strategies import STRATEGIES, GaussianES, Strategy, StrategyUpdate
-from .update import pseudo_gradient_coefficients
+from .update import plain_sgd_problem, pseudo_gradient_coefficients, sgd_hyperparameters
 
 
 __all__ = [
     "Anchor",
     "FITNESS_SHAPINGS",
+    "NOISE_CHUNK",
     "REWARD_AGGREGATIONS",
     "RESTORE_MODES",
     "STRATEGIES",
@@ -64,9 +65,11 @@ __all__ = [
     "member_rows",
     "penalize_router_imbalance",
     "place_scores",
+    "plain_sgd_problem",
     "plan_rounds",
     "prompt_group_rows",
     "pseudo_gradient_coefficients",
     "seen_mask",
+    "sgd_hyperparameters",
     "shape_fitness",
 ]

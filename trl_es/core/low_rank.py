@@ -12,11 +12,18 @@ member-major: ``len(members)`` equal blocks of rows, block ``g`` belonging to ``
 matrix with antithetic pairs) are drawn from one seeded generator per matrix and step, kept until that step's
 update and then dropped.
 
+Optionally (``share_inputs=True``), layers fed the same input (a block's q/k/v projections; gate/up) share one
+``x [B_q | B_k | B_v]`` product: the first of them to run computes it for all, the others read their columns
+(``SHARED_INPUT_PROJECTIONS``). Off by default: on the 2-core CPU it measured 0.96-1.01x of computing ``x B`` per
+layer (``benchmarks/population_throughput.py``, ``shared_input_speedup``); the saved matmuls are small next to the
+Python and slicing per call. It may pay where reading ``x`` dominates (long prefills, wide layers, GPUs).
+
 The update ``sum_i f_i A_i B_i^T`` is high rank in general; it is computed per matrix as one matmul.
 """
 
 import contextlib
 import math
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -24,7 +31,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from .noise import MemberNoise
-from .spaces import PerturbationSpace
+from .spaces import PerturbationSpace, _check_finite, _per_tensor, _sgd_step
+
+
+#: Sibling ``nn.Linear`` names that models feed the same input (attention q/k/v, gated-MLP gate/up); layers of one such
+#: set under one parent compute ``x B`` in one batched matmul. A layer called with another input recomputes the
+#: product for its own input, so a wrong guess costs time, never correctness.
+SHARED_INPUT_PROJECTIONS = (
+    frozenset({"q_proj", "k_proj", "v_proj"}),
+    frozenset({"gate_proj", "up_proj"}),
+    frozenset({"query", "key", "value"}),
+    frozenset({"w1", "w3"}),
+)
 
 
 class LowRankSpace(PerturbationSpace):
@@ -38,7 +56,11 @@ class LowRankSpace(PerturbationSpace):
         rank: ``r``.
         members_per_forward: how many members one forward serves (default: the whole population;
             ``ESConfig.population_batch_size``).
+        share_inputs: compute ``x B`` once for layers that share an input (``SHARED_INPUT_PROJECTIONS``; off by
+            default, see the module docstring); the numbers are the same either way up to the matmul's rounding.
     """
+
+    supports_apply_update = True
 
     def __init__(
         self,
@@ -47,6 +69,7 @@ class LowRankSpace(PerturbationSpace):
         sigma: float,
         rank: int = 1,
         members_per_forward: int | None = None,
+        share_inputs: bool = False,
     ):
         super().__init__(noise, sigma)
         if rank < 1:
@@ -64,6 +87,7 @@ class LowRankSpace(PerturbationSpace):
         # Factors drawn while the members generate are kept until the update of the same step (N r (out + in)
         # numbers per matrix, the space's stated memory) so the update does not draw them again.
         self._factor_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.input_groups = _input_groups(self.named_linears) if share_inputs else [[nl] for nl in self.named_linears]
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return self.named_params
@@ -93,40 +117,107 @@ class LowRankSpace(PerturbationSpace):
         patched = []
         try:
             with torch.no_grad():
-                for name, module in self.named_linears:
-                    weight = module.weight
-                    a_all, b_all = self._all_factors(step, name, weight)
-                    index = directions.to(weight.device)
-                    # member g: sign_g * sigma / sqrt(r) * A_{d(g)} and B_{d(g)}; antithetic partners share factors
-                    a = (a_all[index] * scales.to(weight.device)[:, None, None]).to(weight.dtype)
-                    b = b_all[index].to(weight.dtype)
-                    module.forward = _batched_member_forward(module, a, b)
-                    patched.append(module)
+                for group in self.input_groups:
+                    a_list, b_list = [], []
+                    for name, module in group:
+                        weight = module.weight
+                        a_all, b_all = self._all_factors(step, name, weight)
+                        index = directions.to(weight.device)
+                        # member g: sign_g * sigma / sqrt(r) * A_{d(g)} and B_{d(g)}; antithetic partners share factors
+                        a_list.append((a_all[index] * scales.to(weight.device)[:, None, None]).to(weight.dtype))
+                        b_list.append(b_all[index].to(weight.dtype))
+                    # (G, in, r * layers): one x B for a group of layers, each layer reads its r columns
+                    shared = _InputProduct(torch.cat(b_list, dim=2)) if len(group) > 1 else None
+                    for position, ((_, module), a, b) in enumerate(zip(group, a_list, b_list, strict=True)):
+                        columns = slice(position * self.rank, (position + 1) * self.rank)
+                        module.forward = _batched_member_forward(module, a, b, shared, columns)
+                        patched.append(module)
             yield
         finally:
             # Deleting the instance attribute brings back the class's forward; the weights were never modified.
             for module in patched:
                 del module.forward
 
+    def _pseudo_gradient(self, step: int, name: str, weight: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+        """``sum_k c_k A_k B_k^T / sqrt(r)`` for one layer as one (out x K r) @ (K r x in) matmul, in fp32, cast to the
+        weight's dtype (what the optimizer is handed)."""
+        a_all, b_all = self._all_factors(step, name, weight)
+        scale = coefficients.to(weight.device)[:, None, None] / math.sqrt(self.rank)
+        out_features, in_features = weight.shape
+        left = (a_all * scale).permute(1, 0, 2).reshape(out_features, -1)
+        right = b_all.permute(1, 0, 2).reshape(in_features, -1)
+        grad = left @ right.T
+        return grad if weight.dtype == torch.float32 else grad.to(weight.dtype)
+
     def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         with torch.no_grad():
             for name, module in self.named_linears:
-                weight = module.weight
-                a_all, b_all = self._all_factors(step, name, weight)
-                scale = coefficients.to(weight.device)[:, None, None] / math.sqrt(self.rank)
-                out_features, in_features = weight.shape
-                # sum_k c_k A_k B_k^T / sqrt(r) as one (out x K r) @ (K r x in) matmul, in fp32
-                left = (a_all * scale).permute(1, 0, 2).reshape(out_features, -1)
-                right = b_all.permute(1, 0, 2).reshape(in_features, -1)
-                grad = left @ right.T
-                weight.grad = grad if weight.dtype == torch.float32 else grad.to(weight.dtype)
+                module.weight.grad = self._pseudo_gradient(step, name, module.weight, coefficients)
         self._factor_cache.clear()
 
+    def apply_update(self, step, coefficients, lr, weight_decay=0.0) -> float:
+        # One layer's pseudo-gradient at a time (a weight-sized temporary; row blocks of the matmul could round
+        # differently from the whole product, and the update must equal write_gradients + SGD bit for bit).
+        lrs = _per_tensor(lr, len(self.named_linears), "lr")
+        decays = _per_tensor(weight_decay, len(self.named_linears), "weight_decay")
+        grad_sq = 0.0
+        with torch.no_grad():
+            for (name, module), lr_, decay in zip(self.named_linears, lrs, decays, strict=True):
+                grad = self._pseudo_gradient(step, name, module.weight, coefficients)
+                _check_finite(grad, f"{name}.weight", coefficients.tolist())
+                grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
+                _sgd_step(module.weight, grad, lr_, decay)
+                del grad
+        self._factor_cache.clear()
+        return grad_sq
 
-def _batched_member_forward(module: nn.Linear, a: torch.Tensor, b: torch.Tensor):
-    """A replacement ``forward`` adding member ``g``'s ``(x B_g) A_g^T`` to the rows of block ``g``."""
+
+def _input_groups(named_linears) -> list[list[tuple[str, nn.Linear]]]:
+    """The layers in groups that share an input (siblings named in one set of ``SHARED_INPUT_PROJECTIONS`` with the
+    same ``in_features``), in the order of ``named_linears``; every other layer alone."""
+    groups, where = [], {}
+    for name, module in named_linears:
+        parent, _, leaf = name.rpartition(".")
+        family = next((i for i, names in enumerate(SHARED_INPUT_PROJECTIONS) if leaf in names), None)
+        key = (parent, family, module.in_features)
+        if family is not None and key in where:
+            groups[where[key]].append((name, module))
+            continue
+        if family is not None:
+            where[key] = len(groups)
+        groups.append([(name, module)])
+    return groups
+
+
+class _InputProduct:
+    """``x B`` for the layers of one input group: computed by the first layer called with ``x``, read by the others.
+
+    It knows the last input by a weak reference and its in-place version (holding the activation itself would keep
+    it from being freed), and keeps the product only while the group is patched; a layer called with any other
+    tensor recomputes the product for it.
+    """
+
+    def __init__(self, b: torch.Tensor):
+        self.b = b  # (G, in, r * layers)
+        self.input = lambda: None
+        self.version = -1
+        self.product: torch.Tensor | None = None
+
+    def of(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        if self.input() is not x or x._version != self.version:
+            self.product = torch.bmm(rows, self.b)  # (G, rows per member * tokens, r * layers)
+            self.input, self.version = weakref.ref(x), x._version
+        return self.product
+
+
+def _batched_member_forward(
+    module: nn.Linear, a: torch.Tensor, b: torch.Tensor, shared: _InputProduct | None, columns: slice
+):
+    """A replacement ``forward`` adding member ``g``'s ``(x B_g) A_g^T`` to the rows of block ``g``; ``x B_g`` comes
+    from ``shared`` (columns ``columns``) when the layer shares its input with others, else from its own ``b``."""
     members, rank = a.shape[0], a.shape[2]
     a_t = a.transpose(1, 2).contiguous()  # (G, r, out): ready for the second bmm
+    index = (Ellipsis, columns)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, module.weight, module.bias)
@@ -136,10 +227,13 @@ def _batched_member_forward(module: nn.Linear, a: torch.Tensor, b: torch.Tensor)
                 "member-major batches (len(members) equal blocks of rows)"
             )
         rows = x.reshape(members, -1, x.shape[-1])  # (G, rows per member * tokens, in)
-        x_b = torch.bmm(rows, b)  # (G, rows per member * tokens, r)
+        x_b = torch.bmm(rows, b) if shared is None else shared.of(x, rows)[index]  # (G, rows * tokens, r)
+        # In place on the fresh output of F.linear: no second output-sized tensor per layer and token.
         out_blocks = out.view(members, -1, out.shape[-1])
         if rank == 1:  # an outer product: one fused multiply-add beats a matmul with inner dimension 1
-            return torch.addcmul(out_blocks, x_b, a_t).view(out.shape)
-        return torch.baddbmm(out_blocks, x_b, a_t).view(out.shape)  # out_g += (x_g B_g) A_g^T
+            out_blocks.addcmul_(x_b, a_t)
+        else:
+            out_blocks.baddbmm_(x_b, a_t)  # out_g += (x_g B_g) A_g^T
+        return out
 
     return forward

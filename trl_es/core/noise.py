@@ -8,10 +8,20 @@ Every noise tensor is a pure function of ``(run seed, step, direction, tensor na
 * perturb, update and a resumed run all regenerate exactly the same numbers,
 * the global torch RNG is never touched.
 
+Chunks. A tensor's noise is defined on its flattened (C-order) elements cut into chunks of ``chunk_size`` elements
+(the last one shorter); chunk ``j`` is its own draw, seeded by (run seed, step, direction, tensor name, ``j``). So
+a space can perturb, restore and update a tensor chunk by chunk holding one chunk of noise at a time, and a process
+that holds a slice of the tensor (a ZeRO-3 shard) draws only the chunks its slice overlaps. Chunk 0 is seeded
+exactly as the whole-tensor noise was before chunks existed, and a tensor of at most ``chunk_size`` elements is one
+chunk: its noise is the same numbers as then (a CPU ``randn`` of n numbers is not a prefix of a longer draw, so
+every chunk is drawn with its own length, never cut from a longer one).
+
 With antithetic sampling, members ``2k`` and ``2k + 1`` share direction ``k`` with signs ``+1`` and ``-1``.
 """
 
 import hashlib
+import math
+from typing import NamedTuple
 
 import torch
 
@@ -22,6 +32,21 @@ def derive_seed(*parts: object) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+#: Elements per noise chunk: 4 MiB of fp32 noise at most in flight per tensor. Every tensor of the shipped
+#: quickstart policy (largest 33,152 elements) and of the test models is one chunk, so their noise, the golden test
+#: values and the quickstart result are those of the whole-tensor noise; a 7B model's 4096 x 11008 matrix is 43.
+NOISE_CHUNK = 2**20
+
+
+class ChunkSpan(NamedTuple):
+    """The part of noise chunk ``chunk`` that falls in a slice of a flattened tensor."""
+
+    chunk: int  # chunk index
+    chunk_offset: int  # where the part starts in the chunk
+    slice_offset: int  # where it starts in the slice
+    count: int  # how many elements
+
+
 class MemberNoise:
     """Maps population members to seeded noise directions.
 
@@ -29,16 +54,21 @@ class MemberNoise:
         seed: run seed (``args.seed``).
         population_size: number of members ``N`` in one step.
         antithetic: pair members as ``+eps_k`` / ``-eps_k``; then ``N`` must be even and there are ``N / 2`` directions.
+        chunk_size: elements per noise chunk (see the module docstring). It is part of the noise's definition: runs
+            with other chunk sizes draw other noise for tensors larger than the smaller of the two.
     """
 
-    def __init__(self, seed: int, population_size: int, antithetic: bool = True):
+    def __init__(self, seed: int, population_size: int, antithetic: bool = True, chunk_size: int = NOISE_CHUNK):
         if population_size < 2:
             raise ValueError(f"population_size must be >= 2, got {population_size}")
         if antithetic and population_size % 2:
             raise ValueError(f"antithetic sampling needs an even population_size, got {population_size}")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive number of elements, got {chunk_size!r}")
         self.seed = seed
         self.population_size = population_size
         self.antithetic = antithetic
+        self.chunk_size = chunk_size
 
     @property
     def num_directions(self) -> int:
@@ -51,10 +81,59 @@ class MemberNoise:
             return member // 2, 1.0 if member % 2 == 0 else -1.0
         return member, 1.0
 
-    def generator(self, step: int, direction: int, key: str, device: torch.device | str = "cpu") -> torch.Generator:
+    def generator(
+        self, step: int, direction: int, key: str, device: torch.device | str = "cpu", chunk: int = 0
+    ) -> torch.Generator:
         gen = torch.Generator(device=device)
-        gen.manual_seed(derive_seed(self.seed, "noise", step, direction, key))
+        # Chunk 0 keeps the seed of the whole-tensor noise that existed before chunks (same numbers for small tensors).
+        parts = (self.seed, "noise", step, direction, key) + ((chunk,) if chunk else ())
+        gen.manual_seed(derive_seed(*parts))
         return gen
+
+    def num_chunks(self, numel: int) -> int:
+        return -(-numel // self.chunk_size)
+
+    def chunk_spans(self, numel: int, start: int = 0, length: int | None = None) -> list[ChunkSpan]:
+        """The chunks that elements ``[start, start + length)`` of a flattened tensor of ``numel`` elements overlap,
+        in order, with the overlapping part of each (default: the whole tensor)."""
+        length = numel - start if length is None else length
+        if start < 0 or length < 0 or start + length > numel:
+            raise ValueError(f"slice [{start}, {start + length}) is not inside a tensor of {numel} elements")
+        spans, position, end = [], start, start + length
+        while position < end:
+            chunk, chunk_offset = divmod(position, self.chunk_size)
+            count = min(self.chunk_size - chunk_offset, end - position)
+            spans.append(ChunkSpan(chunk, chunk_offset, position - start, count))
+            position += count
+        return spans
+
+    def direction_chunk(
+        self, step: int, direction: int, key: str, numel: int, chunk: int, device: torch.device | str = "cpu"
+    ) -> torch.Tensor:
+        """Chunk ``chunk`` of the flattened noise of one (step, direction, tensor of ``numel`` elements), fp32, 1-D."""
+        if not 0 <= chunk < self.num_chunks(numel):
+            raise IndexError(f"chunk {chunk} outside the {self.num_chunks(numel)} chunks of a {numel}-element tensor")
+        length = min(self.chunk_size, numel - chunk * self.chunk_size)
+        gen = self.generator(step, direction, key, device, chunk)
+        return torch.randn(length, generator=gen, device=device, dtype=torch.float32)
+
+    def direction_slice(
+        self,
+        step: int,
+        direction: int,
+        key: str,
+        numel: int,
+        start: int,
+        length: int,
+        device: torch.device | str = "cpu",
+    ) -> torch.Tensor:
+        """Elements ``[start, start + length)`` of the flattened noise, drawn from the chunks they overlap only (what
+        a process holding that slice of the tensor, e.g. a ZeRO-3 shard, needs)."""
+        out = torch.empty(length, dtype=torch.float32, device=device)
+        for span in self.chunk_spans(numel, start, length):
+            chunk = self.direction_chunk(step, direction, key, numel, span.chunk, device)
+            out.narrow(0, span.slice_offset, span.count).copy_(chunk.narrow(0, span.chunk_offset, span.count))
+        return out
 
     def direction(
         self,
@@ -64,9 +143,12 @@ class MemberNoise:
         shape: torch.Size | tuple[int, ...],
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
-        """Standard-normal fp32 noise for one (step, direction, tensor)."""
-        gen = self.generator(step, direction, key, device)
-        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        """Standard-normal fp32 noise for one whole (step, direction, tensor): its chunks, joined."""
+        numel = math.prod(shape)
+        if self.num_chunks(numel) <= 1:  # one draw of the whole tensor: no copy
+            gen = self.generator(step, direction, key, device)
+            return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+        return self.direction_slice(step, direction, key, numel, 0, numel, device).view(shape)
 
     def all_directions(self, step: int, key: str, shape, device: torch.device | str = "cpu") -> torch.Tensor:
         """Noise of every direction for one tensor in one draw, shape ``(num_directions, *shape)``.

@@ -9,6 +9,10 @@ A strategy (``core.strategies``) speaks to a space through this interface only::
     ...the optimizer steps space.named_tensors()...
     space.after_update()                            # push the stepped tensors into the model where they differ
 
+or, for plain SGD (no optimizer state), with no ``t.grad`` at all::
+
+    space.apply_update(step, coefficients, lr, weight_decay)   # t -= lr * (sum_k c_k eps_k(t) + weight_decay * t)
+
 A space that serves every member in one batched forward (rank-r factors, EGGROLL-style) returns a single group and
 routes each block of rows to its member; a space whose evolved tensors are not the model's weights (singular values)
 rebuilds the weights in ``after_update``. Spaces never look at rewards: turning fitness into coefficients is the
@@ -16,12 +20,13 @@ strategy's job.
 """
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 
 import torch
 
-from .noise import MemberNoise
+from .noise import ChunkSpan, MemberNoise
 
 
 RESTORE_MODES = ("copy", "subtract")
@@ -41,6 +46,8 @@ class PerturbationSpace(ABC):
     #: False when the evolved tensors are the space's own (e.g. singular values) rather than model parameters: the
     #: optimizer is then built over ``named_tensors()``.
     tensors_are_model_parameters: bool = True
+    #: True when :meth:`apply_update` can take the place of ``write_gradients`` + a plain-SGD optimizer step.
+    supports_apply_update: bool = False
 
     def __init__(self, noise: MemberNoise, sigma: float):
         if not 0 < sigma < float("inf"):
@@ -85,6 +92,20 @@ class PerturbationSpace(ABC):
         """
         raise NotImplementedError(f"{type(self).__name__} cannot apply one member's perturbation to its weights")
 
+    def apply_update(
+        self,
+        step: int,
+        coefficients: torch.Tensor,
+        lr: float | Sequence[float],
+        weight_decay: float | Sequence[float] = 0.0,
+    ) -> float:
+        """Do what ``write_gradients`` followed by a ``torch.optim.SGD`` step (momentum 0) does, without ``t.grad``:
+        ``t -= lr * (g + weight_decay * t)`` with ``g = sum_k c_k eps_k(t)``, in SGD's order and dtypes, one tensor
+        (or one noise chunk) at a time. ``lr`` and ``weight_decay``: one value, or one per tensor of
+        ``named_tensors()`` (the optimizer's param group of each). Returns the squared norm of ``g`` over what this
+        process holds (what the gradient-norm metric reads). Only for ``supports_apply_update`` spaces."""
+        raise NotImplementedError(f"{type(self).__name__} has no in-place update; write gradients for the optimizer")
+
     def step_optimizer(self) -> None:
         """Apply the gradients written by :meth:`write_gradients` (only for ``steps_own_optimizer`` spaces)."""
         raise NotImplementedError(f"{type(self).__name__} is stepped by the Trainer's optimizer")
@@ -104,9 +125,11 @@ class PerturbationSpace(ABC):
 class InPlaceSpace(PerturbationSpace):
     """Perturb a list of tensors in place, one member at a time (the ``full`` and ``lora`` spaces).
 
-    Subclasses that hold only part of each tensor (ZeRO-3 shards) override :meth:`_local`, :meth:`_store_gradient`
-    and :meth:`_before_edit`; perturbation, restore and the pseudo-gradient are then computed by the same code on
-    the same noise, so a sharded run matches an unsharded one by construction.
+    Noise reaches a tensor one chunk at a time (``MemberNoise.chunk_spans``): perturb, subtract-restore, the
+    pseudo-gradient and :meth:`apply_update` never hold more than one chunk of noise. Subclasses that hold only part
+    of each tensor (ZeRO-3 shards) override :meth:`_local`, :meth:`_store_gradient` and :meth:`_before_edit`; they
+    draw only the chunks their part overlaps, and perturbation, restore and the pseudo-gradient are computed by the
+    same code on the same noise, so a sharded run matches an unsharded one by construction.
 
     Args:
         named_params: the tensors to evolve, with stable names (the names seed the noise).
@@ -116,6 +139,8 @@ class InPlaceSpace(PerturbationSpace):
             the evolved weights while a member is evaluated); ``"subtract"`` regenerates the noise and subtracts it
             (no copy, but float rounding leaves ~1e-7 relative drift per member).
     """
+
+    supports_apply_update = True
 
     def __init__(
         self,
@@ -152,20 +177,48 @@ class InPlaceSpace(PerturbationSpace):
         """Called before the local tensors change and again before they are restored."""
 
     def _full_shape(self, param: torch.Tensor) -> tuple[int, ...]:
-        """Shape of the whole tensor, whose seeded noise every process draws before cutting its part."""
+        """Shape of the whole tensor, whose seeded noise chunks every process cuts its part from."""
         return tuple(param.shape)
 
     def local_tensors(self) -> list[torch.Tensor]:
         return [self._local(param)[0] for _, param in self.named_params]
 
-    def _noise(self, step: int, name: str, param, local: torch.Tensor, offset: int | None, **which) -> torch.Tensor:
-        """The full tensor's seeded noise (``member=`` or ``direction=``), cut to what this process holds."""
-        shape = self._full_shape(param)
-        if "member" in which:
-            eps = self.noise.member_noise(step, which["member"], name, shape, local.device)
-        else:
-            eps = self.noise.direction(step, which["direction"], name, shape, local.device)
-        return eps if offset is None else eps.view(-1).narrow(0, offset, local.numel())
+    def _pieces(self, param) -> tuple[torch.Tensor, int, list[ChunkSpan]]:
+        """(this process's part of ``param``, the whole tensor's numel, the noise chunks that part overlaps)."""
+        local, offset = self._local(param)
+        numel = math.prod(self._full_shape(param))
+        return local, numel, self.noise.chunk_spans(numel, offset or 0, local.numel())
+
+    def _draw(self, step: int, direction: int, name: str, numel: int, span: ChunkSpan, device) -> torch.Tensor:
+        """The noise of ``span``: its chunk drawn whole (a draw is not seekable), cut to the part in use."""
+        eps = self.noise.direction_chunk(step, direction, name, numel, span.chunk, device)
+        return eps if span.count == eps.numel() else eps.narrow(0, span.chunk_offset, span.count)
+
+    def _add_noise(self, step: int, member: int, scale: float, progress: list[int], limit: int | None = None):
+        """``local += scale * eps_member`` chunk by chunk over every tensor; ``progress[0]`` counts the chunks done
+        (so an exception part-way tells what to undo), and at most ``limit`` chunks are edited."""
+        direction, sign = self.noise.direction_and_sign(member)
+        scale = sign * scale  # (-eps) * s == eps * (-s) exactly: the same numbers as negating the noise first
+        for name, param in self.named_params:
+            local, numel, spans = self._pieces(param)
+            with _flat(local) as flat:
+                for span in spans:
+                    if limit is not None and progress[0] >= limit:
+                        return
+                    eps = self._draw(step, direction, name, numel, span, local.device)
+                    flat.narrow(0, span.slice_offset, span.count).add_(eps.mul_(scale).to(local.dtype))
+                    del eps  # before the next draw: one chunk of noise alive at a time
+                    progress[0] += 1
+
+    def _pseudo_gradient(self, grad: torch.Tensor, step, name, numel, span, coefficients) -> torch.Tensor:
+        """Add ``sum_k c_k eps_k`` over one span into ``grad`` (fp32 zeros: low precision would round small updates
+        to zero), direction by direction in order."""
+        for direction, coefficient in enumerate(coefficients):
+            if coefficient != 0.0:
+                eps = self._draw(step, direction, name, numel, span, grad.device)
+                grad.add_(eps, alpha=coefficient)
+                del eps
+        return grad
 
     # ------------------------------------------------------------------ PerturbationSpace
 
@@ -176,52 +229,99 @@ class InPlaceSpace(PerturbationSpace):
         (member,) = members
         with torch.no_grad():
             self._before_edit()
-            locals_ = self.local_tensors()
-            backup = [local.clone() for local in locals_] if self.restore == "copy" else None
-            edited = 0  # how many tensors carry noise: an exception part-way must only undo those
+            backup = [local.clone() for local in self.local_tensors()] if self.restore == "copy" else None
+            edited = [0]  # how many chunks carry noise: an exception part-way must only undo those
             try:
-                for (name, param), local in zip(self.named_params, locals_, strict=True):
-                    self._add_member_noise(step, member, name, param, local)
-                    edited += 1
+                self._add_noise(step, member, self.sigma, edited)
                 yield
             finally:
                 # Restore even when generation or a reward function raised, or a KeyboardInterrupt hit mid-way.
                 self._before_edit()
-                locals_ = self.local_tensors()
                 if backup is not None:
-                    for local, saved in zip(locals_, backup, strict=True):
+                    for local, saved in zip(self.local_tensors(), backup, strict=True):
                         local.copy_(saved)
                 else:
-                    for (name, param), local in list(zip(self.named_params, locals_, strict=True))[:edited]:
-                        _, offset = self._local(param)
-                        if local.numel():
-                            eps = self._noise(step, name, param, local, offset, member=member)
-                            local.add_(eps.mul_(-self.sigma).to(local.dtype))
-
-    def _add_member_noise(self, step: int, member: int, name: str, param, local: torch.Tensor) -> None:
-        """``local += sigma * eps_member`` in the tensor's dtype: the one expression both perturbing and
-        :meth:`apply_member` use, so an applied member is bit-identical to the evaluated one."""
-        _, offset = self._local(param)
-        if local.numel():
-            eps = self._noise(step, name, param, local, offset, member=member)
-            local.add_(eps.mul_(self.sigma).to(local.dtype))
+                    self._add_noise(step, member, -self.sigma, [0], limit=edited[0])
 
     def apply_member(self, step: int, member: int) -> None:
+        # The same chunked addition as perturbing, so the weights are bit-identical to the evaluated member's.
         with torch.no_grad():
             self._before_edit()
-            for (name, param), local in zip(self.named_params, self.local_tensors(), strict=True):
-                self._add_member_noise(step, member, name, param, local)
+            self._add_noise(step, member, self.sigma, [0])
 
     def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         coefficients = coefficients.tolist()
         with torch.no_grad():
             for name, param in self.named_params:
-                local, offset = self._local(param)
-                # fp32 accumulation: summing N low-precision noise tensors would round small updates to zero.
+                local, numel, spans = self._pieces(param)
                 grad = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
-                for direction, coefficient in enumerate(coefficients):
-                    if coefficient != 0.0 and local.numel():
-                        grad.add_(
-                            self._noise(step, name, param, local, offset, direction=direction), alpha=coefficient
-                        )
+                flat = grad.view(-1)
+                for span in spans:
+                    self._pseudo_gradient(
+                        flat.narrow(0, span.slice_offset, span.count), step, name, numel, span, coefficients
+                    )
                 self._store_gradient(param, grad)
+
+    def apply_update(self, step, coefficients, lr, weight_decay=0.0) -> float:
+        lrs = _per_tensor(lr, len(self.named_params), "lr")
+        decays = _per_tensor(weight_decay, len(self.named_params), "weight_decay")
+        coefficients = coefficients.tolist()
+        grad_sq = 0.0
+        with torch.no_grad():
+            self._before_edit()
+            for (name, param), lr_, decay in zip(self.named_params, lrs, decays, strict=True):
+                local, numel, spans = self._pieces(param)
+                with _flat(local) as flat:
+                    for span in spans:
+                        grad = torch.zeros(span.count, dtype=torch.float32, device=local.device)
+                        self._pseudo_gradient(grad, step, name, numel, span, coefficients)
+                        _check_finite(grad, name, coefficients)
+                        if local.dtype != torch.float32:
+                            grad = grad.to(local.dtype)  # what _store_gradient hands the optimizer
+                        # fp32 norm (as Trainer's grad_norm): a float64 one would copy the chunk at twice its size
+                        grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
+                        target = flat.narrow(0, span.slice_offset, span.count)
+                        _sgd_step(target, grad, lr_, decay)
+                        del grad
+        return grad_sq
+
+
+def _sgd_step(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float) -> None:
+    """``torch.optim.SGD``'s update with momentum 0 (``_single_tensor_sgd``), same ops in the same order and dtype,
+    so the result is bit-identical: ``grad = grad + weight_decay * param`` (L2, coupled), ``param -= lr * grad``.
+    ``grad`` is a temporary and is overwritten."""
+    if weight_decay != 0:
+        grad.add_(param, alpha=weight_decay)  # SGD: grad = grad.add(param, alpha=weight_decay)
+    param.add_(grad, alpha=-lr)
+
+
+def _check_finite(grad: torch.Tensor, name: str, coefficients) -> None:
+    """Refuse a non-finite pseudo-gradient before it reaches the weights (what the trainer checks in p.grad)."""
+    if not bool(torch.isfinite(grad).all()):
+        raise FloatingPointError(
+            f"the pseudo-gradient of {name!r} is NaN or infinite (coefficients {list(coefficients)}); it was not "
+            "applied"
+        )
+
+
+def _per_tensor(value, count: int, what: str) -> list[float]:
+    if isinstance(value, (int, float)):
+        return [float(value)] * count
+    values = [float(v) for v in value]
+    if len(values) != count:
+        raise ValueError(f"{what}: {len(values)} values for {count} evolved tensors (one per tensor, or one for all)")
+    return values
+
+
+@contextlib.contextmanager
+def _flat(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """A 1-D view of ``tensor`` in C order to edit chunk by chunk; a strided (non-contiguous) tensor is edited
+    through a flat copy that is written back, also when the edit stops part-way."""
+    if tensor.is_contiguous():
+        yield tensor.view(-1)
+        return
+    flat = tensor.reshape(-1).clone()
+    try:
+        yield flat
+    finally:
+        tensor.copy_(flat.view(tensor.shape))

@@ -2,9 +2,10 @@
 
 Under ZeRO-3 a parameter ``p`` is an empty placeholder; its values live in ``p.ds_tensor``, this rank's flat slice
 ``[rank * partition, (rank + 1) * partition)`` of ``p`` flattened (the last rank's slice is padded past
-``p.ds_numel``; the padding is never gathered). The noise of a member for ``p`` is still generated for the *full*
-tensor from the same seeded generator as in :class:`~trl_es.core.InPlaceSpace`, flattened and sliced, so a ZeRO-3
-run perturbs and updates exactly the numbers a single-process run does, whatever the number of ranks.
+``p.ds_numel``; the padding is never gathered). The noise of a member for ``p`` is the *full* tensor's seeded noise,
+which is defined chunk by chunk (``core.noise``): a rank draws only the chunks its slice overlaps and cuts its part
+from each, so a ZeRO-3 run perturbs and updates exactly the numbers a single-process run does, whatever the number of
+ranks, while each rank's noise work shrinks with its shard (down to one chunk per tensor it touches).
 
 Only weights that are gathered for a forward see a perturbation: ZeRO-3 keeps small "persistent" parameters
 (``stage3_param_persistence_threshold``) gathered between steps, and ``GatheredParameters`` skips parameters that are
@@ -98,7 +99,8 @@ class ZeRO3Space(InPlaceSpace):
     """The ``full`` / ``lora`` space for parameters partitioned by DeepSpeed ZeRO-3 (one member per forward).
 
     It is :class:`~trl_es.core.InPlaceSpace` with only the local view changed: a tensor's local numbers are this
-    rank's unpadded ``ds_tensor`` shard, and its noise is the full tensor's seeded noise cut to that shard. Perturb,
+    rank's unpadded ``ds_tensor`` shard, and its noise is the full tensor's seeded noise cut to that shard (drawn from
+    the noise chunks the shard overlaps). Perturb,
     restore and the pseudo-gradient run the base class's code on those views, so a ZeRO-3 run moves exactly the
     numbers an unsharded run does, on any number of ranks.
 
@@ -116,6 +118,9 @@ class ZeRO3Space(InPlaceSpace):
     ranks_share_members = True
     #: Under DeepSpeed the engine, not the Trainer's optimizer wrapper, applies the update (:meth:`step_optimizer`).
     steps_own_optimizer = True
+    #: The engine's optimizer steps fp32 master partitions of its own: editing ``ds_tensor`` in place would be
+    #: overwritten by them, so the update always goes through the engine.
+    supports_apply_update = False
 
     def __init__(
         self,
@@ -177,6 +182,12 @@ class ZeRO3Space(InPlaceSpace):
 
     def step_optimizer(self) -> None:
         step_engine(self.engine())
+
+    def apply_update(self, step, coefficients, lr, weight_decay=0.0) -> float:
+        raise NotImplementedError(
+            "ZeRO3Space has no in-place update: DeepSpeed's optimizer keeps fp32 master partitions that an in-place "
+            "edit of the shards would not reach; the engine steps the pseudo-gradient (inplace_update=False)."
+        )
 
 
 def _sum_over_ranks(value: torch.Tensor, param) -> torch.Tensor:

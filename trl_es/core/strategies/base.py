@@ -17,7 +17,8 @@ class StrategyUpdate:
     Attributes:
         shaped: the weight each member received, ``(population,)``.
         coefficients: the per-direction coefficients written as ``t.grad = sum_k c_k eps_k(t)`` for the optimizer
-            to step; ``None`` when the strategy set the evolved tensors itself.
+            to step (or, with ``update_in_place``, left for ``space.apply_update``); ``None`` when the strategy set
+            the evolved tensors itself.
         winner: for strategies that select (``Strategy.selects_a_member``, e.g. GA): the member whose perturbation
             was added to the evolved tensors (``theta += sigma * eps_winner``), or ``None`` when the parent was kept.
     """
@@ -39,9 +40,14 @@ class Strategy(ABC):
     #: True for strategies whose update is one member's perturbation made permanent (``StrategyUpdate.winner``);
     #: the seed log then records the winner of every step, and replay applies it through the space.
     selects_a_member: bool = False
+    #: True when ``tell`` can leave ``t.grad`` alone and return coefficients for ``space.apply_update`` instead.
+    supports_update_in_place: bool = False
 
     def __init__(self, space: PerturbationSpace):
         self.space = space
+        #: Set by the trainer when plain SGD lets the space apply the update itself (``ESConfig.inplace_update``):
+        #: ``tell`` then writes no gradient and whoever steps applies ``coefficients`` with ``space.apply_update``.
+        self.update_in_place = False
 
     @property
     def population_size(self) -> int:

@@ -25,6 +25,8 @@ class GaussianES(Strategy):
     sigma_decay: per-step multiplicative factor of the space's ``sigma`` (1.0: constant).
     """
 
+    supports_update_in_place = True
+
     def __init__(self, space: PerturbationSpace, fitness_shaping: str = "centered_rank", sigma_decay: float = 1.0):
         super().__init__(space)
         if not 0 < sigma_decay <= 1:
@@ -47,5 +49,6 @@ class GaussianES(Strategy):
     def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
         shaped = shape_fitness(fitness, self.fitness_shaping)
         coefficients = pseudo_gradient_coefficients(shaped, self.space.noise, self.space.sigma)
-        self.space.write_gradients(step, coefficients)
+        if not self.update_in_place:  # else the trainer applies them at the optimizer step: no t.grad at all
+            self.space.write_gradients(step, coefficients)
         return StrategyUpdate(shaped=shaped, coefficients=coefficients)
