@@ -84,6 +84,8 @@ def test_inplace_update_trains_bit_identical_weights(tiny_model_dir, tmp_path, p
         (dict(optim="adamw_torch"), "not torch.optim.SGD"),
         (dict(max_grad_norm=1.0), "max_grad_norm=1.0 clips"),
         (dict(optim_args="momentum=0.9"), "momentum=0.9"),
+        (dict(anchor_decay=0.5), "anchor_decay=0.5 adds its pull"),  # the pull is written to p.grad
+        (dict(strategy="ga"), "strategy='ga' writes no pseudo-gradient"),
         (dict(inplace_update=False), None),
     ],
 )
@@ -116,6 +118,8 @@ def test_explicit_inplace_update_names_what_prevents_it(tiny_model_dir, tmp_path
         es_config(tmp_path, inplace_update=True, optim="adamw_torch")
     with pytest.raises(ValueError, match="max_grad_norm=0.5 could not clip it"):
         es_config(tmp_path, inplace_update=True, max_grad_norm=0.5)
+    with pytest.raises(ValueError, match="anchor_decay=0.5 adds its pull to the gradient"):
+        es_config(tmp_path, inplace_update=True, anchor_decay=0.5)
 
 
 def test_svd_space_and_cma_keep_their_own_update(tiny_model_dir, tmp_path):
