@@ -1,17 +1,19 @@
 """What a GRPO user gets by swapping the class name only: ESTrainer with a plain GRPOConfig on the quickstart task.
 
-    python benchmarks/grpo_config_swap.py [--steps 100] [--json OUT]
+    python benchmarks/grpo_config_swap.py [--steps 50] [--json OUT]
 
 Trains the shipped arithmetic policy with `ESTrainer` and `GRPOConfig(output_dir=..., bf16=False)` plus the task's
-generation length, i.e. GRPO's defaults for everything else (8 rows a device, 8 generations, temperature 1), twice:
+generation length, i.e. GRPO's defaults for everything else, three ways:
 
-* ``converted``: the conversion ESTrainer applies (optimisation fields left at GRPO's defaults take ES's: SGD at
-  ES's step size, no clipping, dropout off);
-* ``grpo_optimiser``: the same, but with GRPO's optimiser settings forced back in (AdamW at 1e-6, clipping at 1.0),
-  which is what the conversion did before.
+* ``converted``: what ESTrainer does with that config today: every field the script left at GRPO's default takes
+  ESConfig's (SGD at Qiu et al.'s step for sigma 1e-3, no clipping, 32 distinct prompts a step, greedy);
+* ``before``: the conversion of the previous release: GRPO's data and decoding kept (8 rows, 8 samples at
+  temperature 1: one distinct prompt a step) and SGD at the old fixed default learning rate 1e-4;
+* ``grpo_optimiser``: GRPO's data and decoding and GRPO's optimiser (AdamW at 1e-6, clipping at 1.0), which is what
+  the conversion did before that.
 
-Prints held-out greedy accuracy (500 problems) before and after each, and the load average (timings are not
-reported: the point is what the settings learn, not how fast).
+Prints held-out greedy accuracy (500 problems) before and after each, and the load average
+(timings are not reported: the point is what the settings learn, not how fast).
 """
 
 import argparse
@@ -27,8 +29,16 @@ from trl_es.evaluation import greedy_accuracy
 from trl_es.tasks import ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
 
 
+GRPO_DATA = dict(per_device_train_batch_size=8, num_generations=8, temperature=1.0)
+VARIANTS = {
+    "converted": {},
+    "before": dict(GRPO_DATA, learning_rate=1e-4),
+    "grpo_optimiser": dict(GRPO_DATA, learning_rate=1e-6, optim="adamw_torch_fused", max_grad_norm=1.0),
+}
+
+
 def run(name: str, steps: int, output_dir: str) -> dict:
-    grpo = GRPOConfig(
+    script = dict(
         output_dir=output_dir,
         bf16=False,
         max_steps=steps,
@@ -39,9 +49,9 @@ def run(name: str, steps: int, output_dir: str) -> dict:
         logging_steps=steps,
         seed=42,
     )
-    args = ESConfig.from_grpo_config(grpo)
-    if name == "grpo_optimiser":
-        args.learning_rate, args.optim, args.max_grad_norm = grpo.learning_rate, grpo.optim, grpo.max_grad_norm
+    args = ESConfig.from_grpo_config(GRPOConfig(**script))
+    if VARIANTS[name]:
+        args = ESConfig(**script, **VARIANTS[name])
     trainer = ESTrainer(
         str(ARITHMETIC_POLICY_DIR),
         reward_funcs=arithmetic_accuracy,
@@ -58,11 +68,12 @@ def run(name: str, steps: int, output_dir: str) -> dict:
     return {
         "settings": name,
         "learning_rate": args.learning_rate,
-        "optim": args.optim,
+        "optim": str(getattr(args.optim, "value", args.optim)),
         "max_grad_norm": args.max_grad_norm,
         "sigma": args.sigma,
         "population_size": args.population_size,
         "distinct_prompts_per_step": args.generation_batch_size // args.num_generations,
+        "temperature": args.temperature,
         "steps": steps,
         "accuracy_before": before,
         "accuracy_after": accuracy(),
@@ -71,16 +82,16 @@ def run(name: str, steps: int, output_dir: str) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    results = []
+    results, load_at_start = [], os.getloadavg()
     with tempfile.TemporaryDirectory() as folder:
-        for name in ("converted", "grpo_optimiser"):
+        for name in VARIANTS:
             results.append(run(name, args.steps, os.path.join(folder, name)))
             print(json.dumps(results[-1]), flush=True)
-    report = {"runs": results, "load_average_at_end": os.getloadavg()}
+    report = {"runs": results, "load_average_at_start": load_at_start, "load_average_at_end": os.getloadavg()}
     print(json.dumps(report, indent=2))
     if args.json:
         with open(args.json, "w") as file:

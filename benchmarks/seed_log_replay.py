@@ -21,7 +21,8 @@ import torch
 
 from trl_es.recipes import parse_train_args
 from trl_es.scripts.train import load_datasets, load_reward_funcs, resolve_model
-from trl_es.seed_log import LOG_NAME, load_base_model, read_seed_log, replay_steps
+from trl_es.seed_log import LOG_NAME, read_seed_log
+from trl_es.seed_replay import load_base_model, replay_steps
 from trl_es.trainer import ESTrainer
 
 

@@ -41,7 +41,7 @@ def config(**overrides):
         ("fitness_shaping", 1, r"ESConfig.fitness_shaping: expected a string, got int 1"),
         ("perturbation_target_modules", "q_proj", r"ESConfig.perturbation_target_modules: expected a list"),
         ("perturbation_target_modules", ["q_proj", 3], r"perturbation_target_modules: item 1 \(3\): expected a str"),
-        ("learning_rate", None, r"ESConfig.learning_rate: expected a number, got NoneType"),
+        ("learning_rate", "4e-4", r"ESConfig.learning_rate: expected a number, not text"),
         ("num_generations", 2.0, r"ESConfig.num_generations: expected an integer \(write 2, not 2.0\)"),
     ],
 )
@@ -273,16 +273,50 @@ def test_ignored_fields_are_named_with_their_reason_in_one_warning(tmp_path):
     assert len(messages) == 1 and "entropy_coef=0.1" in messages[0]
 
 
-def test_plain_grpo_config_gets_es_optimisation_defaults_unless_the_user_set_them(tmp_path):
+def test_plain_grpo_config_gets_es_defaults_unless_the_user_set_them(tmp_path):
     from trl import GRPOConfig
 
     defaults = ESConfig.from_grpo_config(GRPOConfig(str(tmp_path), report_to="none", bf16=False))
     es = ESConfig(str(tmp_path), report_to="none")
     assert (defaults.learning_rate, defaults.optim, defaults.max_grad_norm) == (es.learning_rate, "sgd", 0.0)
-    assert defaults.disable_dropout is True
-    # the data and decoding of the GRPO script are kept
-    assert (defaults.num_generations, defaults.temperature, defaults.per_device_train_batch_size) == (8, 1.0, 8)
+    assert defaults.disable_dropout is True and defaults.activation_checkpointing is False
+    # GRPO's data defaults (one distinct prompt a step, sampled) become ES's (32 distinct prompts, greedy)
+    assert (defaults.num_generations, defaults.temperature, defaults.per_device_train_batch_size) == (2, 0.0, 64)
     chosen = ESConfig.from_grpo_config(
         GRPOConfig(str(tmp_path), learning_rate=3e-4, optim="adamw_torch", report_to="none", bf16=False)
     )
     assert (chosen.learning_rate, chosen.optim) == (3e-4, "adamw_torch")
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {},
+        dict(learning_rate=3e-4, optim="adamw_torch", max_grad_norm=0.5),
+        dict(num_generations=4, temperature=0.7, per_device_train_batch_size=16, steps_per_generation=2),
+        dict(max_steps=7, logging_steps=3, beta=0.1, seed=5, weight_decay=0.1, lr_scheduler_type="constant"),
+    ],
+)
+def test_a_converted_grpo_config_is_esconfig_given_the_same_arguments(tmp_path, arguments):
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    common = dict(output_dir=str(tmp_path), report_to="none", bf16=False)
+    converted = ESConfig.from_grpo_config(GRPOConfig(**common, **arguments))
+    direct = ESConfig(**common, **arguments)
+    differ = [f.name for f in dataclasses.fields(ESConfig) if getattr(converted, f.name) != getattr(direct, f.name)]
+    assert differ == []
+
+
+def test_default_learning_rate_is_qiu_step_for_the_sigma_shaping_and_optimizer(tmp_path):
+    def lr(**values):
+        return ESConfig(str(tmp_path), report_to="none", **values).learning_rate
+
+    # SGD: sigma^2 / (2 * std of the shaped fitness); centered ranks have std 1 / sqrt(12)
+    assert lr() == pytest.approx(1e-3**2 / 2 * 12**0.5)
+    assert lr(sigma=0.01) == pytest.approx(100 * lr())
+    assert lr(fitness_shaping="zscore") == pytest.approx(0.5e-6)
+    # per-weight normalising optimizers: sigma / (2 sqrt(N))
+    assert lr(optim="adamw_torch", population_size=16) == pytest.approx(1e-3 / 8)
+    assert lr(learning_rate=4e-4) == 4e-4  # set: kept

@@ -1,8 +1,16 @@
 """The pseudo-gradient: antithetic cancellation, fp32 accumulation, and the direction of the true gradient."""
 
+import pytest
 import torch
 
-from trl_es.core import InPlaceSpace, MemberNoise, member_fitness, pseudo_gradient_coefficients, shape_fitness
+from trl_es.core import (
+    InPlaceSpace,
+    MemberNoise,
+    member_fitness,
+    pseudo_gradient_coefficients,
+    qiu_learning_rate,
+    shape_fitness,
+)
 
 
 def test_antithetic_pairs_with_equal_fitness_cancel():
@@ -96,3 +104,33 @@ def test_low_precision_weights_get_an_fp32_accumulated_update():
     space.write_gradients(0, pseudo_gradient_coefficients(shaped, space.noise, space.sigma))
     assert param.grad.dtype == torch.bfloat16
     assert param.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("shaping", ["centered_rank", "zscore"])
+def test_qiu_learning_rate_gives_sgd_the_step_of_qiu_et_al(shaping):
+    """Plain SGD on the pseudo-gradient with the derived learning rate moves the weights as far as Qiu et al.'s
+    ``theta += (sigma / 2N) sum_i z_i eps_i`` on the same rewards (z-scored) and noise."""
+    generator = torch.Generator().manual_seed(0)
+    population, dimension, sigma = 32, 50_000, 1e-3
+    noise = MemberNoise(seed=0, population_size=population, antithetic=False)
+    eps = torch.randn(population, dimension, generator=generator)
+    rewards = torch.rand(population, generator=generator)
+    shaped = shape_fitness(rewards, shaping)
+    lr = qiu_learning_rate(sigma, population, shaping, normalizing_optimizer=False)
+    ours = -lr * (pseudo_gradient_coefficients(shaped, noise, sigma) @ eps)
+    z = (rewards - rewards.mean()) / rewards.std()
+    qiu = sigma / 2 / population * (z @ eps)
+    assert torch.linalg.vector_norm(ours) / torch.linalg.vector_norm(qiu) == pytest.approx(1.0, rel=0.1)
+    assert torch.nn.functional.cosine_similarity(ours, qiu, dim=0) > 0.95
+
+
+def test_qiu_learning_rate_for_a_normalising_optimizer_is_qiu_step_per_weight():
+    generator = torch.Generator().manual_seed(1)
+    population, sigma = 64, 1e-3
+    eps = torch.randn(population, 100_000, generator=generator)
+    z = torch.randn(population, generator=generator)
+    z = (z - z.mean()) / z.std()
+    per_weight = (sigma / 2 / population * (z @ eps)).abs().mean() * (torch.pi / 2) ** 0.5  # mean |x| -> std
+    assert qiu_learning_rate(sigma, population, "centered_rank", normalizing_optimizer=True) == pytest.approx(
+        float(per_weight), rel=0.05
+    )

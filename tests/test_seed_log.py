@@ -11,7 +11,8 @@ from safetensors.torch import load_file
 
 from trl_es import ESTrainer
 from trl_es.cli import main
-from trl_es.seed_log import LOG_NAME, read_seed_log, replay, weights_hash
+from trl_es.seed_log import LOG_NAME, read_seed_log, weights_hash
+from trl_es.seed_replay import replay
 from trl_es.tasks import arithmetic_dataset
 
 
@@ -114,7 +115,7 @@ def test_noise_chunk_is_recorded_and_a_log_from_before_chunks_replays_with_whole
     tiny_model_dir, tmp_path, monkeypatch
 ):
     import trl_es.search
-    from trl_es.seed_log import WHOLE_TENSOR_NOISE
+    from trl_es.seed_replay import WHOLE_TENSOR_NOISE
 
     # Chunks of 100 elements: the tiny model's matrices span several, so the chunk size decides their noise.
     monkeypatch.setattr(trl_es.search, "NOISE_CHUNK", 100)

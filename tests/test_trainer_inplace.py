@@ -98,7 +98,7 @@ def test_auto_falls_back_to_p_grad_when_the_optimizer_needs_it(tiny_model_dir, t
         args=es_config(tmp_path, **overrides),
         train_dataset=arithmetic_dataset("train", size=16),
     )
-    with caplog.at_level(logging.INFO, logger="trl_es.trainer"):
+    with caplog.at_level(logging.INFO, logger="trl_es.update_step"):
         trainer.create_optimizer()
     assert not trainer._inplace_update and not trainer.strategy.update_in_place
     if reason:

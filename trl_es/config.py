@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
-from .core import FITNESS_SHAPINGS, RESTORE_MODES, STRATEGIES
+from .core import FITNESS_SHAPINGS, RESTORE_MODES, STRATEGIES, qiu_learning_rate
 from .recipe_checks import check_recipe_types, load_yaml_strict, type_problem
 
 
@@ -73,10 +73,10 @@ IGNORED_GRPO_FIELDS = {
         _IS,
     ),
 }  # fmt: skip
-# Optimisation settings a plain GRPOConfig carries for a policy gradient: when a script left them at GRPO's defaults
-# (AdamW at 1e-6, clipping at 1.0, dropout on), ES's defaults replace them; values the user set are kept.
-ES_TAKES_OVER_WHEN_DEFAULT = ("learning_rate", "optim", "max_grad_norm", "disable_dropout", "gradient_checkpointing")
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+# Never carried over from a GRPOConfig: ES runs no backward pass, so activation checkpointing (GRPO's default, set
+# through the deprecated alias gradient_checkpointing) would only slow generation.
+NOT_CONVERTED = ("gradient_checkpointing", "activation_checkpointing")
 # A non-finite value in these reaches the weights: NaN sigma or learning rate turns every weight into NaN after one
 # step, inf clips nothing or everything.
 FINITE_FIELDS = (
@@ -103,7 +103,7 @@ class ESConfig(GRPOConfig):
     into fitness, and hand the pseudo-gradient ``-(1 / (N sigma)) sum_i f_i eps_i`` to the configured torch optimizer
     (so ``learning_rate``, ``optim``, ``weight_decay`` and ``lr_scheduler_type`` apply as usual).
 
-    Defaults that differ from GRPOConfig: ``learning_rate``, ``optim="sgd"``, ``max_grad_norm=0.0`` (a clipped ES
+    Defaults that differ from GRPOConfig: ``learning_rate`` (derived from ``sigma``: Qiu et al.'s step), ``optim="sgd"``, ``max_grad_norm=0.0`` (a clipped ES
     step is a different algorithm), ``temperature=0.0`` (greedy, the published ES setting), ``num_generations=2``
     and ``per_device_train_batch_size=64`` (32 distinct prompts per step), ``logging_steps=1``,
     ``gradient_checkpointing=False`` (there is no backward pass).
@@ -311,9 +311,15 @@ class ESConfig(GRPOConfig):
     )
 
     # GRPOConfig fields whose defaults ES changes.
-    learning_rate: float = field(
-        default=1e-4,
-        metadata={"help": "ES step size: the learning rate of the torch optimizer fed with the ES pseudo-gradient."},
+    learning_rate: float | None = field(
+        default=None,
+        metadata={
+            "help": "ES step size: the learning rate of the torch optimizer fed with the ES pseudo-gradient. Default "
+            "(None): the step of Qiu et al. (2025), alpha = sigma / 2 on z-scored rewards, for this sigma, shaping, "
+            "population and optimizer: sigma^2 / (2 * std of the shaped fitness) for optim='sgd' (1.73 sigma^2 with "
+            "centered ranks: 1.7e-6 at sigma 1e-3), sigma / (2 * sqrt(population_size)) for optimizers that "
+            "normalise per weight (every other optim). Set it to tune the step."
+        },
     )
     optim: str = field(
         default="sgd",
@@ -369,6 +375,13 @@ class ESConfig(GRPOConfig):
     def __post_init__(self):
         self._check_es_field_types()
         self._check_es_fields()
+        if self.learning_rate is None:
+            # Derived from sigma: the pseudo-gradient divides by sigma, so a fixed default would be the right step
+            # for one sigma only (1e-4 was 57 times Qiu et al.'s step at sigma 1e-3 and lowered accuracy).
+            optim = getattr(self.optim, "value", self.optim)
+            self.learning_rate = qiu_learning_rate(
+                self.sigma, self.population_size, self.fitness_shaping, normalizing_optimizer=optim != "sgd"
+            )
         if self.fp16 and (self.use_cpu or not _has_accelerator()):
             # accelerate runs fp16 mixed precision only on a GPU-like device; on CPU it quietly keeps fp32 (no
             # autocast, no grad scaler), so the flag would only mislead whoever reads the recipe.
@@ -449,7 +462,7 @@ class ESConfig(GRPOConfig):
     def _check_es_fields(self):
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}.")
-        if self.learning_rate < 0:
+        if self.learning_rate is not None and self.learning_rate < 0:
             raise ValueError(
                 f"learning_rate must be >= 0, got {self.learning_rate}: a negative ES step size moves the weights "
                 "towards lower reward."
@@ -569,24 +582,22 @@ class ESConfig(GRPOConfig):
 
     @classmethod
     def from_grpo_config(cls, grpo: GRPOConfig) -> "ESConfig":
-        """Carry every field of a ``GRPOConfig`` over; ES fields take their defaults.
+        """The ``ESConfig`` of a ``GRPOConfig``: as if the script had passed ``ESConfig`` the arguments it gave
+        ``GRPOConfig``.
 
-        The fields of ``ES_TAKES_OVER_WHEN_DEFAULT`` that the script left at GRPO's defaults (AdamW at 1e-6, clipping
-        at 1.0, dropout on) take ES's defaults; a value the user set is kept (clipping is warned about). Everything
-        else (data, generation, logging) keeps the script's value.
+        Every field whose value differs from GRPO's default (what the script set) is kept; every field left at
+        GRPO's default takes ESConfig's default. So the policy-gradient optimisation defaults (AdamW at 1e-6,
+        clipping at 1.0) become ES's (SGD at Qiu et al.'s step for the default sigma, no clipping), and so do GRPO's
+        data defaults (8 rows, 8 samples at temperature 1: one distinct prompt a step) become ES's (32 distinct
+        prompts a step, greedy). A value set equal to GRPO's default cannot be told apart from an unset one.
         """
-        # Pass what the user set, plus GRPO's own value wherever ESConfig changed the default, so the run uses
-        # the same settings the GRPO script had. Fields left at their defaults are skipped (deprecated aliases
-        # would otherwise warn).
-        es_defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         values = {}
         for f in dataclasses.fields(GRPOConfig):
             value = getattr(grpo, f.name)
-            if f.init and (value != _GRPO_DEFAULTS[f.name] or es_defaults[f.name] != _GRPO_DEFAULTS[f.name]):
+            # `not f.init`: computed fields; equal to the default: left alone (deprecated aliases would warn too).
+            if f.init and value != _GRPO_DEFAULTS[f.name] and f.name not in NOT_CONVERTED:
                 values[f.name] = value
-        for name in ES_TAKES_OVER_WHEN_DEFAULT:
-            if getattr(grpo, name) == _GRPO_DEFAULTS[name]:
-                values.pop(name, None)
-        # GRPOConfig.__post_init__ derived generation_batch_size from steps_per_generation; passing both is an error.
+        # GRPOConfig.__post_init__ derived generation_batch_size from the batch size, which may change here; passing
+        # it with steps_per_generation would be an error. steps_per_generation (derived or set) is kept.
         values["generation_batch_size"] = None
         return cls(**values)

@@ -40,16 +40,13 @@ little-endian, C order. It covers every parameter, not only the evolved ones, so
 weights ES does not move (LoRA's frozen base, the embeddings under ``low_rank``) is not taken for the run's base.
 
 Each checkpoint folder gets the log's prefix up to its step, so a checkpoint replays to itself and a run resumed from
-it continues the same log. Replay (:func:`replay`, ``trl-es replay``) is bit-identical on the device type and torch
+it continues the same log. Replay (``trl_es.seed_replay``, ``trl-es replay``) is bit-identical on the device type and torch
 build the run used: the noise generators and the optimizer kernels are device-specific.
 """
 
 import base64
 import binascii
-import dataclasses
 import hashlib
-import importlib
-import inspect
 import json
 import logging
 import math
@@ -57,16 +54,11 @@ import os
 import shutil
 from dataclasses import dataclass
 from enum import Enum
-from types import SimpleNamespace
 
 import torch
 from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
-
-from .config import ESConfig
-from .core import Anchor, plain_sgd_problem, sgd_hyperparameters
-from .search import build_search
 
 
 logger = logging.getLogger(__name__)
@@ -74,8 +66,6 @@ logger = logging.getLogger(__name__)
 LOG_NAME = "es_seed_log.jsonl"
 FORMAT = "trl-es seed log"
 VERSION = 1
-REPLAYABLE_STRATEGIES = ("gaussian", "ga")
-REPLAYABLE_SPACES = ("full", "lora", "low_rank")
 # ESConfig fields that decide the members' noise and the update; `perturbation` is recorded resolved (never "auto").
 ES_SETTINGS = (
     "seed",
@@ -92,10 +82,6 @@ ES_SETTINGS = (
     "sigma_decay",
     "anchor_decay",
 )
-# What a log written before a setting existed implies for it (the behaviour of the time).
-ES_SETTING_DEFAULTS = {"prompt_groups": 1, "sigma_decay": 1.0, "anchor_decay": 0.0}
-# Chunk size that makes every tensor one chunk: the noise of seed logs written before chunks existed.
-WHOLE_TENSOR_NOISE = 2**62
 # Header parts a resumed run must share with its checkpoint's log, or the continued log would not replay.
 RESUME_MUST_MATCH = ("es", "optimizer", "evolved")
 # Param-group keys that are not hyperparameters: the tensors, the per-step lr, and the scheduler's bookkeeping.
@@ -535,210 +521,12 @@ def _parse_record(raw: bytes, header: dict, expected_step: int) -> SeedRecord:
     )
 
 
-# ---------------------------------------------------------------------------------------------- replay
-
-
-def check_replayable(log: SeedLog) -> None:
-    """Raise, naming the setting, if this trl_es cannot rebuild the log's steps bit-exactly."""
-    es, optimizer = log.header["es"], log.header["optimizer"]
-    if es["strategy"] not in REPLAYABLE_STRATEGIES:
-        raise ValueError(
-            f"{log.path}: cannot replay strategy {es['strategy']!r}; replay rebuilds the steps of "
-            f"{list(REPLAYABLE_STRATEGIES)} (seeded noise times recorded coefficients)."
-        )
-    if es["perturbation"] not in REPLAYABLE_SPACES:
-        raise ValueError(
-            f"{log.path}: cannot replay perturbation space {es['perturbation']!r}; replay knows {list(REPLAYABLE_SPACES)}."
-        )
-    if es["perturbation"] != "low_rank" and es["perturbation_restore"] != "copy":
-        raise ValueError(
-            f"{log.path}: the run restored perturbed weights with perturbation_restore={es['perturbation_restore']!r}, "
-            "which leaves ~1e-7 of rounding drift per member in the trained weights; replay cannot reproduce it "
-            "(train with perturbation_restore='copy' for a replayable run)."
-        )
-    if not optimizer["class"].startswith("torch.optim."):
-        raise ValueError(
-            f"{log.path}: cannot replay optimizer {optimizer['class']}; replay imports only torch.optim optimizers."
-        )
-    for record in log.records:
-        if record.coefficients is None and not record.skip and not record.selection:
-            raise ValueError(
-                f"{log.path}: step {record.step} has no coefficients (strategy {es['strategy']!r} set the evolved "
-                "tensors itself), so it cannot be replayed."
-            )
-
-
-def load_base_model(path: str, log: SeedLog, device: str | torch.device | None = None):
-    """The model the run started from: ``path`` loaded as the trainer loads it (dtype from the log), with the
-    log's adapter for PEFT runs; raises if its weights hash differs from the log's."""
-    from trl.trainer.utils import create_model_from_path
-
-    header = log.header
-    device = torch.device(device or header["model"]["device"])
-    model = create_model_from_path(path, dtype=header["model"]["dtype"], device_map=None).to(device)
-    peft = header.get("peft")
-    if peft:
-        from peft import PeftConfig, get_peft_model
-
-        model = get_peft_model(model, PeftConfig.from_peft_type(**peft["config"]))
-        params = dict(model.named_parameters())
-        with torch.no_grad():
-            for name, entry in peft["initial_adapter"].items():
-                if name not in params:
-                    raise ValueError(
-                        f"{log.path}: adapter tensor {name!r} of the log is not in the adapter built from its peft "
-                        f"config on {path}"
-                    )
-                value = decode_tensor(entry["data"], _dtype(entry["dtype"]), entry["shape"])
-                if value.dtype != params[name].dtype or value.shape != params[name].shape:
-                    raise ValueError(
-                        f"{log.path}: adapter tensor {name!r} is {entry['dtype']} {entry['shape']} in the log but "
-                        f"{_dtype_name(params[name].dtype)} {list(params[name].shape)} on {path}"
-                    )
-                params[name].copy_(value)
-    found, expected = weights_hash(model.named_parameters()), header["base_weights_hash"]
-    if found != expected:
-        raise ValueError(
-            f"{path} is a different base model than the run of {log.path} started from: its weights hash to "
-            f"{found}, the log's base to {expected} ({header['model']['dtype']}, trained from "
-            f"{header['model'].get('name_or_path')!r}). Pass the model the run was trained from."
-        )
-    return model
-
-
-def build_replay_search(model, log: SeedLog):
-    """The run's perturbation space and strategy on ``model``, built by ``trl_es.search`` as the trainer builds them."""
-    es = log.header["es"]
-    # ESConfig's defaults for what the log does not record (a strategy's own settings, e.g. ga_elite): the records
-    # say what each step did, so those settings only have to build the strategy. A setting a log written before it
-    # existed lacks takes the behaviour of the time (ES_SETTING_DEFAULTS).
-    defaults = {f.name: f.default for f in dataclasses.fields(ESConfig) if f.default is not dataclasses.MISSING}
-    args = SimpleNamespace(**defaults)
-    vars(args).update(
-        {name: es[name] if name in es else ES_SETTING_DEFAULTS[name] for name in ES_SETTINGS},
-        perturbation=es["perturbation"],
-    )
-    args.population_batch_size = None  # how members share a forward; replay runs no forward
-    # A log without noise_chunk predates chunked noise: each tensor's noise was one draw, i.e. a single chunk.
-    args.noise_chunk = es.get("noise_chunk", WHOLE_TENSOR_NOISE)
-    setup = SimpleNamespace(
-        args=args, model=model, is_deepspeed_enabled=False, accelerator=SimpleNamespace(num_processes=1)
-    )
-    space, strategy = build_search(setup)
-    names = [name for name, _ in space.named_tensors()]
-    if names != log.header["evolved"]:
-        recorded = log.header["evolved"]
-        first = next((i for i, (a, b) in enumerate(zip(names, recorded)) if a != b), min(len(names), len(recorded)))
-        raise ValueError(
-            f"{log.path}: the {es['perturbation']} space on this model evolves {len(names)} tensors, the run "
-            f"evolved {len(recorded)}; they differ at position {first} "
-            f"({names[first] if first < len(names) else None!r} vs {recorded[first] if first < len(recorded) else None!r})"
-        )
-    return space, strategy
-
-
-def build_replay_optimizer(space, log: SeedLog) -> tuple[torch.optim.Optimizer, list[int]]:
-    """The run's torch optimizer over the space's tensors, and which recorded param group each of its groups is
-    (groups that held no evolved tensor are left out: nothing in them ever stepped)."""
-    spec = log.header["optimizer"]
-    module_name, _, class_name = spec["class"].rpartition(".")
-    cls = getattr(importlib.import_module(module_name), class_name, None)
-    if not (isinstance(cls, type) and issubclass(cls, torch.optim.Optimizer)):
-        raise ValueError(f"{log.path}: {spec['class']} is not a torch optimizer in this torch")
-    tensors = [tensor for _, tensor in space.named_tensors()]
-    groups, recorded = [], []
-    for number, group in enumerate(spec["groups"]):
-        if group["tensors"]:
-            params = [tensors[position] for position in group["tensors"]]
-            # lr: a placeholder, every step sets the one it recorded
-            groups.append({"params": params, **_hyperparameters(group["hyperparameters"]), "lr": 0.0})
-            recorded.append(number)
-    accepted = inspect.signature(cls.__init__).parameters
-    defaults = {key: value for key, value in _hyperparameters(spec["defaults"]).items() if key in accepted}
-    return cls(groups, **defaults), recorded
-
-
-def replay_steps(model, log: SeedLog) -> int:
-    """Apply the log's steps to ``model`` (the run's base, see :func:`load_base_model`); returns how many."""
-    check_replayable(log)
-    space, strategy = build_replay_search(model, log)
-    optimizer, recorded_groups = build_replay_optimizer(space, log)
-    max_grad_norm = log.header["optimizer"]["max_grad_norm"]
-    # anchor_decay pulls toward the run's initial tensors: the base model's, before the first replayed step.
-    anchor_decay = log.header["es"].get("anchor_decay", 0.0)
-    tensors = [tensor for _, tensor in space.named_tensors()]
-    anchor = Anchor(tensors, anchor_decay) if anchor_decay else None
-    # Plain SGD: apply each step straight from the seeds (no p.grad buffer), bit-identical to the optimizer's step,
-    # whichever of the two ways the run took (ESConfig.inplace_update).
-    in_place = (
-        space.supports_apply_update
-        and strategy.supports_update_in_place
-        and not (max_grad_norm and max_grad_norm > 0)
-        and anchor is None
-        and plain_sgd_problem(optimizer, tensors) is None
-    )
-    for record in log.records:
-        if record.state is not None:
-            strategy.load_state_dict(record.state)
-        if record.skip:
-            continue  # no signal that step: the optimizer found no gradient and stepped nothing
-        if record.selection:
-            # The run's optimizer had no gradient to step: the weights moved only by the winner's perturbation.
-            if record.winner is not None:
-                space.apply_member(record.step, record.winner)
-            continue
-        device = tensors[0].device
-        for group, number in zip(optimizer.param_groups, recorded_groups):
-            group["lr"] = record.lr[number]
-        if in_place:
-            space.apply_update(record.step, record.coefficients.to(device), *sgd_hyperparameters(optimizer, tensors))
-            space.after_update()
-            continue
-        space.write_gradients(record.step, record.coefficients.to(device))
-        if anchor is not None:  # as ESTrainer adds it: after the strategy's gradient, before clipping
-            anchor.add_pull(space.named_tensors())
-        if max_grad_norm and max_grad_norm > 0:
-            # What Trainer does between the ES step and the optimizer step (accelerate's clip_grad_norm_).
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        space.after_update()
-    return len(log.records)
-
-
-def replay(model_path: str, seed_log: str, device: str | torch.device | None = None):
-    """``(model, log)``: the base model at ``model_path`` with every complete step of ``seed_log`` applied."""
-    log = read_seed_log(seed_log)
-    check_replayable(log)
-    if log.header.get("versions", {}).get("torch") not in (None, torch.__version__):
-        logger.warning(
-            "%s was written with torch %s, this is torch %s: replay is bit-exact only on the same torch build.",
-            seed_log,
-            log.header["versions"]["torch"],
-            torch.__version__,
-        )
-    if device is not None and torch.device(device).type != log.header["model"]["device"]:
-        logger.warning(
-            "%s was trained on %s; replaying on %s draws other noise (device-specific generators), so the weights "
-            "will not match the run's.",
-            seed_log,
-            log.header["model"]["device"],
-            device,
-        )
-    model = load_base_model(model_path, log, device)
-    replay_steps(model, log)
-    return model, log
-
-
 __all__ = [
     "LOG_NAME",
     "SeedLog",
     "SeedLogCallback",
     "SeedRecord",
     "build_header",
-    "load_base_model",
     "read_seed_log",
-    "replay",
-    "replay_steps",
     "weights_hash",
 ]

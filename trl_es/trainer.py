@@ -19,7 +19,8 @@ Data path of one step (``_es_step``)::
 
 With plain SGD (``ESConfig.inplace_update``) no t.grad is written: at the optimizer step the space applies SGD's
 update straight from the seeds (``space.apply_update``), the optimizer finds no gradient and steps nothing, and the
-LR scheduler advances as usual.
+LR scheduler advances as usual. What runs around the optimizer step (that, the guards that keep the weights right,
+the update metrics) is ``update_step.UpdateStepMixin``.
 """
 
 import contextlib
@@ -49,19 +50,17 @@ from .core import (
     member_fitness,
     member_rows,
     place_scores,
-    plain_sgd_problem,
     plan_rounds,
     seen_mask,
-    sgd_hyperparameters,
 )
 from .core.layout import check_population_split
-from .guards import DeferredInterrupt, nonfinite
 from .integrations.deepspeed import init_deepspeed_comm
 from .reference import ReferenceKL
 from .rewards import wrap_reward_funcs
 from .router_balance import RouterBalance
 from .search import build_search, space_name
 from .seed_log import SeedLogCallback
+from .update_step import UpdateStepMixin
 
 
 logger = logging.getLogger(__name__)
@@ -125,7 +124,7 @@ class MemberResults:
     frac_changed: float | None = None  # es/frac_changed_completions, when log_frac_changed_completions
 
 
-class ESTrainer(GRPOTrainer):
+class ESTrainer(UpdateStepMixin, GRPOTrainer):
     """Train a language model by evolution strategies, with the constructor and data contract of ``GRPOTrainer``.
 
     Use it exactly like [`~trl.GRPOTrainer`] (every argument is passed through). ``args`` may be an [`ESConfig`] or a
@@ -218,13 +217,7 @@ class ESTrainer(GRPOTrainer):
         self.add_callback(self.reference_kl)  # syncs the reference on GRPO's schedule (sync_ref_model)
         self._es_micro_step = 0
         self._eval_batches = 0
-        self._weights_before_update = None
-        # Resolved in create_optimizer, once the optimizer exists (ESConfig.inplace_update).
-        self._inplace_update = False
-        self._inplace_grad_sq: float | None = None  # squared pseudo-gradient norm of the update just applied
-        self._last_applied_step: int | None = None
-        self._update_guard = DeferredInterrupt()
-        self._warned_large_update = False
+        self._init_update_step()
         # (step, StrategyUpdate) of the last ES step, (step, None) when it had no signal and made no update; the
         # seed log records it.
         self.last_strategy_update = None
@@ -316,187 +309,6 @@ class ESTrainer(GRPOTrainer):
                 f"{resume_from_checkpoint} has no {ES_STATE_NAME}, but strategy={self.args.strategy!r} with "
                 f"perturbation={self.perturbation_name!r} needs it to resume (the search state is not in the weights)."
             )
-
-    def create_optimizer(self, model=None):
-        space = self.perturbation_space
-        if space.tensors_are_model_parameters:
-            optimizer = super().create_optimizer(model)
-        else:
-            # The evolved tensors are the space's own (singular values): the optimizer steps those.
-            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            tensors = [tensor for _, tensor in space.named_tensors()]
-            self.optimizer = optimizer = optimizer_cls(tensors, **optimizer_kwargs)
-        if self.perturbation_space.steps_own_optimizer:
-            return optimizer  # the space applies the update itself (training_step measures it there)
-        self._resolve_inplace_update(optimizer)
-        optimizer.register_step_pre_hook(lambda opt, *_: self._before_update(opt))
-        optimizer.register_step_post_hook(lambda *_: self._after_update())
-        return optimizer
-
-    def _resolve_inplace_update(self, optimizer) -> None:
-        """Decide ``ESConfig.inplace_update`` against the optimizer actually built."""
-        wanted = self.args.inplace_update
-        problem = None if wanted is False else self._inplace_update_problem(optimizer)
-        if wanted and problem:
-            raise ValueError(
-                f"inplace_update=True, but {problem}. Set inplace_update=None (auto) or False to write the "
-                "pseudo-gradient to p.grad for the optimizer."
-            )
-        self._inplace_update = wanted is not False and problem is None
-        self.strategy.update_in_place = self._inplace_update
-        if wanted is None:
-            logger.info(
-                "ES update: %s.",
-                "applied in place from the seeds (plain SGD: no p.grad buffer)"
-                if self._inplace_update
-                else f"written to p.grad for the optimizer ({problem})",
-            )
-
-    def _inplace_update_problem(self, optimizer) -> str | None:
-        space, args = self.perturbation_space, self.args
-        if not space.supports_apply_update:
-            return f"the {self.perturbation_name} space ({type(space).__name__}) has no in-place update"
-        if not self.strategy.supports_update_in_place:
-            return f"strategy={args.strategy!r} writes no pseudo-gradient to apply"
-        if args.max_grad_norm:
-            return f"max_grad_norm={args.max_grad_norm} clips the pseudo-gradient, which needs it whole in p.grad"
-        if args.anchor_decay:
-            return f"anchor_decay={args.anchor_decay} adds its pull to the pseudo-gradient in p.grad"
-        if getattr(self.accelerator, "scaler", None) is not None:
-            return "a gradient scaler (fp16) unscales and checks p.grad before the optimizer steps"
-        return plain_sgd_problem(optimizer, [tensor for _, tensor in space.named_tensors()])
-
-    def _get_grad_norm(self, model, grad_norm=None):
-        # In place there is no p.grad to measure (Trainer would log 0): `_after_update` logs the update's own norm.
-        if self._inplace_update:
-            return None
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
-
-    # ------------------------------------------------------------------ around the optimizer step
-
-    def _before_update(self, optimizer=None) -> None:
-        space = self.perturbation_space
-        bad = nonfinite((name, tensor.grad) for name, tensor in space.named_tensors())
-        if bad:
-            # Raised before the optimizer touches anything: the weights stay those of the last good step.
-            raise FloatingPointError(
-                f"ES step {self.state.global_step}: the pseudo-gradient of {bad[:5]} is NaN or infinite (sigma="
-                f"{space.sigma}, fitness shaping {self.args.fitness_shaping!r}); no update was made."
-            )
-        pending = self._pending_inplace_update(optimizer) if self._inplace_update else None
-        if self._inplace_update:
-            self._inplace_grad_sq = 0.0  # a step without signal: no gradient, as the p.grad path logs it
-        self._update_guard.__enter__()  # Ctrl-C waits until every tensor is stepped
-        if pending is not None:
-            step, coefficients, lrs, decays = pending
-            try:
-                self._inplace_grad_sq = space.apply_update(step, coefficients, lrs, decays)
-            except BaseException as error:
-                self._update_guard.__exit__(None, None, None)  # the post-hook will not run
-                if not isinstance(error, FloatingPointError):
-                    raise
-                # The tensors before the culprit were already updated: put them back if a copy was kept.
-                raise FloatingPointError(
-                    f"ES step {step}: {error} (sigma={space.sigma}, fitness shaping {self.args.fitness_shaping!r}). "
-                    + self._put_back_weights_before_update()
-                ) from error
-            self._last_applied_step = step
-
-    def _pending_inplace_update(self, optimizer):
-        """``(step, coefficients, lr per tensor, weight decay per tensor)`` of the update the optimizer step stands
-        for, or None for a step without signal; checked before anything is touched."""
-        space, global_step = self.perturbation_space, self.state.global_step
-        named = space.named_tensors()
-        stale = [name for name, tensor in named if tensor.grad is not None]
-        if stale:
-            raise RuntimeError(
-                f"ES step {global_step}: {stale[:5]} hold a gradient although the update is applied in place "
-                "(inplace_update); the optimizer would step them a second time. Something outside ESTrainer wrote "
-                "p.grad: run with inplace_update=False."
-            )
-        step, update = self.last_strategy_update or (None, None)
-        if step != global_step or step == self._last_applied_step:
-            raise RuntimeError(
-                f"the optimizer steps at global step {global_step}, but the last ES update is for step {step}"
-                f"{' (already applied)' if step == self._last_applied_step else ''}."
-            )
-        if update is None or update.coefficients is None:
-            return None  # no signal this step: nothing to apply, as the p.grad path finds no gradient
-        coefficients = update.coefficients
-        if not torch.isfinite(coefficients).all():
-            raise FloatingPointError(
-                f"ES step {global_step}: the pseudo-gradient (coefficients {coefficients.tolist()}) is NaN or "
-                f"infinite (sigma={space.sigma}, fitness shaping {self.args.fitness_shaping!r}); no update was made."
-            )
-        lrs, decays = sgd_hyperparameters(optimizer, [tensor for _, tensor in named])
-        return step, coefficients, lrs, decays
-
-    def _snapshot_weights(self) -> None:
-        """Keep the weights before this step's update: the update norm is measured against them, and a non-finite
-        update is undone with them."""
-        if self.args.log_update_norm:
-            self._weights_before_update = [t.detach().clone() for t in self.perturbation_space.local_tensors()]
-
-    def _after_update(self) -> None:
-        space = self.perturbation_space
-        try:
-            space.after_update()
-            self._check_weights_finite()
-        finally:
-            self._update_guard.__exit__(None, None, None)
-        if self._inplace_grad_sq is not None:
-            # What Trainer logs as grad_norm on the p.grad path: the norm of the pseudo-gradient before weight decay.
-            grad_sq = space.sum_over_processes(torch.tensor([self._inplace_grad_sq], dtype=torch.float64))
-            self._metrics["train"]["grad_norm"].append(float(grad_sq[0]) ** 0.5)
-            self._inplace_grad_sq = None
-        if self._weights_before_update is None:
-            return
-        sums = torch.zeros(2, dtype=torch.float64)
-        for tensor, before in zip(space.local_tensors(), self._weights_before_update, strict=True):
-            sums[0] += (tensor.detach().double() - before.double()).square().sum()
-            sums[1] += before.double().square().sum()
-        self._weights_before_update = None
-        update_norm, weight_norm = (float(x) ** 0.5 for x in space.sum_over_processes(sums))
-        metrics = self._metrics["train"]
-        metrics["es/update_norm"].append(update_norm)
-        metrics["es/update_to_weight_ratio"].append(update_norm / max(weight_norm, 1e-12))
-        if update_norm > weight_norm and not self._warned_large_update:
-            self._warned_large_update = True
-            logger.warning(
-                "ES step %d moved the weights by more than their own norm (update %.3g, weights %.3g): "
-                "learning_rate=%g is probably far too large.",
-                self.state.global_step,
-                update_norm,
-                weight_norm,
-                self.args.learning_rate,
-            )
-
-    def _check_weights_finite(self) -> None:
-        space = self.perturbation_space
-        bad = nonfinite(zip((name for name, _ in space.named_tensors()), space.local_tensors(), strict=True))
-        if not bad:
-            return
-        raise FloatingPointError(
-            f"ES step {self.state.global_step}: the update made {bad[:5]} NaN or infinite (learning_rate="
-            f"{self.args.learning_rate}, optim={self.args.optim!r}). " + self._put_back_weights_before_update()
-        )
-
-    def _put_back_weights_before_update(self) -> str:
-        """Undo a failed update from the copy ``log_update_norm`` keeps; says what became of the weights."""
-        space = self.perturbation_space
-        restored = self._weights_before_update is not None
-        if restored:
-            with torch.no_grad():
-                for tensor, before in zip(space.local_tensors(), self._weights_before_update, strict=True):
-                    tensor.copy_(before)
-            space.after_update()
-        self._weights_before_update = None
-        if restored:
-            return "The weights were put back to those before the update."
-        return (
-            "The weights are no longer usable (log_update_norm=False keeps no copy to put back); resume from the "
-            "last checkpoint with a smaller learning_rate."
-        )
 
     # ------------------------------------------------------------------ the ES step
 

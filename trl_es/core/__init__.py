@@ -37,7 +37,7 @@ from .low_rank import LowRankSpace
 from .noise import NOISE_CHUNK, MemberNoise, derive_seed
 from .spaces import RESTORE_MODES, InPlaceSpace, PerturbationSpace
 from .strategies import STRATEGIES, GaussianES, Strategy, StrategyUpdate
-from .update import plain_sgd_problem, pseudo_gradient_coefficients, sgd_hyperparameters
+from .update import plain_sgd_problem, pseudo_gradient_coefficients, qiu_learning_rate, sgd_hyperparameters
 
 
 __all__ = [
@@ -69,6 +69,7 @@ __all__ = [
     "plan_rounds",
     "prompt_group_rows",
     "pseudo_gradient_coefficients",
+    "qiu_learning_rate",
     "seen_mask",
     "sgd_hyperparameters",
     "shape_fitness",

@@ -11,9 +11,32 @@ space can apply it straight from the seeds (``space.apply_update``) and no ``p.g
 step each tensor with.
 """
 
+import math
+
 import torch
 
 from .noise import MemberNoise
+
+
+#: Standard deviation of the shaped fitness of a population (centered ranks are spread evenly over [-0.5, 0.5]);
+#: ``none`` keeps the rewards' own scale, taken as 1 like z-scores.
+SHAPED_FITNESS_STD = {"centered_rank": 12**-0.5, "zscore": 1.0, "none": 1.0}
+
+
+def qiu_learning_rate(sigma: float, population_size: int, fitness_shaping: str, normalizing_optimizer: bool) -> float:
+    """The learning rate at which the optimizer moves the weights as far per step as Qiu et al. (2025) do:
+    ``theta += (alpha / N) sum_i z_i eps_i`` with z-scored rewards ``z`` and ``alpha = sigma / 2``.
+
+    Plain SGD on the pseudo-gradient ``-(1 / (N sigma)) sum_i f_i eps_i`` with ``f ~ s z`` (``s``: the shaping's std)
+    steps ``(lr s / (N sigma)) sum_i z_i eps_i``, Qiu's step when ``lr = alpha sigma / s = sigma^2 / (2 s)``: the
+    learning rate scales with sigma squared, because the estimate divides by sigma. An optimizer that normalises per
+    weight (Adam, Adafactor) moves a weight ~``lr`` a step; Qiu's step moves it ~``alpha / sqrt(N)`` (``N`` unit
+    normals weighted by z-scores sum to std ``sqrt(N)``), so there ``lr = sigma / (2 sqrt(N))``.
+    """
+    alpha = sigma / 2
+    if normalizing_optimizer:
+        return alpha / math.sqrt(population_size)
+    return alpha * sigma / SHAPED_FITNESS_STD[fitness_shaping]
 
 
 def pseudo_gradient_coefficients(shaped: torch.Tensor, noise: MemberNoise, sigma: float) -> torch.Tensor:

@@ -12,7 +12,7 @@ import argparse
 import logging
 import time
 
-from ..seed_log import replay
+from ..seed_replay import replay
 from .train import resolve_model
 
 
