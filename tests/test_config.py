@@ -273,15 +273,15 @@ def test_ignored_fields_are_named_with_their_reason_in_one_warning(tmp_path):
     assert len(messages) == 1 and "entropy_coef=0.1" in messages[0]
 
 
-def test_plain_grpo_config_gets_es_defaults_unless_the_user_set_them(tmp_path):
+def test_plain_grpo_config_gets_es_optimisation_defaults_unless_the_user_set_them(tmp_path):
     from trl import GRPOConfig
 
     defaults = ESConfig.from_grpo_config(GRPOConfig(str(tmp_path), report_to="none", bf16=False))
     es = ESConfig(str(tmp_path), report_to="none")
     assert (defaults.learning_rate, defaults.optim, defaults.max_grad_norm) == (es.learning_rate, "sgd", 0.0)
     assert defaults.disable_dropout is True and defaults.activation_checkpointing is False
-    # GRPO's data defaults (one distinct prompt a step, sampled) become ES's (32 distinct prompts, greedy)
-    assert (defaults.num_generations, defaults.temperature, defaults.per_device_train_batch_size) == (2, 0.0, 64)
+    # the data and decoding of the GRPO script are kept, GRPO's defaults included
+    assert (defaults.num_generations, defaults.temperature, defaults.per_device_train_batch_size) == (8, 1.0, 8)
     chosen = ESConfig.from_grpo_config(
         GRPOConfig(str(tmp_path), learning_rate=3e-4, optim="adamw_torch", report_to="none", bf16=False)
     )
@@ -297,14 +297,20 @@ def test_plain_grpo_config_gets_es_defaults_unless_the_user_set_them(tmp_path):
         dict(max_steps=7, logging_steps=3, beta=0.1, seed=5, weight_decay=0.1, lr_scheduler_type="constant"),
     ],
 )
-def test_a_converted_grpo_config_is_esconfig_given_the_same_arguments(tmp_path, arguments):
+def test_a_converted_grpo_config_is_esconfig_given_grpos_data_and_the_same_arguments(tmp_path, arguments):
     import dataclasses
 
     from trl import GRPOConfig
 
     common = dict(output_dir=str(tmp_path), report_to="none", bf16=False)
-    converted = ESConfig.from_grpo_config(GRPOConfig(**common, **arguments))
-    direct = ESConfig(**common, **arguments)
+    grpo = GRPOConfig(**common, **arguments)
+    converted = ESConfig.from_grpo_config(grpo)
+    # What the GRPO run would have used for data, decoding and logging (its defaults where the script set nothing)
+    grpo_data = {
+        name: getattr(grpo, name)
+        for name in ("per_device_train_batch_size", "num_generations", "temperature", "logging_steps")
+    }
+    direct = ESConfig(**common, **(grpo_data | arguments))
     differ = [f.name for f in dataclasses.fields(ESConfig) if getattr(converted, f.name) != getattr(direct, f.name)]
     assert differ == []
 

@@ -74,8 +74,13 @@ IGNORED_GRPO_FIELDS = {
     ),
 }  # fmt: skip
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
-# Never carried over from a GRPOConfig: ES runs no backward pass, so activation checkpointing (GRPO's default, set
-# through the deprecated alias gradient_checkpointing) would only slow generation.
+# Optimisation settings a GRPOConfig carries for a policy gradient: left at GRPO's defaults (AdamW at 1e-6, clipping
+# at 1.0, dropout on), they take ES's (SGD at Qiu et al.'s step for the run's sigma, no clipping, dropout off); values
+# the user set are kept. Data and decoding fields always keep the script's values: a value set equal to GRPO's default
+# (per_device_train_batch_size=8 is common) cannot be told apart from an unset one, and must not change the data.
+ES_TAKES_OVER_WHEN_DEFAULT = ("learning_rate", "optim", "max_grad_norm", "disable_dropout")
+# Never carried over: ES runs no backward pass, so activation checkpointing (GRPO's default, set through the
+# deprecated alias gradient_checkpointing) would only slow generation.
 NOT_CONVERTED = ("gradient_checkpointing", "activation_checkpointing")
 # A non-finite value in these reaches the weights: NaN sigma or learning rate turns every weight into NaN after one
 # step, inf clips nothing or everything.
@@ -582,22 +587,23 @@ class ESConfig(GRPOConfig):
 
     @classmethod
     def from_grpo_config(cls, grpo: GRPOConfig) -> "ESConfig":
-        """The ``ESConfig`` of a ``GRPOConfig``: as if the script had passed ``ESConfig`` the arguments it gave
-        ``GRPOConfig``.
+        """The ``ESConfig`` of a ``GRPOConfig``: every field carried over, ES fields at their defaults.
 
-        Every field whose value differs from GRPO's default (what the script set) is kept; every field left at
-        GRPO's default takes ESConfig's default. So the policy-gradient optimisation defaults (AdamW at 1e-6,
-        clipping at 1.0) become ES's (SGD at Qiu et al.'s step for the default sigma, no clipping), and so do GRPO's
-        data defaults (8 rows, 8 samples at temperature 1: one distinct prompt a step) become ES's (32 distinct
-        prompts a step, greedy). A value set equal to GRPO's default cannot be told apart from an unset one.
+        The optimisation fields of ``ES_TAKES_OVER_WHEN_DEFAULT`` left at GRPO's defaults take ES's (so the learning
+        rate is derived from ``sigma``); a value the user set is kept (clipping is warned about). Data, decoding and
+        logging fields keep the script's values, defaults included: the ES run sees the data the GRPO run would.
         """
+        es_defaults = {f.name: f.default for f in dataclasses.fields(cls)}
         values = {}
         for f in dataclasses.fields(GRPOConfig):
+            if not f.init or f.name in NOT_CONVERTED:  # computed fields; checkpointing (see NOT_CONVERTED)
+                continue
             value = getattr(grpo, f.name)
-            # `not f.init`: computed fields; equal to the default: left alone (deprecated aliases would warn too).
-            if f.init and value != _GRPO_DEFAULTS[f.name] and f.name not in NOT_CONVERTED:
+            set_by_user = value != _GRPO_DEFAULTS[f.name]
+            # GRPO's own default is passed where ESConfig's differs, so the data stay GRPO's; fields at a default both
+            # share are left out (deprecated aliases would warn).
+            if set_by_user or (f.name not in ES_TAKES_OVER_WHEN_DEFAULT and es_defaults[f.name] != value):
                 values[f.name] = value
-        # GRPOConfig.__post_init__ derived generation_batch_size from the batch size, which may change here; passing
-        # it with steps_per_generation would be an error. steps_per_generation (derived or set) is kept.
+        # GRPOConfig.__post_init__ derived generation_batch_size from steps_per_generation; passing both is an error.
         values["generation_batch_size"] = None
         return cls(**values)

@@ -47,7 +47,7 @@ import logging
 import torch
 from transformers import TrainerCallback
 
-from .core import k3_kl_per_completion, penalize_kl
+from .core import MemberMeans, k3_kl_per_completion, penalize_kl
 from .guards import DeferredInterrupt
 
 
@@ -222,8 +222,7 @@ class ReferenceKL(TrainerCallback):
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0
         self.temperature = temperature
         self._blocks = []  # (members, prompt_ids, completion_ids, member logps, mask) of the step so far
-        self._sums = torch.zeros(population_size, dtype=torch.float64)
-        self._counts = torch.zeros(population_size, dtype=torch.float64)
+        self._measured = MemberMeans(population_size)
 
     @classmethod
     def from_trainer(cls, trainer, arrived_with_adapter: bool) -> "ReferenceKL":
@@ -280,15 +279,8 @@ class ReferenceKL(TrainerCallback):
                 )
                 per_completion = k3_kl_per_completion(member_logps, ref_logps, mask).view(len(members), -1)
                 valid = ~torch.isnan(per_completion)
-                self._sums[members] += torch.where(valid, per_completion, 0.0).sum(dim=1).double()
-                self._counts[members] += valid.sum(dim=1).double()
-        totals = torch.stack([self._sums, self._counts])
-        if accelerator.num_processes > 1:
-            totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
-        self._sums.zero_()
-        self._counts.zero_()
-        sums, counts = totals
-        return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan).float()
+                self._measured.add(members, torch.where(valid, per_completion, 0.0).sum(dim=1), valid.sum(dim=1))
+        return self._measured.take(accelerator)
 
     def penalize(self, fitness: torch.Tensor, accelerator, metrics) -> torch.Tensor:
         """The step's fitness minus ``beta`` x each member's KL; logs the mean over members as ``kl``."""

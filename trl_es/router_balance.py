@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-from .core import penalize_router_imbalance
+from .core import MemberMeans, penalize_router_imbalance
 
 
 class RouterBalance:
@@ -35,8 +35,7 @@ class RouterBalance:
         self.coef = coef
         self.enabled = coef is not None
         self.pad_token_id = pad_token_id if pad_token_id is not None else 0
-        self._sums = torch.zeros(population_size, dtype=torch.float64)
-        self._counts = torch.zeros(population_size, dtype=torch.float64)
+        self._measured = MemberMeans(population_size)
         self._per_member_loss = None
         if self.enabled and members_per_forward > 1:
             self._per_member_loss = _architecture_balance_loss(model)
@@ -46,8 +45,7 @@ class RouterBalance:
         if not self.enabled:
             return
         losses = self.losses(prompt_ids, completion_ids, len(members))
-        self._sums[list(members)] += losses.double()
-        self._counts[list(members)] += 1
+        self._measured.add(members, losses, 1)
 
     @torch.no_grad()
     def losses(self, prompt_ids: list, completion_ids: list, num_members: int = 1) -> torch.Tensor:
@@ -109,13 +107,7 @@ class RouterBalance:
         """
         if not self.enabled:
             return fitness
-        totals = torch.stack([self._sums, self._counts])
-        if accelerator.num_processes > 1:
-            totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
-        self._sums.zero_()
-        self._counts.zero_()
-        sums, counts = totals
-        aux_loss = torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan).float()
+        aux_loss = self._measured.take(accelerator)
         measured = aux_loss[~torch.isnan(aux_loss)]
         metrics["aux_loss"].append(float(measured.mean()) if measured.numel() else float("nan"))
         return penalize_router_imbalance(fitness, aux_loss, self.coef)

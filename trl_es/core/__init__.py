@@ -16,6 +16,7 @@ from .anchor import Anchor
 from .fitness import (
     FITNESS_SHAPINGS,
     REWARD_AGGREGATIONS,
+    MemberMeans,
     combine_reward_functions,
     k3_kl_per_completion,
     member_fitness,
@@ -50,6 +51,7 @@ __all__ = [
     "GaussianES",
     "InPlaceSpace",
     "LowRankSpace",
+    "MemberMeans",
     "MemberNoise",
     "PerturbationSpace",
     "Round",

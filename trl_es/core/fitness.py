@@ -153,6 +153,36 @@ def penalize_kl(fitness: torch.Tensor, kl: torch.Tensor, beta: float) -> torch.T
     return torch.where(torch.isnan(kl), fitness, fitness - beta * kl)
 
 
+class MemberMeans:
+    """Per-member running sums and counts of a measurement taken during one step (a penalty's loss, a KL), and
+    each member's mean over every process once the step is scored.
+
+    ``accelerator`` in :meth:`take` is anything with ``num_processes``, ``device`` and ``reduce(tensor,
+    reduction="sum")`` (accelerate's ``Accelerator``); the core imports nothing of accelerate.
+    """
+
+    def __init__(self, population_size: int):
+        self._sums = torch.zeros(population_size, dtype=torch.float64)
+        self._counts = torch.zeros(population_size, dtype=torch.float64)
+
+    def add(self, members, sums: torch.Tensor, counts) -> None:
+        """Add ``sums`` (one per member of ``members``) over ``counts`` measurements (a number or one per member)."""
+        members = list(members)
+        self._sums[members] += sums.double()
+        self._counts[members] += counts.double() if isinstance(counts, torch.Tensor) else float(counts)
+
+    def take(self, accelerator) -> torch.Tensor:
+        """Each member's mean ``(population,)`` over all processes, NaN where nothing was measured; forgets the step.
+        Every process must call it (it sums over processes)."""
+        totals = torch.stack([self._sums, self._counts])
+        if accelerator.num_processes > 1:
+            totals = accelerator.reduce(totals.to(accelerator.device), reduction="sum").cpu()
+        self._sums.zero_()
+        self._counts.zero_()
+        sums, counts = totals
+        return torch.where(counts > 0, sums / counts.clamp(min=1), torch.nan).float()
+
+
 def shape_fitness(fitness: torch.Tensor, method: str = "centered_rank") -> torch.Tensor:
     if method not in FITNESS_SHAPINGS:
         raise ValueError(f"unknown fitness_shaping {method!r}; choose one of {sorted(FITNESS_SHAPINGS)}")
