@@ -8,6 +8,7 @@ import os
 import sys
 
 import torch
+from worker_exit import leave_together
 
 
 def length_reward(completions, **kwargs):
@@ -63,11 +64,7 @@ def main():
             {"weights": weights, "log": trainer.state.log_history, "world": trainer.accelerator.num_processes},
             os.path.join(out_dir, "result.pt"),
         )
-    # Leave together and close the process group: a rank that exits while another still holds gloo connections can
-    # abort in gloo's threads ("terminate called without an active exception"), and torchrun then fails the run.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_together()  # see worker_exit.py: no gloo abort at exit
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import os
 import sys
 
 import torch
+from worker_exit import leave_together
 
 
 # Parameters up to this size stay gathered between steps ("persistent"): the layer norms of the tiny model are,
@@ -110,11 +111,7 @@ def main():
         result["perturb_restore"] = check_perturb_restore(trainer)
     # Every rank saves: the weights are gathered (the same everywhere), the shard checks are per rank.
     torch.save(result, os.path.join(out_dir, f"result_rank{trainer.accelerator.process_index}.pt"))
-    # Leave together and close the process group: a rank that exits while another still holds gloo connections can
-    # abort in gloo's threads ("terminate called without an active exception"), and torchrun then fails the run.
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_together()  # see worker_exit.py: no gloo abort at exit
 
 
 if __name__ == "__main__":
