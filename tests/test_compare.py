@@ -57,6 +57,14 @@ def test_grid_is_centred_on_each_arms_learning_rate():
     assert [p["learning_rate"] for p in plan.grids["grpo"]] == pytest.approx([3e-4, 6e-4, 1.2e-3])
 
 
+def test_grid_of_an_es_arm_without_a_learning_rate_is_centred_on_the_derived_one():
+    recipe = load_recipe(QUICKSTART)
+    del recipe["learning_rate"]  # ESConfig derives it from sigma 0.01: 1.73 sigma^2 for SGD with centered ranks
+    plan = make_plan(recipe)
+    derived = 0.01**2 / 2 * 12**0.5
+    assert [p["learning_rate"] for p in plan.grids["es"]] == pytest.approx([derived / 2, derived, derived * 2])
+
+
 def _run(rollouts, seconds, accuracy, **scalars):
     return {"rollouts": rollouts, "wall_clock_s": seconds, "eval_accuracy": accuracy, **scalars}
 

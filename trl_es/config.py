@@ -90,6 +90,17 @@ FINITE_FIELDS = (
 )  # fmt: skip
 
 
+def derived_learning_rate(sigma: float, population_size: int, fitness_shaping: str, optim) -> float:
+    """``learning_rate`` when none is set: Qiu et al.'s step for this sigma (``core.update.qiu_learning_rate``).
+
+    Derived from sigma because the pseudo-gradient divides by sigma, so a fixed default would be the right step for
+    one sigma only (1e-4, the default until it was derived, was 58 times Qiu's step at sigma 1e-3 and lowered accuracy).
+    Every optimizer but plain SGD is taken to normalise per weight (Adam, Adafactor, Lion, RMSprop do).
+    """
+    optim = getattr(optim, "value", optim)  # TrainingArguments turns the name into an OptimizerNames member
+    return qiu_learning_rate(sigma, population_size, fitness_shaping, normalizing_optimizer=optim != "sgd")
+
+
 def _has_accelerator() -> bool:
     accelerator = getattr(torch, "accelerator", None)
     if accelerator is not None and hasattr(accelerator, "is_available"):
@@ -381,11 +392,8 @@ class ESConfig(GRPOConfig):
         self._check_es_field_types()
         self._check_es_fields()
         if self.learning_rate is None:
-            # Derived from sigma: the pseudo-gradient divides by sigma, so a fixed default would be the right step
-            # for one sigma only (1e-4 was 57 times Qiu et al.'s step at sigma 1e-3 and lowered accuracy).
-            optim = getattr(self.optim, "value", self.optim)
-            self.learning_rate = qiu_learning_rate(
-                self.sigma, self.population_size, self.fitness_shaping, normalizing_optimizer=optim != "sgd"
+            self.learning_rate = derived_learning_rate(
+                self.sigma, self.population_size, self.fitness_shaping, self.optim
             )
         if self.fp16 and (self.use_cpu or not _has_accelerator()):
             # accelerate runs fp16 mixed precision only on a GPU-like device; on CPU it quietly keeps fp32 (no

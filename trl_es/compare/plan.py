@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from trl import GRPOConfig, ModelConfig
 
-from ..config import ESConfig
+from ..config import ESConfig, derived_learning_rate
 from ..recipes import SECTIONS, VARIANTS, ESScriptArguments
 
 
@@ -175,7 +175,11 @@ def _grid_points(name: str, kind: str, config: dict, entry) -> list[dict]:
     step size x GRID_FACTORS (``cma_sigma0`` for CMA-ES, which has no learning rate)."""
     if entry is None:
         key = "cma_sigma0" if kind == "es" and _arm_setting(kind, config, "strategy") == "cma" else "learning_rate"
-        entry = {key: [_arm_setting(kind, config, key) * factor for factor in GRID_FACTORS]}
+        centre = _arm_setting(kind, config, key)
+        if centre is None:  # an ES arm's unset learning rate: the one ESConfig derives from its sigma
+            settings = ("sigma", "population_size", "fitness_shaping", "optim")
+            centre = derived_learning_rate(*(_arm_setting(kind, config, setting) for setting in settings))
+        entry = {key: [centre * factor for factor in GRID_FACTORS]}
     elif isinstance(entry, list):
         entry = {"learning_rate": entry}
     if not isinstance(entry, dict) or not entry or not all(isinstance(v, list) and v for v in entry.values()):
