@@ -94,7 +94,8 @@ def derived_learning_rate(sigma: float, population_size: int, fitness_shaping: s
     """``learning_rate`` when none is set: Qiu et al.'s step for this sigma (``core.update.qiu_learning_rate``).
 
     Derived from sigma because the pseudo-gradient divides by sigma, so a fixed default would be the right step for
-    one sigma only (1e-4, the default until it was derived, was 58 times Qiu's step at sigma 1e-3 and lowered accuracy).
+    one sigma only (1e-4, the default until it was derived, was 58 times Qiu's step at sigma 1e-3 and lowered
+    accuracy).
     Every optimizer but plain SGD is taken to normalise per weight (Adam, Adafactor, Lion, RMSprop do).
     """
     optim = getattr(optim, "value", optim)  # TrainingArguments turns the name into an OptimizerNames member
@@ -119,10 +120,10 @@ class ESConfig(GRPOConfig):
     into fitness, and hand the pseudo-gradient ``-(1 / (N sigma)) sum_i f_i eps_i`` to the configured torch optimizer
     (so ``learning_rate``, ``optim``, ``weight_decay`` and ``lr_scheduler_type`` apply as usual).
 
-    Defaults that differ from GRPOConfig: ``learning_rate`` (derived from ``sigma``: Qiu et al.'s step), ``optim="sgd"``, ``max_grad_norm=0.0`` (a clipped ES
-    step is a different algorithm), ``temperature=0.0`` (greedy, the published ES setting), ``num_generations=2``
-    and ``per_device_train_batch_size=64`` (32 distinct prompts per step), ``logging_steps=1``,
-    ``gradient_checkpointing=False`` (there is no backward pass).
+    Defaults that differ from GRPOConfig: ``learning_rate`` (derived from ``sigma``: Qiu et al.'s step),
+    ``optim="sgd"``, ``max_grad_norm=0.0`` (a clipped ES step is a different algorithm), ``temperature=0.0`` (greedy,
+    the published ES setting), ``num_generations=2`` and ``per_device_train_batch_size=64`` (32 distinct prompts per
+    step), ``logging_steps=1``, ``gradient_checkpointing=False`` (there is no backward pass).
 
     Fields that keep GRPO's default but change meaning: ``router_aux_loss_coef`` (Mixture-of-Experts models) weighs a
     fitness penalty, each member's router load-balancing loss, instead of a loss term; ``beta`` weighs a fitness
@@ -311,7 +312,8 @@ class ESConfig(GRPOConfig):
             "at a time), instead of writing the pseudo-gradient to p.grad for the optimizer: saves one fp32 copy of "
             "the evolved weights. Possible only where the optimizer's step is a function of the gradient alone: "
             "plain torch SGD (momentum 0, any lr schedule, its L2 weight decay) with max_grad_norm=0, the "
-            "'full', 'lora' or 'low_rank' space and strategy='gaussian'; the weights are bit-identical to the p.grad "
+            "'full', 'lora' or 'low_rank' space, strategy='gaussian' and anchor_decay=0; the weights are "
+            "bit-identical to the p.grad "
             "path on CPU. None (auto): on exactly when possible; True: fail naming what prevents it; False: always "
             "p.grad. The optimizer still steps (it finds no gradient) and the LR schedule advances as usual; "
             "`grad_norm` is then logged from the update itself."
@@ -546,8 +548,9 @@ class ESConfig(GRPOConfig):
             # What a config alone can tell; the optimizer actually built is checked when training starts.
             if self.max_grad_norm:
                 raise ValueError(
-                    f"inplace_update=True applies the update without a gradient, so max_grad_norm={self.max_grad_norm} "
-                    "could not clip it; set max_grad_norm=0, or inplace_update=None (auto) to write p.grad when clipping."
+                    "inplace_update=True applies the update without a gradient, so "
+                    f"max_grad_norm={self.max_grad_norm} could not clip it; set max_grad_norm=0, or "
+                    "inplace_update=None (auto) to write p.grad when clipping."
                 )
             if self.anchor_decay:
                 raise ValueError(
@@ -556,7 +559,8 @@ class ESConfig(GRPOConfig):
                 )
             if str(self.optim) != "sgd":
                 raise ValueError(
-                    f"inplace_update=True needs optim='sgd' (plain SGD, no optimizer state), got optim={str(self.optim)!r}; "
+                    "inplace_update=True needs optim='sgd' (plain SGD, no optimizer state), got "
+                    f"optim={str(self.optim)!r}; "
                     "set inplace_update=None (auto) to use the p.grad path with other optimizers."
                 )
         self._check_drift_and_group_fields()

@@ -9,9 +9,9 @@ same torch optimizer, stepped again with the same hyperparameters, rebuilds its 
 Format (JSON lines, UTF-8):
 
 * line 1, the header: ``format``, ``version``, the ES settings (``es``; with ``noise_chunk``, the noise chunk size,
-  absent from logs written before noise came in chunks, which replay with whole-tensor noise), the optimizer class with its defaults and
-  every param group's hyperparameters and evolved tensors (``optimizer``; ``max_grad_norm`` because the Trainer
-  clips before stepping), the model's dtype and device, the names of the evolved tensors in order (``evolved``),
+  absent from logs written before noise came in chunks, which replay with whole-tensor noise), the optimizer class
+  with its defaults and every param group's hyperparameters and evolved tensors (``optimizer``; ``max_grad_norm``
+  because the Trainer clips before stepping), the model's dtype and device, the names of the evolved tensors in order (``evolved``),
   for PEFT runs the adapter config and the initial adapter weights (``peft``; PEFT draws the initial adapter from the
   global RNG of whichever process built the model, so no recorded seed reproduces it), and ``base_weights_hash``.
 * then one record per optimizer step, written once the step is done::
@@ -40,8 +40,8 @@ little-endian, C order. It covers every parameter, not only the evolved ones, so
 weights ES does not move (LoRA's frozen base, the embeddings under ``low_rank``) is not taken for the run's base.
 
 Each checkpoint folder gets the log's prefix up to its step, so a checkpoint replays to itself and a run resumed from
-it continues the same log. Replay (``trl_es.seed_replay``, ``trl-es replay``) is bit-identical on the device type and torch
-build the run used: the noise generators and the optimizer kernels are device-specific.
+it continues the same log. Replay (``trl_es.seed_replay``, ``trl-es replay``) is bit-identical on the device type
+and torch build the run used: the noise generators and the optimizer kernels are device-specific.
 """
 
 import base64

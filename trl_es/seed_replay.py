@@ -49,7 +49,8 @@ def check_replayable(log: SeedLog) -> None:
         )
     if es["perturbation"] not in REPLAYABLE_SPACES:
         raise ValueError(
-            f"{log.path}: cannot replay perturbation space {es['perturbation']!r}; replay knows {list(REPLAYABLE_SPACES)}."
+            f"{log.path}: cannot replay perturbation space {es['perturbation']!r}; replay knows "
+            f"{list(REPLAYABLE_SPACES)}."
         )
     if es["perturbation"] != "low_rank" and es["perturbation_restore"] != "copy":
         raise ValueError(
