@@ -179,6 +179,7 @@ def replay_steps(model, log: SeedLog) -> int:
         and anchor is None
         and plain_sgd_problem(optimizer, tensors) is None
     )
+    device = tensors[0].device
     for record in log.records:
         if record.state is not None:
             strategy.load_state_dict(record.state)
@@ -189,7 +190,6 @@ def replay_steps(model, log: SeedLog) -> int:
             if record.winner is not None:
                 space.apply_member(record.step, record.winner)
             continue
-        device = tensors[0].device
         for group, number in zip(optimizer.param_groups, recorded_groups):
             group["lr"] = record.lr[number]
         if in_place:
