@@ -1,153 +1,106 @@
-"""Does the ES-GRPO gap shrink with model size? `trl-es compare` on a ladder of policies that differ only in size.
+"""Does the ES-GRPO gap shrink with model size? The scale ladder, run as units that each fit a session.
 
-    python benchmarks/scale_ladder.py --output_dir outputs/scale_ladder [--sizes 0.6M 3M 14M] [--seeds 3] [--grid]
+    python benchmarks/scale_ladder.py --status                      # which units are done, what is next
+    python benchmarks/scale_ladder.py --resume --max_minutes 120    # run unfinished units until the time is up
+    python benchmarks/scale_ladder.py --aggregate                   # docs/results/scale_ladder.{json,md,png}
 
-For each rung (``trl_es.tasks.build_policy.SIZES``: one Qwen2-style family, one task, the same tokenizer) the
-policy is built by the reproducible builder with a fixed seed and stopped in the same starting accuracy band (the
-0.6M rung is the shipped policy), then `trl-es compare --config recipes/quickstart.yaml` runs on it. Budget rules,
-the same for every rung:
+A unit is one (rung, arm, seed): ``trl-es compare --config recipes/quickstart.yaml --arms ARM --seed SEED`` on the
+rung's policy, in a process of its own; it writes ``docs/results/scale_ladder/<rung>/<arm>_seed<seed>.json`` when it
+finishes, and nothing when it is stopped (see ``trl_es/compare/ladder.py``). ``--resume`` skips the finished units,
+starts a unit only if its estimated duration fits the minutes left, kills and discards one that overruns, and
+re-aggregates after every finished unit, so commit ``docs/results/`` before the session ends.
 
-* rollouts: the recipe's budget (307,200 generated completions), unchanged, so "equal rollouts" means the same
-  amount of data at every size;
-* wall-clock: the recipe's ``budget_seconds`` times the rung's measured cost of one batched generation relative to
-  the 0.6M rung (timed here, in this run), so a bigger model gets proportionally more seconds for the same work.
-
-Each arm keeps the recipe's learning rate unless ``--grid`` is given (then each arm's best of x0.5/x1/x2 is used,
-selected the same way for both arms). Writes ``OUTPUT/scale_ladder.json`` (a list of rungs with ``parameters``,
-``es_minus_grpo_equal_wall_clock``, ``es_minus_grpo_equal_rollouts``, ``seeds`` and the per-arm numbers),
-``scale_ladder.png`` (the gap against parameters, log x) and every rung's compare report. Heavy: on a 2-core CPU
-the 0.6M rung alone takes ~20 minutes at 3 seeds, and the cost grows with the model; run it on an idle machine.
+The rungs are ``trl_es.tasks.build_policy.SIZES`` (one Qwen2-style family, one task and tokenizer; the 0.6M rung is
+the shipped policy, the others are rebuilt from their seed here and checked against the recorded weight hash). The
+budget rule is the same at every rung: ``BUDGET_ROLLOUTS`` generated completions, or ``BASE_SECONDS`` of training
+times the rung's measured generation cost relative to the 0.6M rung, whichever an arm reaches first. Every other
+setting is the quickstart recipe's (ES: full space, N=32, sigma 0.01, SGD 4e-4; GRPO: 8 samples, AdamW 6e-4).
+Run it on a machine doing nothing else: each unit records the load (``machine``), and busy units are listed.
 """
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import time
 from pathlib import Path
-
-import torch
-import yaml
 
 
 ROOT = Path(__file__).resolve().parent.parent
-RECIPE = ROOT / "recipes" / "quickstart.yaml"
+sys.path.insert(0, str(ROOT))
+
+from trl_es.compare.ladder import Ladder, RungStore, estimate_seconds, resume, units, write_aggregate  # noqa: E402
 
 
-def build_rung(size: str, cache: Path) -> Path:
-    from trl_es.tasks import ARITHMETIC_POLICY_DIR
-
-    if size == "0.6M":
-        return ARITHMETIC_POLICY_DIR
-    folder = cache / f"arithmetic-policy-{size}"
-    if not (folder / "build_info.json").exists():
-        command = [sys.executable, "-m", "trl_es.tasks.build_policy", "--size", size, "--output_dir", str(folder)]
-        print("building:", " ".join(command), flush=True)
-        subprocess.run(command, check=True)
-    return folder
+# The experiment. Half the quickstart comparison's budget (307,200 rollouts / 300 s), so that the largest rung's units
+# fit well inside a session (its wall-clock budget is BASE_SECONDS x its generation cost); see the README.
+BUDGET_ROLLOUTS = 153_600
+BASE_SECONDS = 150
+LADDER = Ladder(
+    recipe=str(ROOT / "recipes" / "quickstart.yaml"), budget_rollouts=BUDGET_ROLLOUTS, base_seconds=BASE_SECONDS
+)
+RESULTS = ROOT / "docs" / "results" / "scale_ladder"
+AGGREGATE = ROOT / "docs" / "results" / "scale_ladder.json"
 
 
-@torch.no_grad()
-def generation_seconds(model_dir: Path, rows: int = 128, repeats: int = 3) -> float:
-    """Median seconds of one greedy batched generation of ``rows`` prompts (the unit of an ES member's work)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from trl_es.tasks import arithmetic_dataset
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokenizer.padding_side = "left"
-    prompts = list(arithmetic_dataset("train", size=rows)["prompt"])
-    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        model.generate(**encoded, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def gap(summary: dict, key: str) -> float | None:
-    entry = summary.get(key) or {}
-    if "es" not in entry or "grpo" not in entry:
-        return None
-    return entry["es"]["mean"] - entry["grpo"]["mean"]
-
-
-def plot(rungs: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for key, label in (
-        ("es_minus_grpo_equal_wall_clock", "equal wall-clock"),
-        ("es_minus_grpo_equal_rollouts", "equal rollouts"),
-    ):
-        points = [(r["parameters"], r[key]) for r in rungs if r[key] is not None]
-        if points:
-            axis.plot(*zip(*points, strict=True), marker="o", label=label)
-    axis.axhline(0.0, color="grey", linewidth=0.8)
-    axis.set_xscale("log")
-    axis.set_xlabel("policy parameters")
-    axis.set_ylabel("ES - GRPO held-out accuracy")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
+def status(ladder: Ladder, store: RungStore, selected) -> None:
+    for unit in units(ladder):
+        if not selected(unit):
+            continue
+        path = unit.result_path(store.results)
+        if path.exists():
+            done = json.loads(path.read_text())
+            print(
+                f"done     {unit.name:<22} {done['duration_s']:>6.0f} s  final {done['run']['final_eval_accuracy']:.3f}"
+            )
+        elif unit.rung in store.records:
+            print(f"pending  {unit.name:<22} ~{estimate_seconds(unit, ladder, store) / 60:>4.0f} min (estimate)")
+        else:
+            print(f"pending  {unit.name:<22} (rung not prepared yet: its policy is built and timed first)")
 
 
 def main(argv=None) -> int:
-    from trl_es.tasks.build_policy import SIZES
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
-    parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--grid", action="store_true")
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--resume", action="store_true", help="run unfinished units until --max_minutes")
+    action.add_argument("--aggregate", action="store_true", help="write the aggregate from the finished units")
+    action.add_argument("--status", action="store_true", help="list finished and pending units")
+    parser.add_argument("--max_minutes", type=float, default=None, help="time limit for --resume (required there)")
+    parser.add_argument("--rungs", nargs="+", default=None, help="subset of rungs to run (default: all)")
+    parser.add_argument("--arms", nargs="+", default=None, help="subset of arms to run (default: es grpo)")
+    parser.add_argument("--results_dir", default=str(RESULTS))
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "scale_ladder"), help="runs and built policies")
     args = parser.parse_args(argv)
-    output = Path(args.output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    recipe = yaml.safe_load(RECIPE.read_text())
-    base_seconds = recipe["compare"]["budget_seconds"]
-
-    folders = {size: build_rung(size, output / "policies") for size in args.sizes}
-    reference = generation_seconds(build_rung("0.6M", output / "policies"))
-    rungs = []
-    for size, folder in folders.items():
-        cost = generation_seconds(folder) / reference
-        budget_seconds = round(base_seconds * max(cost, 1.0))
-        command = [
-            sys.executable, "-m", "trl_es.cli", "compare", "--config", str(RECIPE),
-            "--output_dir", str(output / size), "--seeds", str(args.seeds),
-            "--model_name_or_path", str(folder), "--compare.budget_seconds", str(budget_seconds),
-        ] + (["--grid"] if args.grid else [])  # fmt: skip
-        print(f"rung {size}: generation cost x{cost:.2f}, budget {budget_seconds} s", flush=True)
-        subprocess.run(command, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        report = json.loads((output / size / "compare.json").read_text())
-        info = json.loads((Path(folder) / "build_info.json").read_text())
-        summary = report["summary"]
-        rungs.append(
-            {
-                "size": size,
-                "parameters": info["num_parameters"],
-                "start_accuracy": info["heldout_500_accuracy"],
-                "generation_cost_vs_smallest": round(cost, 3),
-                "budget_seconds": budget_seconds,
-                "budget_rollouts": report["budget"]["rollouts"],
-                "seeds": args.seeds,
-                "es_minus_grpo_equal_wall_clock": gap(summary, "equal_wall_clock_s"),
-                "es_minus_grpo_equal_rollouts": gap(summary, "equal_rollouts"),
-                "es": summary.get("es"),
-                "grpo": summary.get("grpo"),
-                "load_average_at_end": os.getloadavg(),
-            }
+    ladder = LADDER
+    unknown = set(args.rungs or ()) - set(ladder.rungs) | set(args.arms or ()) - set(ladder.arms)
+    if unknown:
+        parser.error(
+            f"unknown {sorted(unknown)}: the ladder's rungs are {list(ladder.rungs)}, arms {list(ladder.arms)}"
         )
-        (output / "scale_ladder.json").write_text(json.dumps(rungs, indent=2))
-    plot(rungs, output / "scale_ladder.png")
-    print(json.dumps(rungs, indent=2))
-    return 0
+
+    def selected(unit) -> bool:
+        return unit.rung in (args.rungs or ladder.rungs) and unit.arm in (args.arms or ladder.arms)
+
+    results, work = Path(args.results_dir), Path(args.work_dir)
+    store = RungStore(results=results, cache=work / "policies")
+    output = results.parent / "scale_ladder.json" if args.results_dir != str(RESULTS) else AGGREGATE
+    if args.status:
+        status(ladder, store, selected)
+        return 0
+    if args.aggregate:
+        entries = write_aggregate(results, output, ladder.rungs)
+        print(output.with_suffix(".md").read_text())
+        return 0 if entries else 1
+    if args.max_minutes is None:
+        parser.error("--resume needs --max_minutes (the time this session can give the ladder)")
+    outcome = resume(
+        ladder,
+        store,
+        work,
+        args.max_minutes,
+        selected=selected,
+        on_finished=lambda: write_aggregate(results, output, ladder.rungs),
+    )
+    print(json.dumps(outcome, indent=2))
+    return 1 if outcome["failed"] else 0
 
 
 if __name__ == "__main__":

@@ -339,3 +339,10 @@ def test_the_variants_recipe_plans_five_arms_on_one_budget_and_every_arm_type_ch
         classes = (ESScriptArguments, ESConfig if kind == "es" else GRPOConfig, ModelConfig)
         assert check_recipe_types({**plan.shared, **config}, classes) == [], name
         assert config["max_steps"] == (1200 if kind == "grpo" else 75), name  # 4,096 rollouts per ES-family step
+
+
+def test_seed_on_the_command_line_is_a_recipe_override_not_an_abbreviation_of_seeds():
+    from trl_es.compare.run import _parse
+
+    args, overrides = _parse(["--config", "r.yaml", "--output_dir", "o", "--seeds", "1", "--seed", "43"])
+    assert args.seeds == 1 and parse_overrides(overrides) == {"seed": 43}

@@ -326,3 +326,91 @@ def test_default_learning_rate_is_qiu_step_for_the_sigma_shaping_and_optimizer(t
     # per-weight normalising optimizers: sigma / (2 sqrt(N))
     assert lr(optim="adamw_torch", population_size=16) == pytest.approx(1e-3 / 8)
     assert lr(learning_rate=4e-4) == 4e-4  # set: kept
+
+
+# A value other than GRPOConfig's default for each of its own fields where the generic rule (flip a bool, bump a
+# number, set a None) would not give a valid GRPOConfig.
+_NON_DEFAULT_GRPO_VALUES = {
+    "model_init_kwargs": {"dtype": "float32"},
+    "num_generations": 4,
+    "num_generations_eval": 2,
+    "pad_to_multiple_of": 8,
+    "generation_batch_size": 16,
+    "steps_per_generation": 2,
+    "top_p": 0.5,
+    "min_p": 0.1,
+    "generation_kwargs": {"no_repeat_ngram_size": 2},
+    "chat_template_kwargs": {"enable_thinking": False},
+    "repetition_penalty": 1.1,
+    "cache_implementation": "static",
+    "vllm_mode": "server",
+    "vllm_model_impl": "transformers",
+    "vllm_structured_outputs_regex": "[0-9]+",
+    "vllm_server_base_url": "http://127.0.0.1:8000",
+    "vllm_server_host": "127.0.0.1",
+    "vllm_gpu_memory_utilization": 0.5,
+    "ref_model_mixup_alpha": 0.3,
+    "top_entropy_quantile": 0.5,
+    "importance_sampling_level": "sequence",
+    "reward_weights": [1.0],
+    "multi_objective_aggregation": "normalize_then_sum",
+    "scale_rewards": "batch",
+    "loss_type": "grpo",
+    "vllm_importance_sampling_mode": "token_truncate",
+    "log_completions_hub_repo": "me/completions",
+    "transformers_continuous_batching_config": {"max_batch_tokens": 64},
+}
+
+
+# Fields that need another setting to be valid under ES (ESConfig names the combination in an error otherwise).
+_COMPANIONS = {"sync_ref_model": {"beta": 0.1}, "log_completions_hub_repo": {"log_completions": True}}
+
+
+def _non_default(field):
+    if field.name in _NON_DEFAULT_GRPO_VALUES:
+        return _NON_DEFAULT_GRPO_VALUES[field.name]
+    default = field.default
+    if isinstance(default, bool):
+        return not default
+    if isinstance(default, int):
+        return default + 1
+    if isinstance(default, float):
+        return default * 0.5 + 0.25
+    if default is None:
+        return 0.5 if "float" in str(field.type) else 2
+    raise AssertionError(f"no non-default value for {field.name}={default!r}: add one to _NON_DEFAULT_GRPO_VALUES")
+
+
+def _grpo_own_fields():
+    import dataclasses
+
+    from transformers import TrainingArguments
+    from trl import GRPOConfig
+
+    trainer_fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return [f for f in dataclasses.fields(GRPOConfig) if f.name not in trainer_fields]
+
+
+@pytest.mark.parametrize("field", _grpo_own_fields(), ids=lambda f: f.name)
+def test_every_grpo_field_set_to_a_non_default_value_is_honoured_or_warned(tmp_path, field):
+    """Set in a GRPOConfig that ESTrainer converts: an honoured field keeps the value, an ignored one is named."""
+    import warnings
+
+    from trl import GRPOConfig
+
+    from trl_es.config import HONOURED_GRPO_FIELDS, IGNORED_GRPO_FIELDS
+
+    value = _non_default(field)
+    assert value != field.default
+    grpo = GRPOConfig(
+        str(tmp_path), report_to="none", bf16=False, **_COMPANIONS.get(field.name, {}), **{field.name: value}
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        converted = ESConfig.from_grpo_config(grpo)
+    named = [str(w.message) for w in record if f"{field.name}={getattr(grpo, field.name)!r}" in str(w.message)]
+    if field.name in IGNORED_GRPO_FIELDS:
+        assert len(named) == 1 and IGNORED_GRPO_FIELDS[field.name] in named[0]
+    else:
+        assert field.name in HONOURED_GRPO_FIELDS
+        assert getattr(converted, field.name) == getattr(grpo, field.name)

@@ -46,6 +46,10 @@ def test_cma_moves_only_the_adapter_through_its_singular_values(tiny_model_dir, 
     assert trainer.state.log_history[0]["es/search_dim"] == 32.0
     # CMA-ES moves the values inside tell; the update norm is measured from before it
     assert all(log["es/update_norm"] > 0 for log in trainer.state.log_history if "es/update_norm" in log)
+    # CMA-ES steps by its own adapted sigma, not the optimizer's learning rate: the logs say so
+    train_logs = [log for log in trainer.state.log_history if "es/search_dim" in log]
+    assert train_logs and all("learning_rate" not in log for log in train_logs)
+    assert train_logs[-1]["cma_sigma"] == pytest.approx(trainer.strategy.search.sigma)
 
 
 def test_cma_resume_is_bit_identical(tiny_model_dir, tmp_path):

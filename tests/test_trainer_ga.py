@@ -65,3 +65,47 @@ def test_resume_is_bit_exact_and_restores_the_genome(tiny_model_dir, tmp_path):
 def test_bad_ga_settings_are_named(tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
         ESConfig(str(tmp_path), report_to="none", bf16=False, strategy="ga", **overrides)
+
+
+def no_signal(completions, **kwargs):
+    return [1.0] * len(completions)
+
+
+def test_a_kept_parent_is_logged_and_a_long_stall_is_named(tiny_model_dir, tmp_path):
+    from conftest import snapshot
+
+    from trl_es.trainer import GA_STALL_GENERATIONS
+
+    trainer = ESTrainer(
+        tiny_model_dir,
+        reward_funcs=no_signal,  # every child ties with the parent: elitism keeps it
+        args=es_config(
+            tmp_path,
+            strategy="ga",
+            temperature=0.0,
+            sigma=0.1,
+            population_size=4,
+            max_steps=GA_STALL_GENERATIONS,
+            logging_steps=1,
+        ),  # fmt: skip
+        train_dataset=arithmetic_dataset("train", size=8),
+    )
+    before = snapshot(trainer.model)
+    with pytest.warns(
+        UserWarning, match=rf"strategy='ga': the parent has been kept for {GA_STALL_GENERATIONS} gen"
+    ) as record:
+        trainer.train()
+    assert sum("the parent has been kept" in str(w.message) for w in record) == 1
+    logs = [log for log in trainer.state.log_history if "es/ga_parent_kept" in log]
+    assert [log["es/ga_parent_kept"] for log in logs] == [1.0] * GA_STALL_GENERATIONS
+    # GA moves the weights by its mutation scale, not by a learning rate
+    assert all("learning_rate" not in log and log["ga_sigma"] == 0.1 for log in logs)
+    assert all(torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
+def test_a_winning_child_is_logged_as_the_parent_replaced(tiny_model_dir, tmp_path):
+    trainer = ga_trainer(tiny_model_dir, tmp_path, logging_steps=1)
+    trainer.train()
+    kept = [log["es/ga_parent_kept"] for log in trainer.state.log_history if "es/ga_parent_kept" in log]
+    winners = {step for step, _ in trainer.strategy.genome}
+    assert kept == [0.0 if step in winners else 1.0 for step in range(4)] and 0.0 in kept

@@ -29,6 +29,7 @@ import math
 import os
 import pickle
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,6 +66,8 @@ from .update_step import UpdateStepMixin
 
 logger = logging.getLogger(__name__)
 
+# GA: generations in a row the parent may survive before a warning says the weights are standing still.
+GA_STALL_GENERATIONS = 10
 ES_STATE_NAME = "es_state.pt"  # a checkpoint's strategy and space state, when they have one
 
 
@@ -350,6 +353,8 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
             # Before tell: strategies that set the tensors themselves (CMA-ES, GA) move them inside it.
             self._snapshot_weights()
             update = self.strategy.tell(step, fitness)
+            if self.strategy.selects_a_member:
+                self._log_selection(step, update)
             if self.anchor is not None:
                 self._metrics["train"]["es/anchor_distance"].append(
                     self.anchor.add_pull(self.perturbation_space.named_tensors())
@@ -357,6 +362,29 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
             self.last_strategy_update = (step, update)
             self._log_step(batch, results, rewards, fitness, invalid, update.shaped, comm_bytes)
         return torch.tensor(-_nanmean(rewards.reshape(-1)), device=self.accelerator.device)
+
+    def _log_selection(self, step: int, update) -> None:
+        """GA: whether the parent survived (``es/ga_parent_kept``), and one warning when it has survived
+        ``GA_STALL_GENERATIONS`` generations in a row: no child beats it, so the weights stand still."""
+        self._metrics["train"]["es/ga_parent_kept"].append(float(update.winner is None))
+        if self.strategy.generations_parent_kept(step) == GA_STALL_GENERATIONS:
+            warnings.warn(
+                f"strategy='ga': the parent has been kept for {GA_STALL_GENERATIONS} generations in a row (step "
+                f"{step}): none of the {self.strategy.population_size - 1} children beat it by more than "
+                f"ga_min_improvement={self.args.ga_min_improvement:g}, so the weights have not changed. Usually the "
+                f"children are too few or sigma={self.perturbation_space.sigma:g} is too small to change a greedy "
+                "completion (too large and every child is worse): raise population_size, or tune sigma with "
+                "log_frac_changed_completions.",
+                UserWarning,
+                stacklevel=2,
+            )
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        # CMA-ES and GA move the weights themselves: the optimizer's learning rate is not what they use.
+        if "learning_rate" in logs and not self.strategy.uses_optimizer:
+            del logs["learning_rate"]
+            logs.update(self.strategy.step_size_logs())
+        super().log(logs, start_time)
 
     @property
     def _multi_process(self) -> bool:

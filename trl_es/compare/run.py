@@ -25,7 +25,9 @@ from .report import SELECTION_METRIC, build_arm, point_label, write_report
 
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="trl-es compare", description=__doc__.split("\n\n")[0])
+    # No abbreviations: the unknown options are recipe overrides, and `--seed 43` must set the recipe's seed, not be
+    # read as `--seeds 43`.
+    parser = argparse.ArgumentParser(prog="trl-es compare", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--config", required=True, help="recipe YAML (a train recipe, optionally with grpo/compare)")
     parser.add_argument("--output_dir", required=True, help="where compare.json / .md / .png and logs go")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per arm: seed, seed + 1, ... (default 1)")

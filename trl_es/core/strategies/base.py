@@ -42,6 +42,9 @@ class Strategy(ABC):
     selects_a_member: bool = False
     #: True when ``tell`` can leave ``t.grad`` alone and return coefficients for ``space.apply_update`` instead.
     supports_update_in_place: bool = False
+    #: False for strategies that set the evolved tensors themselves (CMA-ES, GA): the Trainer's optimizer, learning
+    #: rate and schedule then do nothing, and the logs show :meth:`step_size_logs` instead of ``learning_rate``.
+    uses_optimizer: bool = True
 
     def __init__(self, space: PerturbationSpace):
         self.space = space
@@ -71,6 +74,10 @@ class Strategy(ABC):
     @abstractmethod
     def from_config(cls, space: PerturbationSpace, args) -> "Strategy":
         """Build from an ``ESConfig`` (read as plain attributes: the core imports no config class)."""
+
+    def step_size_logs(self) -> dict[str, float]:
+        """The step size the strategy really moves by, for the logs of a strategy that uses no optimizer."""
+        return {}
 
     def state_dict(self) -> dict:
         """What a checkpoint must hold to resume the search exactly (nothing for stateless strategies)."""

@@ -58,6 +58,11 @@ class CMAStrategy(Strategy):
         )
         self._candidates: torch.Tensor | None = None
 
+    uses_optimizer = False
+
+    def step_size_logs(self) -> dict[str, float]:
+        return {"cma_sigma": self.search.sigma}  # CMA-ES adapts it every generation, starting from sigma0
+
     @classmethod
     def from_config(cls, space: PerturbationSpace, args) -> "CMAStrategy":
         return cls(space, args.seed, args.cma_sigma0, args.cma_diagonal, args.cma_max_full_dim)

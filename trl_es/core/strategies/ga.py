@@ -43,6 +43,7 @@ class GeneticAlgorithm(Strategy):
     """
 
     selects_a_member = True
+    uses_optimizer = False
 
     def __init__(self, space: PerturbationSpace, elite: bool = True, min_improvement: float = 0.0):
         super().__init__(space)
@@ -89,6 +90,15 @@ class GeneticAlgorithm(Strategy):
             return best if bool(beaten) and torch.isfinite(scores[best]) else None
         best = int(torch.argmax(scores))
         return best if torch.isfinite(scores[best]) else None
+
+    def step_size_logs(self) -> dict[str, float]:
+        return {"ga_sigma": float(self.space.sigma)}  # the mutation scale (sigma_decay moves it)
+
+    def generations_parent_kept(self, step: int) -> int:
+        """How many generations in a row, up to and including ``step``, kept the parent (0 if ``step`` had a winner).
+        Read off the genome, so a resumed run counts as an uninterrupted one."""
+        last_win = self.genome[-1][0] if self.genome else -1
+        return step - last_win
 
     def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
         if fitness.shape != (self.population_size,):

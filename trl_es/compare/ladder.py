@@ -1,0 +1,501 @@
+"""The scale ladder as independent units: does the ES-GRPO gap change with the policy's size?
+
+A *rung* is one policy of a family that differs only in size (``trl_es.tasks.build_policy.SIZES``: one task, one
+tokenizer, each policy SFT-trained into the same starting-accuracy band). A *unit* is one (rung, arm, seed): one
+``trl-es compare --arms ARM --seed SEED`` run in a process of its own. A unit writes its result file
+(``RESULTS/<rung>/<arm>_seed<seed>.json``) only when it has finished; a unit stopped part-way (the time limit, a
+crash, the session ending) leaves no result file and its work folder is deleted, so a partial run is never reported.
+``resume`` skips the finished units and runs the next ones that still fit before a deadline, which is what lets the
+ladder accumulate over sessions that are each shorter than the whole ladder. ``aggregate`` turns whatever units exist
+into ``scale_ladder.json``, a markdown table and a figure.
+
+Budget rule, the same at every rung and fixed the first time a rung runs (recorded in ``RESULTS/rungs.json``, so
+units run in later sessions use the very same budget):
+
+* rollouts: ``budget_rollouts`` generated completions at every rung, so "equal rollouts" means the same data;
+* seconds: ``base_seconds`` times the rung's cost of one batched greedy generation relative to the smallest rung
+  (measured when the rung is first prepared), so a bigger model gets proportionally more training time for the same
+  work. Every arm stops at whichever budget it reaches first, so no unit trains longer than its rung's
+  ``budget_seconds``; the rest of a unit is model loading and held-out evaluation.
+
+A rung's policy is rebuilt from its seed in every session (they are too large to commit). Its weights are hashed and
+the hash is recorded with the rung: a rebuild that gives other weights is refused rather than mixed into old units.
+"""
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .machine import load_average
+from .report import _mean, _spread, summarize
+
+
+@dataclass(frozen=True)
+class Ladder:
+    """What every unit of one ladder shares. Changing a field changes the experiment: units recorded under other
+    values are refused by :func:`aggregate` (the rung record keeps the values its units ran with)."""
+
+    recipe: str
+    budget_rollouts: int
+    base_seconds: float
+    eval_points: int = 10
+    rungs: tuple[str, ...] = ("0.6M", "3M", "14M")
+    arms: tuple[str, ...] = ("es", "grpo")
+    seeds: tuple[int, ...] = (42, 43, 44)
+    # A unit must fit a session with room to spare: a rung whose budget would exceed this is refused.
+    max_unit_seconds: float = 40 * 60
+    extra_overrides: tuple[str, ...] = ()  # more `--key value` pairs for every unit, e.g. a smaller held-out split
+
+    def fingerprint(self) -> dict:
+        return {
+            "recipe": self.recipe,
+            "budget_rollouts": self.budget_rollouts,
+            "base_seconds": self.base_seconds,
+            "eval_points": self.eval_points,
+            "extra_overrides": list(self.extra_overrides),
+        }
+
+
+@dataclass(frozen=True)
+class Unit:
+    rung: str
+    arm: str
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.rung}/{self.arm}_seed{self.seed}"
+
+    def result_path(self, results: Path) -> Path:
+        return results / self.rung / f"{self.arm}_seed{self.seed}.json"
+
+
+def units(ladder: Ladder) -> list[Unit]:
+    """Every unit, seed-major: one seed of every rung before the next seed, so the trend shows after one pass."""
+    return [Unit(rung, arm, seed) for seed in ladder.seeds for rung in ladder.rungs for arm in ladder.arms]
+
+
+def weights_sha256(model_dir: Path) -> str:
+    """A hash of the policy's tensors (names, dtypes, shapes, bytes), independent of how the file was written."""
+    import torch
+    from safetensors.torch import load_file
+
+    digest = hashlib.sha256()
+    tensors = load_file(str(Path(model_dir) / "model.safetensors"))
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def parameter_count(model_dir: Path) -> int:
+    """Parameters stored in the policy's weights file (a tied embedding is stored, and counted, once)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(model_dir) / "model.safetensors"), framework="pt") as file:
+        return sum(math.prod(file.get_slice(name).get_shape()) for name in file.keys())
+
+
+def generation_seconds(model_dir: Path, rows: int = 128, repeats: int = 5, max_new_tokens: int = 4) -> float:
+    """Median seconds of one greedy batched generation of ``rows`` train prompts (the unit of an ES member's work)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ..tasks import arithmetic_dataset
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.padding_side = "left"
+    prompts = list(arithmetic_dataset("train", size=rows)["prompt"])
+    encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    times = []
+    with torch.no_grad():
+        for _ in range(repeats + 1):  # the first call warms up and is not counted
+            start = time.perf_counter()
+            model.generate(
+                **encoded, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+            times.append(time.perf_counter() - start)
+    return sorted(times[1:])[repeats // 2]
+
+
+@dataclass
+class RungStore:
+    """The rung records (``RESULTS/rungs.json``) and where each rung's policy is built."""
+
+    results: Path
+    cache: Path
+    # rung -> its policy folder (built if needed); the default builds ``build_policy --size RUNG``
+    build: Callable[[str, Path], Path] | None = None
+    records: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        path = self.results / "rungs.json"
+        self.records = json.loads(path.read_text()) if path.exists() else {}
+        self._folders: dict[str, Path] = {}
+
+    def save(self) -> None:
+        self.results.mkdir(parents=True, exist_ok=True)
+        _write_atomic(self.results / "rungs.json", self.records)
+
+    def folder(self, rung: str) -> Path:
+        """The rung's policy, built if needed, with the hash its recorded units ran on (else a named error)."""
+        if rung not in self._folders:
+            folder = Path((self.build or build_policy)(rung, self.cache))
+            digest = weights_sha256(folder)
+            recorded = self.records.get(rung, {}).get("weights_sha256")
+            if recorded is not None and recorded != digest:
+                raise RuntimeError(
+                    f"rung {rung}: the policy built in {folder} has weights {digest[:12]}..., but this rung's units "
+                    f"ran on {recorded[:12]}... ({self.results / 'rungs.json'}); the rebuild is not bit-identical "
+                    "here, so new units would not be comparable. Rebuild on the machine kind the units ran on, or "
+                    "start a new ladder (another results folder)."
+                )
+            self._folders[rung] = folder
+        return self._folders[rung]
+
+    def prepare(self, rung: str, ladder: Ladder) -> dict:
+        """The rung's record: built policy, hash, generation cost and budget (measured and saved the first time)."""
+        record = self.records.get(rung)
+        if record is not None:
+            if record["ladder"] != ladder.fingerprint():
+                raise RuntimeError(
+                    f"rung {rung} was recorded with ladder settings {record['ladder']}, not {ladder.fingerprint()}: "
+                    "a unit under other settings would not be comparable; use another results folder"
+                )
+            self.folder(rung)  # builds it and checks the hash
+            return record
+        folder = self.folder(rung)
+        smallest = ladder.rungs[0]
+        reference = generation_seconds(self.folder(smallest))
+        cost = 1.0 if rung == smallest else generation_seconds(folder) / reference
+        budget_seconds = round(ladder.base_seconds * max(cost, 1.0))
+        if budget_seconds > ladder.max_unit_seconds:
+            raise RuntimeError(
+                f"rung {rung}: its wall-clock budget would be {budget_seconds} s (generation cost x{cost:.2f} the "
+                f"smallest rung's), beyond max_unit_seconds={ladder.max_unit_seconds:g}: a unit would not fit a "
+                "session; lower base_seconds for every rung or drop the rung"
+            )
+        info_path = folder / "build_info.json"
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        record = {
+            "rung": rung,
+            "parameters": parameter_count(folder),
+            "start_accuracy_at_build": info.get("heldout_500_accuracy"),
+            "weights_sha256": weights_sha256(folder),
+            "generation_cost_vs_smallest": round(cost, 3),
+            "generation_seconds_smallest": round(reference, 4),
+            "budget_rollouts": ladder.budget_rollouts,
+            "budget_seconds": budget_seconds,
+            "ladder": ladder.fingerprint(),
+            "measured_at_load_average": load_average(),
+            "build": {key: info.get(key) for key in ("size", "seed", "steps", "train_seconds", "command")},
+        }
+        self.records[rung] = record
+        self.save()
+        return record
+
+
+def build_policy(rung: str, cache: Path) -> Path:
+    """The shipped policy for the smallest size; other sizes built once per machine by ``build_policy --size``."""
+    from ..tasks import ARITHMETIC_POLICY_DIR
+
+    if rung == "0.6M":
+        return ARITHMETIC_POLICY_DIR
+    folder = cache / f"arithmetic-policy-{rung}"
+    if not (folder / "build_info.json").exists():
+        command = [sys.executable, "-m", "trl_es.tasks.build_policy", "--size", rung, "--output_dir", str(folder)]
+        cache.mkdir(parents=True, exist_ok=True)
+        print("building:", " ".join(command), flush=True)
+        with open(cache / f"build_{rung}.log", "w") as log:
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+    return folder
+
+
+def _write_atomic(path: Path, data: dict) -> None:
+    """Write JSON so that a reader (or a crash) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+def _git_commit() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=Path(__file__).parent
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def unit_command(unit: Unit, ladder: Ladder, record: dict, policy: Path, output: Path) -> list[str]:
+    return [
+        sys.executable, "-m", "trl_es.cli", "compare", "--config", ladder.recipe, "--output_dir", str(output),
+        "--seeds", "1", "--arms", unit.arm, "--seed", str(unit.seed), "--model_name_or_path", str(policy),
+        "--compare.budget_rollouts", str(record["budget_rollouts"]),
+        "--compare.budget_seconds", str(record["budget_seconds"]),
+        "--compare.eval_points", str(ladder.eval_points), *ladder.extra_overrides,
+    ]  # fmt: skip
+
+
+def run_unit(unit: Unit, ladder: Ladder, store: RungStore, work: Path, deadline: float) -> str:
+    """Run one unit to its end and write its result file; returns "finished", "failed" or "discarded" (stopped at
+    the deadline: its process group is killed and its work folder deleted, so nothing partial remains)."""
+    record = store.prepare(unit.rung, ladder)
+    output = work / unit.rung / f"{unit.arm}_seed{unit.seed}"
+    shutil.rmtree(output, ignore_errors=True)  # a folder left by an earlier, stopped attempt
+    output.mkdir(parents=True)
+    command = unit_command(unit, ladder, record, store.folder(unit.rung), output)
+    print(
+        f"== unit {unit.name}: budget {record['budget_rollouts']:,} rollouts / {record['budget_seconds']} s",
+        flush=True,
+    )
+    started, start_load = time.time(), load_average()
+    with open(output / "unit.log", "w") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )  # fmt: skip
+        while process.poll() is None:
+            if time.time() > deadline:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                shutil.rmtree(output, ignore_errors=True)
+                print(f"!! unit {unit.name} reached the time limit after {time.time() - started:.0f} s: discarded")
+                return "discarded"
+            time.sleep(1.0)
+    report_path = output / "compare.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    runs = report.get("arms", {}).get(unit.arm, {}).get("runs", [])
+    if process.returncode != 0 or len(runs) != 1:
+        tail = (output / "unit.log").read_text().strip().splitlines()[-5:]
+        print(f"!! unit {unit.name} failed (exit code {process.returncode}); log {output / 'unit.log'}:", flush=True)
+        print("\n".join(tail), flush=True)
+        return "failed"
+    result = {
+        "unit": asdict(unit),
+        "rung": {key: record[key] for key in ("parameters", "weights_sha256", "budget_rollouts", "budget_seconds")},
+        "ladder": ladder.fingerprint(),
+        "run": runs[0],
+        "settings": report["arms"][unit.arm]["settings"],
+        "machine": {**report["machine"], "load_average_before_unit": start_load},
+        "duration_s": round(time.time() - started, 1),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "git_commit": _git_commit(),
+        "command": [Path(command[0]).name, *command[1:]],
+    }
+    _write_atomic(unit.result_path(store.results), result)
+    print(f"== unit {unit.name} finished in {result['duration_s']:.0f} s: final held-out accuracy "
+          f"{runs[0]['final_eval_accuracy']:.3f}", flush=True)  # fmt: skip
+    return "finished"
+
+
+def estimate_seconds(unit: Unit, ladder: Ladder, store: RungStore) -> float:
+    """Upper estimate of a prepared rung's unit's duration: its rung's time budget plus the largest overhead (loading, evaluation)
+    seen on a finished unit of the same rung and arm (else half the budget plus two minutes, a guess)."""
+    budget = store.records[unit.rung]["budget_seconds"]
+    overheads = []
+    for path in (store.results / unit.rung).glob(f"{unit.arm}_seed*.json"):
+        done = json.loads(path.read_text())
+        overheads.append(done["duration_s"] - done["run"]["train_seconds"])
+    return budget + (max(overheads) * 1.2 if overheads else budget / 2 + 120)
+
+
+def resume(
+    ladder: Ladder, store: RungStore, work: Path, max_minutes: float, selected=None, on_finished=None
+) -> dict[str, list]:
+    """Run the unfinished units (those ``selected(unit)`` accepts, default all) in order until ``max_minutes`` have
+    passed. A unit that would not fit the time left (by :func:`estimate_seconds`) is skipped for a later one that
+    might; one that still overruns is discarded. ``on_finished()`` runs after every finished unit."""
+    deadline = time.time() + max_minutes * 60
+    outcome = {"finished": [], "failed": [], "discarded": [], "skipped_for_time": [], "already_done": []}
+    for unit in units(ladder):
+        if selected is not None and not selected(unit):
+            continue
+        if unit.result_path(store.results).exists():
+            outcome["already_done"].append(unit.name)
+            continue
+        if time.time() >= deadline:
+            outcome["skipped_for_time"].append(unit.name)
+            continue
+        try:
+            store.prepare(unit.rung, ladder)  # builds the policy and fixes the budget the first time a rung runs
+        except RuntimeError as error:
+            print(f"!! unit {unit.name}: {error}", flush=True)
+            outcome["failed"].append(unit.name)
+            continue
+        if time.time() + estimate_seconds(unit, ladder, store) > deadline:
+            outcome["skipped_for_time"].append(unit.name)
+            continue
+        status = run_unit(unit, ladder, store, work, deadline)
+        outcome[status].append(unit.name)
+        if status == "finished" and on_finished is not None:
+            on_finished()
+    return outcome
+
+
+def load_units(results: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(results.glob("*/*_seed*.json"))]
+
+
+def _gap(entry: dict, arm: str) -> float | None:
+    if not entry or arm not in entry or "grpo" not in entry:
+        return None
+    return entry[arm]["mean"] - entry["grpo"]["mean"]
+
+
+def aggregate(results: Path, rung_order: tuple[str, ...] | None = None) -> list[dict]:
+    """One entry per rung from the unit files there are: every arm at equal rollouts and at equal training
+    wall-clock over the seeds that every arm of the rung has finished (paired seeds), and the gaps to GRPO."""
+    store_path = results / "rungs.json"
+    records = json.loads(store_path.read_text()) if store_path.exists() else {}
+    by_rung: dict[str, list[dict]] = {}
+    for done in load_units(results):
+        rung = done["unit"]["rung"]
+        record = records.get(rung)
+        if record is None or done["rung"]["weights_sha256"] != record["weights_sha256"]:
+            raise ValueError(
+                f"unit {rung}/{done['unit']['arm']}_seed{done['unit']['seed']} ran on weights "
+                f"{done['rung']['weights_sha256'][:12]}..., not the rung's recorded policy ({store_path})"
+            )
+        if done["ladder"] != record["ladder"]:
+            raise ValueError(f"unit {rung}/{done['unit']['arm']}_seed{done['unit']['seed']} ran under other ladder "
+                             f"settings ({done['ladder']}) than its rung ({record['ladder']})")  # fmt: skip
+        by_rung.setdefault(rung, []).append(done)
+    order = list(rung_order or ()) + sorted(set(by_rung) - set(rung_order or ()))
+    entries = []
+    for rung in [name for name in order if name in by_rung]:
+        done = by_rung[rung]
+        arms = sorted({d["unit"]["arm"] for d in done}, key=lambda a: (a == "grpo", a != "es", a))
+        seeds_of = {arm: sorted(d["unit"]["seed"] for d in done if d["unit"]["arm"] == arm) for arm in arms}
+        # seeds every arm of the rung finished, GRPO included: a gap needs both sides of the same seed
+        paired = sorted(set(seeds_of.get("grpo", ())).intersection(*(set(s) for s in seeds_of.values())))
+        runs = {
+            arm: [d["run"] for d in done if d["unit"]["arm"] == arm and d["unit"]["seed"] in paired] for arm in arms
+        }
+        summary = summarize({arm: {"runs": arm_runs} for arm, arm_runs in runs.items()}) if paired else {}
+        record = records[rung]
+        entry = {
+            "rung": rung,
+            "parameters": record["parameters"],
+            "seeds": paired,
+            "units": seeds_of,
+            "budget_rollouts": record["budget_rollouts"],
+            "budget_seconds": record["budget_seconds"],
+            "generation_cost_vs_smallest": record["generation_cost_vs_smallest"],
+            "es_minus_grpo_equal_wall_clock": _gap(summary.get("equal_wall_clock_s"), "es"),
+            "es_minus_grpo_equal_rollouts": _gap(summary.get("equal_rollouts"), "es"),
+            "equal_wall_clock": summary.get("equal_wall_clock_s"),
+            "equal_rollouts": summary.get("equal_rollouts"),
+            "arms": {
+                arm: {
+                    "start_accuracy": _mean([r["eval_accuracy"][0] for r in arm_runs]),
+                    "final_accuracy": {
+                        "mean": _mean([r["final_eval_accuracy"] for r in arm_runs]),
+                        "std": _spread([r["final_eval_accuracy"] for r in arm_runs]),
+                    },
+                    "train_seconds": _mean([r["train_seconds"] for r in arm_runs]),
+                    "rollouts": _mean([r["rollouts_total"] for r in arm_runs]),
+                    "peak_rss_mb": _mean([r["peak_rss_mb"] for r in arm_runs]),
+                    "stopped_by": sorted({r["stopped_by"] for r in arm_runs}),
+                }
+                for arm, arm_runs in runs.items()
+                if arm_runs
+            },
+            "busy_units": [
+                f"{d['unit']['arm']}_seed{d['unit']['seed']}" for d in done if d["run"].get("machine", {}).get("busy")
+            ],
+        }
+        for arm in arms:
+            if arm not in ("es", "grpo"):
+                entry[f"{arm}_minus_grpo_equal_wall_clock"] = _gap(summary.get("equal_wall_clock_s"), arm)
+                entry[f"{arm}_minus_grpo_equal_rollouts"] = _gap(summary.get("equal_rollouts"), arm)
+        entries.append(entry)
+    return entries
+
+
+def _number(value, digits=3) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:+.{digits}f}"
+
+
+def markdown(entries: list[dict], ladder: Ladder | None = None) -> str:
+    lines = [
+        "# Scale ladder: ES - GRPO held-out accuracy by policy size",
+        "",
+        "Each rung: the seeds both arms finished (mean ± population std over them). Gaps are ES minus GRPO "
+        "(negative: GRPO ahead) at the furthest rollout count and training time every run of the rung reached.",
+        "",
+        "| rung | parameters | seeds | budget (rollouts / s) | ES final | GRPO final | gap, equal rollouts "
+        "| gap, equal wall-clock | busy units |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for e in entries:
+        final = {arm: e["arms"].get(arm, {}).get("final_accuracy") for arm in ("es", "grpo")}
+        cells = [
+            f"{f['mean']:.3f} ± {f['std']:.3f}" if f else "-" for f in (final["es"], final["grpo"])
+        ]  # fmt: skip
+        lines.append(
+            f"| {e['rung']} | {e['parameters']:,} | {len(e['seeds'])} ({', '.join(map(str, e['seeds']))}) | "
+            f"{e['budget_rollouts']:,} / {e['budget_seconds']} | {cells[0]} | {cells[1]} | "
+            f"{_number(e['es_minus_grpo_equal_rollouts'])} | {_number(e['es_minus_grpo_equal_wall_clock'])} | "
+            f"{', '.join(e['busy_units']) or 'none'} |"
+        )
+    unpaired = {e["rung"]: e["units"] for e in entries if any(len(s) != len(e["seeds"]) for s in e["units"].values())}
+    if unpaired:
+        lines += ["", f"Units finished but not yet paired across arms (not in the table): {unpaired}"]
+    return "\n".join(lines) + "\n"
+
+
+def plot(entries: list[dict], path: Path) -> bool:
+    points = {
+        key: [(e["parameters"], e[key]) for e in entries if e[key] is not None]
+        for key in ("es_minus_grpo_equal_wall_clock", "es_minus_grpo_equal_rollouts")
+    }
+    if not any(points.values()):
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4))
+    labels = {
+        "es_minus_grpo_equal_wall_clock": "equal training wall-clock",
+        "es_minus_grpo_equal_rollouts": "equal rollouts",
+    }
+    for key, pairs in points.items():
+        if pairs:
+            axis.plot(*zip(*pairs, strict=True), marker="o", label=labels[key])
+    axis.axhline(0.0, color="grey", linewidth=0.8)
+    axis.set_xscale("log")
+    axis.set_xlabel("policy parameters")
+    axis.set_ylabel("ES - GRPO held-out accuracy")
+    axis.set_title("scale ladder (mean over paired seeds)")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return True
+
+
+def write_aggregate(results: Path, output: Path, rung_order: tuple[str, ...] | None = None) -> list[dict]:
+    """``OUTPUT.json`` / ``.md`` / ``.png`` (the figure only once some rung has a gap) from the unit files."""
+    entries = aggregate(results, rung_order)
+    _write_atomic(
+        output.with_suffix(".json"),
+        {"rungs": entries, "generated_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
+    )
+    output.with_suffix(".md").write_text(markdown(entries))
+    plot(entries, output.with_suffix(".png"))
+    return entries
