@@ -48,9 +48,8 @@ def status(ladder: Ladder, store: RungStore, selected) -> None:
         path = unit.result_path(store.results)
         if path.exists():
             done = json.loads(path.read_text())
-            print(
-                f"done     {unit.name:<22} {done['duration_s']:>6.0f} s  final {done['run']['final_eval_accuracy']:.3f}"
-            )
+            final = done["run"]["final_eval_accuracy"]
+            print(f"done     {unit.name:<22} {done['duration_s']:>6.0f} s  final held-out accuracy {final:.3f}")
         elif unit.rung in store.records:
             print(f"pending  {unit.name:<22} ~{estimate_seconds(unit, ladder, store) / 60:>4.0f} min (estimate)")
         else:

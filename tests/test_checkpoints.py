@@ -41,7 +41,8 @@ def optimizer_state(kind: str) -> dict:
 
 
 def fake_checkpoint(output_dir, step: int, optimizer: str = "adamw", weights: str = "model.safetensors") -> str:
-    """A checkpoint folder laid out as Trainer._save_checkpoint writes it (weights, optimizer, scheduler, RNG, state)."""
+    """A checkpoint folder laid out as Trainer._save_checkpoint writes it (weights, optimizer, scheduler, RNG,
+    state)."""
     folder = os.path.join(output_dir, f"checkpoint-{step}")
     os.makedirs(folder)
     tensors = {"weight": torch.ones(3, 2), "bias": torch.zeros(3)}

@@ -1,4 +1,5 @@
-"""Low-rank batched members: each block of rows sees exactly W + sigma A_i B_i^T / sqrt(r); the update is one matmul."""
+"""Low-rank batched members: each block of rows sees exactly W + sigma A_i B_i^T / sqrt(r); the update is one
+matmul."""
 
 import math
 

@@ -51,9 +51,15 @@ def _store(tmp_path, folders):
     return RungStore(results=tmp_path / "results", cache=tmp_path / "cache", build=lambda rung, cache: folders[rung])
 
 
-def test_units_are_seed_major_so_one_pass_covers_every_rung():
+def test_units_run_rung_by_rung_with_both_arms_of_a_seed_together():
     ladder = Ladder(recipe="r.yaml", budget_rollouts=1, base_seconds=1, rungs=("a", "b"), seeds=(1, 2))
-    assert [u.name for u in units(ladder)][:4] == ["a/es_seed1", "a/grpo_seed1", "b/es_seed1", "b/grpo_seed1"]
+    assert [u.name for u in units(ladder)][:5] == [
+        "a/es_seed1",
+        "a/grpo_seed1",
+        "a/es_seed2",
+        "a/grpo_seed2",
+        "b/es_seed1",
+    ]
 
 
 def test_resume_runs_units_once_and_the_aggregate_pairs_them(tiny_model_dir, tmp_path):

@@ -109,3 +109,33 @@ def test_a_winning_child_is_logged_as_the_parent_replaced(tiny_model_dir, tmp_pa
     kept = [log["es/ga_parent_kept"] for log in trainer.state.log_history if "es/ga_parent_kept" in log]
     winners = {step for step, _ in trainer.strategy.genome}
     assert kept == [0.0 if step in winners else 1.0 for step in range(4)] and 0.0 in kept
+
+
+def test_ga_improves_held_out_accuracy_on_the_embedded_task(tmp_path):
+    """30 generations of 8 (the parent and 7 children) on 128 fresh prompts each: selection alone, no gradient, lifts
+    the shipped policy's held-out accuracy (measured 0.362 -> 0.424 on 500 problems; sigma 0.01 or 4 members instead
+    walked it down to 0.210: children chosen on one batch of prompts carry that batch's luck)."""
+    from trl_es.evaluation import greedy_accuracy
+    from trl_es.tasks import ARITHMETIC_POLICY_DIR, arithmetic_accuracy
+
+    args = ESConfig(
+        str(tmp_path), strategy="ga", sigma=0.003, population_size=8, max_steps=30, temperature=0.0,
+        per_device_train_batch_size=256, num_generations=2, max_completion_length=4, bf16=False, report_to="none",
+        save_strategy="no", disable_tqdm=True, seed=42,
+    )  # fmt: skip
+    trainer = ESTrainer(
+        str(ARITHMETIC_POLICY_DIR),
+        reward_funcs=arithmetic_accuracy,
+        args=args,
+        train_dataset=arithmetic_dataset("train"),
+    )
+    held_out = arithmetic_dataset("test", size=500)
+
+    def accuracy():
+        return greedy_accuracy(trainer.model, trainer.processing_class, held_out, arithmetic_accuracy, 4, 500)
+
+    before = accuracy()
+    trainer.train()
+    after = accuracy()
+    assert len(trainer.strategy.genome) >= 10, "the parent was hardly ever replaced"
+    assert after >= before + 0.03, f"GA did not improve held-out accuracy: {before:.3f} -> {after:.3f}"

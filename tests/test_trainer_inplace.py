@@ -1,5 +1,5 @@
-"""The in-place update (ESConfig.inplace_update): plain SGD applied from the seeds, with no p.grad, trains the very same
-weights as the p.grad path, while the optimizer steps nothing, the LR schedule advances and the metrics stay."""
+"""The in-place update (ESConfig.inplace_update): plain SGD applied from the seeds, with no p.grad, trains the very
+same weights as the p.grad path, while the optimizer steps nothing, the LR schedule advances and the metrics stay."""
 
 import pytest
 import torch

@@ -282,10 +282,11 @@ class ESConfig(GRPOConfig):
     anchor_decay: float = field(
         default=0.0,
         metadata={
-            "help": "Drift control: add anchor_decay * (theta - theta_0) to the ES pseudo-gradient, pulling the evolved "
-            "tensors toward their values at the start of training (an L2 penalty centred on the initial weights, not "
-            "on zero as weight_decay is). Costs one copy of the evolved tensors for the whole run, also saved in "
-            "checkpoints (es_state.pt). 0 (default) = off. strategy='gaussian' only; not under DeepSpeed ZeRO-3."
+            "help": "Drift control: add anchor_decay * (theta - theta_0) to the ES pseudo-gradient, pulling the "
+            "evolved tensors toward their values at the start of training (an L2 penalty centred on the initial "
+            "weights, not on zero as weight_decay is). Costs one copy of the evolved tensors for the whole run, also "
+            "saved in checkpoints (es_state.pt). 0 (default) = off. strategy='gaussian' only; not under DeepSpeed "
+            "ZeRO-3."
         },
     )
     log_frac_changed_completions: bool = field(
@@ -576,8 +577,8 @@ class ESConfig(GRPOConfig):
             )
         if self.antithetic and self.strategy != "cma" and per_group % 2:
             raise ValueError(
-                f"population_size={self.population_size} / prompt_groups={self.prompt_groups} = {per_group} members per "
-                "group is odd, but antithetic pairs (+eps, -eps) must be evaluated on the same prompts; choose "
+                f"population_size={self.population_size} / prompt_groups={self.prompt_groups} = {per_group} members "
+                "per group is odd, but antithetic pairs (+eps, -eps) must be evaluated on the same prompts; choose "
                 "population_size divisible by 2 x prompt_groups."
             )
         if not 0 < self.sigma_decay <= 1:

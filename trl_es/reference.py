@@ -4,7 +4,8 @@ GRPO adds ``beta * KL(policy || reference)`` to the loss it minimises, estimatin
 Schulman's k3 estimator on the completions the policy sampled. ES has no loss, so the same term acts on the fitness:
 
 1. after a member group generates, while its perturbation is still applied, one no-grad forward over the group's
-   prompt + completion tokens gives each completion token's log-probability under the member (:meth:`ReferenceKL.measure`);
+   prompt + completion tokens gives each completion token's log-probability under the member
+   (:meth:`ReferenceKL.measure`);
 2. once every member has generated, the reference gives the same tokens' log-probabilities;
 3. per token ``k3 = exp(r) - r - 1`` with ``r = logp_ref - logp_member`` (tool results and padding excluded, as in
    GRPO), averaged over each completion's tokens, then over the member's completions

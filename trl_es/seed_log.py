@@ -11,7 +11,8 @@ Format (JSON lines, UTF-8):
 * line 1, the header: ``format``, ``version``, the ES settings (``es``; with ``noise_chunk``, the noise chunk size,
   absent from logs written before noise came in chunks, which replay with whole-tensor noise), the optimizer class
   with its defaults and every param group's hyperparameters and evolved tensors (``optimizer``; ``max_grad_norm``
-  because the Trainer clips before stepping), the model's dtype and device, the names of the evolved tensors in order (``evolved``),
+  because the Trainer clips before stepping), the model's dtype and device, the names of the evolved tensors in order
+  (``evolved``),
   for PEFT runs the adapter config and the initial adapter weights (``peft``; PEFT draws the initial adapter from the
   global RNG of whichever process built the model, so no recorded seed reproduces it), and ``base_weights_hash``.
 * then one record per optimizer step, written once the step is done::

@@ -54,7 +54,8 @@ def check_replayable(log: SeedLog) -> None:
         )
     if es["perturbation"] != "low_rank" and es["perturbation_restore"] != "copy":
         raise ValueError(
-            f"{log.path}: the run restored perturbed weights with perturbation_restore={es['perturbation_restore']!r}, "
+            f"{log.path}: the run restored perturbed weights with "
+            f"perturbation_restore={es['perturbation_restore']!r}, "
             "which leaves ~1e-7 of rounding drift per member in the trained weights; replay cannot reproduce it "
             "(train with perturbation_restore='copy' for a replayable run)."
         )
@@ -109,7 +110,8 @@ def load_base_model(path: str, log: SeedLog, device: str | torch.device | None =
 
 
 def build_replay_search(model, log: SeedLog):
-    """The run's perturbation space and strategy on ``model``, built by ``trl_es.search`` as the trainer builds them."""
+    """The run's perturbation space and strategy on ``model``, built by ``trl_es.search`` as the trainer builds
+    them."""
     es = log.header["es"]
     # ESConfig's defaults for what the log does not record (a strategy's own settings, e.g. ga_elite): the records
     # say what each step did, so those settings only have to build the strategy. A setting a log written before it
@@ -134,7 +136,8 @@ def build_replay_search(model, log: SeedLog):
         raise ValueError(
             f"{log.path}: the {es['perturbation']} space on this model evolves {len(names)} tensors, the run "
             f"evolved {len(recorded)}; they differ at position {first} "
-            f"({names[first] if first < len(names) else None!r} vs {recorded[first] if first < len(recorded) else None!r})"
+            f"({names[first] if first < len(names) else None!r} vs "
+            f"{recorded[first] if first < len(recorded) else None!r})"
         )
     return space, strategy
 

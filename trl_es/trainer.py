@@ -298,8 +298,8 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
             if self.anchor is not None:
                 if "anchor" not in state:
                     raise ValueError(
-                        f"{resume_from_checkpoint} holds no anchor (the initial weights anchor_decay pulls toward): it "
-                        f"was trained without anchor_decay; resume with anchor_decay=0 or start a new run."
+                        f"{resume_from_checkpoint} holds no anchor (the initial weights anchor_decay pulls toward): "
+                        "it was trained without anchor_decay; resume with anchor_decay=0 or start a new run."
                     )
                 self.anchor.load_state_dict(state["anchor"])
         elif self.anchor is not None:
@@ -522,7 +522,8 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
             )
         elif invalid.any():
             logger.warning(
-                "ES step %d: members %s have no scorable completion (all rewards None) and are left out of the update.",
+                "ES step %d: members %s have no scorable completion (all rewards None) and are left out of the "
+                "update.",
                 step,
                 invalid.nonzero().flatten().tolist(),
             )

@@ -80,8 +80,10 @@ class Unit:
 
 
 def units(ladder: Ladder) -> list[Unit]:
-    """Every unit, seed-major: one seed of every rung before the next seed, so the trend shows after one pass."""
-    return [Unit(rung, arm, seed) for seed in ladder.seeds for rung in ladder.rungs for arm in ladder.arms]
+    """Every unit, rung by rung (smallest first), each rung's seeds in order, both arms of a seed together: a session
+    completes the cheap rungs first, and a large rung's policy, rebuilt in every session that runs its units, is
+    built by as few sessions as possible."""
+    return [Unit(rung, arm, seed) for rung in ladder.rungs for seed in ladder.seeds for arm in ladder.arms]
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -302,8 +304,9 @@ def run_unit(unit: Unit, ladder: Ladder, store: RungStore, work: Path, deadline:
 
 
 def estimate_seconds(unit: Unit, ladder: Ladder, store: RungStore) -> float:
-    """Upper estimate of a prepared rung's unit's duration: its rung's time budget plus the largest overhead (loading, evaluation)
-    seen on a finished unit of the same rung and arm (else half the budget plus two minutes, a guess)."""
+    """Upper estimate of the duration of a unit of a prepared rung: the rung's time budget plus the largest overhead
+    (loading, evaluation) seen on a finished unit of the same rung and arm (else half the budget plus two minutes, a
+    guess)."""
     budget = store.records[unit.rung]["budget_seconds"]
     overheads = []
     for path in (store.results / unit.rung).glob(f"{unit.arm}_seed*.json"):

@@ -184,7 +184,8 @@ def _grid_points(name: str, kind: str, config: dict, entry) -> list[dict]:
         entry = {"learning_rate": entry}
     if not isinstance(entry, dict) or not entry or not all(isinstance(v, list) and v for v in entry.values()):
         raise ValueError(
-            f"compare.grid.{name}: give a list of learning rates or a mapping of setting -> list of values, got {entry!r}"
+            f"compare.grid.{name}: give a list of learning rates or a mapping of setting -> list of values, "
+            f"got {entry!r}"
         )
     keys = list(entry)
     return [dict(zip(keys, values, strict=True)) for values in itertools.product(*entry.values())]

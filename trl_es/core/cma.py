@@ -129,7 +129,8 @@ class CMAESearch:
         self._optimizer.tell([(xs[i].copy(), -float(fitness[i])) for i in range(self.population_size)])
 
     def state_dict(self) -> dict:
-        """Everything a resumed search needs, as tensors and plain numbers (``torch.load(weights_only=True)`` reads it)."""
+        """Everything a resumed search needs, as tensors and plain numbers (``torch.load(weights_only=True)`` reads
+        it)."""
         arrays, numpy_scalars, plain = {}, {}, {}
         for name, value in vars(self._optimizer).items():
             if name == "_rng":  # reseeded from (seed, generation) at every ask

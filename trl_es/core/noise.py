@@ -53,7 +53,8 @@ class MemberNoise:
     Args:
         seed: run seed (``args.seed``).
         population_size: number of members ``N`` in one step.
-        antithetic: pair members as ``+eps_k`` / ``-eps_k``; then ``N`` must be even and there are ``N / 2`` directions.
+        antithetic: pair members as ``+eps_k`` / ``-eps_k``; then ``N`` must be even and there are ``N / 2``
+            directions.
         chunk_size: elements per noise chunk (see the module docstring). It is part of the noise's definition: runs
             with other chunk sizes draw other noise for tensors larger than the smaller of the two.
     """

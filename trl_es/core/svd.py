@@ -365,8 +365,8 @@ class SVDSpace(PerturbationSpace):
         names = [target.weight_name for target in self._targets]
         if sorted(saved) != sorted(names):
             raise ValueError(
-                f"SVD space state is for weights {sorted(set(saved) ^ set(names))[:4]}... that this space does not have "
-                "(or lacks weights it has); build the space over the same target modules"
+                f"SVD space state is for weights {sorted(set(saved) ^ set(names))[:4]}... that this space does not "
+                "have (or lacks weights it has); build the space over the same target modules"
             )
         for target in self._targets:
             entry = saved[target.weight_name]

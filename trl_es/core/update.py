@@ -56,7 +56,10 @@ def plain_sgd_problem(optimizer: torch.optim.Optimizer, tensors) -> str | None:
     momentum), or None when it is, so ``space.apply_update`` can do it instead without ``t.grad``."""
     if type(optimizer) is not torch.optim.SGD:  # a subclass may step differently
         cls = type(optimizer)
-        return f"the optimizer is {cls.__module__}.{cls.__qualname__}, not torch.optim.SGD (it keeps state or steps differently)"
+        return (
+            f"the optimizer is {cls.__module__}.{cls.__qualname__}, not torch.optim.SGD (it keeps state or steps "
+            "differently)"
+        )
     for number, group in enumerate(optimizer.param_groups):
         if group.get("momentum", 0) != 0:
             return f"SGD param group {number} has momentum={group['momentum']} (momentum buffers need p.grad)"

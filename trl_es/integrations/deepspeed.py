@@ -34,7 +34,8 @@ def zero_stage(engine_or_config) -> int:
 
 
 def init_deepspeed_comm(args) -> None:
-    """With a DeepSpeed config in ``args``: hand DeepSpeed the process group that ``accelerate`` set up, before the model is loaded under ``zero.Init``.
+    """With a DeepSpeed config in ``args``: hand DeepSpeed the process group that ``accelerate`` set up, before the
+    model is loaded under ``zero.Init``.
 
     On GPUs ``accelerate`` initialises ``deepspeed.comm`` itself. With ``use_cpu=True`` it only creates a torch
     (gloo) group, so ``zero.Init`` would read a world size of 1 and reject the batch sizes that the HF integration
