@@ -113,7 +113,8 @@ def test_a_unit_stopped_at_the_deadline_leaves_nothing(tiny_model_dir, tmp_path)
 
 
 def test_a_rebuilt_policy_with_other_weights_is_refused(tiny_model, tiny_model_dir, tmp_path):
-    ladder = Ladder(recipe="r.yaml", budget_rollouts=32, base_seconds=600, rungs=("small",))
+    recipe = _recipe(tmp_path, tiny_model_dir)
+    ladder = Ladder(recipe=recipe, budget_rollouts=32, base_seconds=600, rungs=("small",))
     store = _store(tmp_path, {"small": tiny_model_dir})
     store.prepare("small", ladder)
     rebuilt = tmp_path / "rebuilt"
@@ -123,13 +124,20 @@ def test_a_rebuilt_policy_with_other_weights_is_refused(tiny_model, tiny_model_d
     fresh = _store(tmp_path, {"small": rebuilt})  # a later session: rungs.json is read back
     with pytest.raises(RuntimeError, match=r"rung small: the policy built in .* not bit-identical"):
         fresh.prepare("small", ladder)
-    other_settings = Ladder(recipe="r.yaml", budget_rollouts=64, base_seconds=600, rungs=("small",))
+    other_settings = Ladder(recipe=recipe, budget_rollouts=64, base_seconds=600, rungs=("small",))
     with pytest.raises(RuntimeError, match="recorded with ladder settings"):
         _store(tmp_path, {"small": tiny_model_dir}).prepare("small", other_settings)
+    # the recipe is part of the experiment by its values, wherever the checkout is
+    moved = tmp_path / "elsewhere" / "recipe.yaml"
+    moved.parent.mkdir()
+    shutil.copy(recipe, moved)
+    assert Ladder(recipe=str(moved), budget_rollouts=32, base_seconds=600).fingerprint() == ladder.fingerprint()
+    moved.write_text(moved.read_text().replace("sigma: 0.05", "sigma: 0.1"))
+    assert Ladder(recipe=str(moved), budget_rollouts=32, base_seconds=600).fingerprint() != ladder.fingerprint()
 
 
 def test_a_rung_whose_budget_would_not_fit_a_session_is_refused(tiny_model_dir, tmp_path):
-    ladder = Ladder(recipe="r.yaml", budget_rollouts=32, base_seconds=3600, rungs=("small",))
+    ladder = Ladder(recipe=_recipe(tmp_path, tiny_model_dir), budget_rollouts=32, base_seconds=3600, rungs=("small",))
     with pytest.raises(RuntimeError, match="beyond max_unit_seconds"):
         _store(tmp_path, {"small": tiny_model_dir}).prepare("small", ladder)
 

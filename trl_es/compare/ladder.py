@@ -35,6 +35,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import yaml
+
 from .machine import load_average
 from .report import _mean, _spread, summarize
 
@@ -56,8 +58,12 @@ class Ladder:
     extra_overrides: tuple[str, ...] = ()  # more `--key value` pairs for every unit, e.g. a smaller held-out split
 
     def fingerprint(self) -> dict:
+        # The recipe by its values, not its path: the same ladder runs from different checkouts in different sessions,
+        # and a changed value (not a changed comment) makes a different experiment.
+        values = yaml.safe_load(Path(self.recipe).read_text())
         return {
-            "recipe": self.recipe,
+            "recipe": Path(self.recipe).name,
+            "recipe_sha256": hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest(),
             "budget_rollouts": self.budget_rollouts,
             "base_seconds": self.base_seconds,
             "eval_points": self.eval_points,
