@@ -445,18 +445,20 @@ def markdown(entries: list[dict], ladder: Ladder | None = None) -> str:
         "Each rung: the seeds both arms finished (mean ± population std over them). Gaps are ES minus GRPO "
         "(negative: GRPO ahead) at the furthest rollout count and training time every run of the rung reached.",
         "",
-        "| rung | parameters | seeds | budget (rollouts / s) | ES final | GRPO final | gap, equal rollouts "
+        "| rung | parameters | seeds | budget (rollouts / s) | start | ES final | GRPO final | gap, equal rollouts "
         "| gap, equal wall-clock | busy units |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for e in entries:
         final = {arm: e["arms"].get(arm, {}).get("final_accuracy") for arm in ("es", "grpo")}
+        starts = {round(arm["start_accuracy"], 3) for arm in e["arms"].values()}
+        start = ", ".join(f"{value:.3f}" for value in sorted(starts)) or "-"
         cells = [
             f"{f['mean']:.3f} ± {f['std']:.3f}" if f else "-" for f in (final["es"], final["grpo"])
         ]  # fmt: skip
         lines.append(
             f"| {e['rung']} | {e['parameters']:,} | {len(e['seeds'])} ({', '.join(map(str, e['seeds']))}) | "
-            f"{e['budget_rollouts']:,} / {e['budget_seconds']} | {cells[0]} | {cells[1]} | "
+            f"{e['budget_rollouts']:,} / {e['budget_seconds']} | {start} | {cells[0]} | {cells[1]} | "
             f"{_number(e['es_minus_grpo_equal_rollouts'])} | {_number(e['es_minus_grpo_equal_wall_clock'])} | "
             f"{', '.join(e['busy_units']) or 'none'} |"
         )
