@@ -92,42 +92,79 @@ def profile_ms(run, times: int = 3) -> dict:
     return {"total": sum(by_op.values()), **kinds, "by_op": dict(by_op)}
 
 
-def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, repeats, full_rows):
-    tokenizer.padding_side = "left"
-    prompts = list(arithmetic_dataset("train", size=max(prompts_per_member, full_rows))["prompt"])
-    one = tokenizer(prompts[:prompts_per_member], return_tensors="pt", padding=True)
-    everyone = tokenizer(prompts[:prompts_per_member] * members, return_tensors="pt", padding=True)
-    member_rows = tokenizer(prompts[:full_rows], return_tensors="pt", padding=True)
-    noise = MemberNoise(0, members)
-    fitness = torch.linspace(-0.5, 0.5, members)
-    low_rank = LowRankSpace(linears(model), noise, sigma=1e-3, rank=rank)
-    shared = LowRankSpace(linears(model), noise, sigma=1e-3, rank=rank, share_inputs=True)
-    full = InPlaceSpace([(n, p) for n, p in model.named_parameters()], noise, sigma=1e-3)
-    full_subtract = InPlaceSpace([(n, p) for n, p in model.named_parameters()], noise, sigma=1e-3, restore="subtract")
-    pad = tokenizer.pad_token_id
+class PopulationStep:
+    """The rows, noise and spaces of one ES population step on one model, and the three ways to run it that every
+    throughput measurement times (also ``benchmarks/gpu_check.py``): ``plain``, ``low_rank_step``, ``full_step``
+    (greedy, N members x P prompts, T new tokens forced). Inputs go to the model's device, where the spaces draw
+    their noise too."""
 
-    def plain():
-        generate(model, everyone, new_tokens, pad)
+    def __init__(self, model, tokenizer, members, prompts_per_member, new_tokens, rank, sigma=1e-3):
+        self.model, self.members, self.new_tokens = model, members, new_tokens
+        self.pad = tokenizer.pad_token_id
+        tokenizer.padding_side = "left"
+        prompts = list(arithmetic_dataset("train", size=prompts_per_member)["prompt"])
+        self.one = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+        self.everyone = tokenizer(prompts * members, return_tensors="pt", padding=True).to(model.device)
+        self.noise = MemberNoise(0, members)
+        self.fitness = torch.linspace(-0.5, 0.5, members)
+        self.low_rank = LowRankSpace(linears(model), self.noise, sigma=sigma, rank=rank)
+        self.full = InPlaceSpace(list(model.named_parameters()), self.noise, sigma=sigma)
 
-    breakdown = {"factors_and_patch": [], "generate": [], "update": []}
+    def plain(self):
+        generate(self.model, self.everyone, self.new_tokens, self.pad)
 
-    def low_rank_step(space=low_rank, record=True):
+    def low_rank_step(self, space=None, breakdown=None):
+        """One batched generate of every member's rows with its rank-r term, then the update; ``breakdown`` (if
+        given) collects the seconds of each part."""
+        space = space or self.low_rank
         start = time.perf_counter()
-        with space.perturbed(0, list(range(members))):
+        with space.perturbed(0, list(range(self.members))):
             patched = time.perf_counter()
-            generate(model, everyone, new_tokens, pad)
+            generate(self.model, self.everyone, self.new_tokens, self.pad)
             generated = time.perf_counter()
-        space.write_gradients(0, pseudo_gradient_coefficients(fitness, space.noise, space.sigma))
-        if record:
+        space.write_gradients(0, pseudo_gradient_coefficients(self.fitness, space.noise, space.sigma))
+        if breakdown is not None:
             breakdown["factors_and_patch"].append(patched - start)
             breakdown["generate"].append(generated - patched)
             breakdown["update"].append(time.perf_counter() - generated)
 
-    def full_step():
-        for member in range(members):
-            with full.perturbed(0, [member]):
-                generate(model, one, new_tokens, pad)
-        full.write_gradients(0, pseudo_gradient_coefficients(fitness, full.noise, full.sigma))
+    def full_step(self, space=None):
+        """Per member: perturb in place, generate its P rows, restore; then the update."""
+        space = space or self.full
+        for member in range(self.members):
+            with space.perturbed(0, [member]):
+                generate(self.model, self.one, self.new_tokens, self.pad)
+        space.write_gradients(0, pseudo_gradient_coefficients(self.fitness, space.noise, space.sigma))
+
+
+def interleaved_times(variants: dict, repeats: int, warm_up=("plain",), synchronize=None) -> dict[str, list[float]]:
+    """Seconds of ``repeats`` calls of each variant, interleaved (so a change in the machine's load hits every variant
+    alike), after one untimed call of each of ``warm_up`` (allocator, kernels). ``synchronize`` (e.g.
+    ``torch.cuda.synchronize``) runs before each clock read: GPU kernels run asynchronously."""
+    synchronize = synchronize or (lambda: None)
+    times = {name: [] for name in variants}
+    with torch.no_grad():
+        for name in warm_up:
+            variants[name]()
+        synchronize()
+        for _ in range(repeats):
+            for name, run in variants.items():
+                start = time.perf_counter()
+                run()
+                synchronize()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, repeats, full_rows):
+    step = PopulationStep(model, tokenizer, members, prompts_per_member, new_tokens, rank)
+    member_rows = tokenizer(
+        list(arithmetic_dataset("train", size=full_rows)["prompt"]), return_tensors="pt", padding=True
+    )
+    low_rank, full, pad = step.low_rank, step.full, step.pad
+    shared = LowRankSpace(linears(model), step.noise, sigma=1e-3, rank=rank, share_inputs=True)
+    full_subtract = InPlaceSpace(list(model.named_parameters()), step.noise, sigma=1e-3, restore="subtract")
+    breakdown = {"factors_and_patch": [], "generate": [], "update": []}
 
     def noise_draw():  # one member's noise for every parameter, drawn chunk by chunk and dropped: the RNG's share
         for name, param in full.named_params:
@@ -142,29 +179,23 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         return run
 
     variants = {
-        "plain": plain,
-        "low_rank": low_rank_step,
-        "low_rank_shared": lambda: low_rank_step(shared, record=False),
-        "full_sequential": full_step,
+        "plain": step.plain,
+        "low_rank": lambda: step.low_rank_step(breakdown=breakdown),
+        "low_rank_shared": lambda: step.low_rank_step(shared),
+        "full_sequential": step.full_step,
         "member_pass": lambda: generate(model, member_rows, new_tokens, pad),
         "perturb_restore_copy": perturb_restore(full),
         "perturb_restore_subtract": perturb_restore(full_subtract),
         "noise_draw": noise_draw,
     }
-    times = {name: [] for name in variants}
+    times = interleaved_times(variants, repeats)
+
+    def low_rank_generate():
+        with low_rank.perturbed(0, list(range(members))):
+            generate(model, step.everyone, new_tokens, pad)
+
     with torch.no_grad():
-        plain()  # warm-up (allocator, kernels)
-        for _ in range(repeats):
-            for name, run in variants.items():
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-
-        def low_rank_generate():
-            with low_rank.perturbed(0, list(range(members))):
-                generate(model, everyone, new_tokens, pad)
-
-        profile = {"low_rank": profile_ms(low_rank_generate), "plain": profile_ms(plain)}  # after the timing
+        profile = {"low_rank": profile_ms(low_rank_generate), "plain": profile_ms(step.plain)}  # after the timing
     ops = set(profile["low_rank"]["by_op"]) | set(profile["plain"]["by_op"])
     growth = {op: profile["low_rank"]["by_op"].get(op, 0.0) - profile["plain"]["by_op"].get(op, 0.0) for op in ops}
     # where the extra time goes: the ops whose self time grew most from plain to low-rank generation
