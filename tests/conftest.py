@@ -85,3 +85,35 @@ def interrupt_on_the_second_step(completions, trainer_state, **kwargs):
     if trainer_state.global_step == 1:
         raise KeyboardInterrupt
     return completion_length(completions)
+
+
+def tiny_compare_recipe(tmp_path, model_dir, grpo_extra=None, **extra):
+    """A `trl-es compare` recipe on the tiny model: 16 ES rollouts and 8 GRPO rollouts a step, a 64-rollout budget
+    (``extra`` replaces or adds top-level keys, e.g. ``compare=...``)."""
+    import yaml
+
+    recipe = {
+        "model_name_or_path": model_dir,
+        "dataset_name": "builtin:arithmetic",
+        "dataset_train_size": 64,
+        "dataset_test_size": 12,
+        "reward_funcs": ["arithmetic_accuracy"],
+        "seed": 3,
+        "max_completion_length": 3,
+        "per_device_eval_batch_size": 12,
+        "bf16": False,
+        # ES arm: 4 members x (8 rows / 2 repeats, greedy) = 16 rollouts per step
+        "population_size": 4,
+        "sigma": 0.05,
+        "learning_rate": 1e-3,
+        "per_device_train_batch_size": 8,
+        "num_generations": 2,
+        "temperature": 0.0,
+        # GRPO arm: 8 rows = 8 rollouts per step
+        "grpo": {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "num_generations": 4, **(grpo_extra or {})},
+        "compare": {"budget_rollouts": 64, "eval_points": 2},
+        **extra,
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path

@@ -5,7 +5,7 @@ import json
 import pathlib
 
 import pytest
-import yaml
+from conftest import tiny_compare_recipe
 
 from trl_es.compare.plan import make_plan, rollouts_per_step
 from trl_es.compare.report import accuracy_at, markdown, summarize
@@ -89,40 +89,12 @@ def test_summary_compares_at_the_furthest_point_both_arms_reached():
     assert summary["peak_rss_es_over_grpo"] == 0.5
 
 
-def _tiny_recipe(tmp_path, model_dir, grpo_extra=None, **extra):
-    recipe = {
-        "model_name_or_path": model_dir,
-        "dataset_name": "builtin:arithmetic",
-        "dataset_train_size": 64,
-        "dataset_test_size": 12,
-        "reward_funcs": ["arithmetic_accuracy"],
-        "seed": 3,
-        "max_completion_length": 3,
-        "per_device_eval_batch_size": 12,
-        "bf16": False,
-        # ES arm: 4 members x (8 rows / 2 repeats, greedy) = 16 rollouts per step
-        "population_size": 4,
-        "sigma": 0.05,
-        "learning_rate": 1e-3,
-        "per_device_train_batch_size": 8,
-        "num_generations": 2,
-        "temperature": 0.0,
-        # GRPO arm: 8 rows = 8 rollouts per step
-        "grpo": {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "num_generations": 4, **(grpo_extra or {})},
-        "compare": {"budget_rollouts": 64, "eval_points": 2},
-        **extra,
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
-
-
 def test_compare_end_to_end_writes_the_report_with_equal_budgets(tiny_model_dir, tmp_path):
     from trl_es.compare.run import compare
 
     out = tmp_path / "out"
     # a variant: the ES arm with 2 prompt groups, 4 members x 4 prompts / 2 = 8 rollouts per step
-    recipe = _tiny_recipe(tmp_path, tiny_model_dir, variants={"grouped": {"prompt_groups": 2}})
+    recipe = tiny_compare_recipe(tmp_path, tiny_model_dir, variants={"grouped": {"prompt_groups": 2}})
     compare(str(recipe), str(out), seeds=1, overrides=["--compare.validation_size", "16"])
     report = json.loads((out / "compare.json").read_text())
     assert set(report) == {"arms", "budget", "config", "summary", "splits", "machine"}
@@ -173,7 +145,7 @@ def test_compare_end_to_end_writes_the_report_with_equal_budgets(tiny_model_dir,
 def test_a_failing_arm_is_reported_and_the_other_arm_is_still_written(tiny_model_dir, tmp_path):
     from trl_es.compare.run import main
 
-    recipe = _tiny_recipe(tmp_path, tiny_model_dir, grpo_extra={"not_a_field": 1})
+    recipe = tiny_compare_recipe(tmp_path, tiny_model_dir, grpo_extra={"not_a_field": 1})
     out = tmp_path / "out"
     assert main(["--config", str(recipe), "--output_dir", str(out), "--compare.budget_rollouts", "16"]) == 1
     report = json.loads((out / "compare.json").read_text())
@@ -309,7 +281,7 @@ def test_the_report_flags_a_busy_machine_with_its_rule():
 def test_grid_runs_every_point_and_reports_the_one_validation_chose(tiny_model_dir, tmp_path):
     from trl_es.compare.run import main
 
-    recipe = _tiny_recipe(tmp_path, tiny_model_dir, grpo_extra={})
+    recipe = tiny_compare_recipe(tmp_path, tiny_model_dir, grpo_extra={})
     out = tmp_path / "out"
     argv = ["--config", str(recipe), "--output_dir", str(out), "--grid", "--arms", "es"]
     with pytest.raises(ValueError, match="--grid chooses each arm's settings on a validation split"):

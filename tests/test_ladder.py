@@ -7,7 +7,7 @@ import shutil
 import time
 
 import pytest
-import yaml
+from conftest import tiny_compare_recipe
 
 from trl_es.compare.ladder import (
     Ladder,
@@ -23,28 +23,7 @@ from trl_es.compare.ladder import (
 
 
 def _recipe(tmp_path, model_dir):
-    recipe = {
-        "model_name_or_path": model_dir,
-        "dataset_name": "builtin:arithmetic",
-        "dataset_train_size": 64,
-        "dataset_test_size": 12,
-        "reward_funcs": ["arithmetic_accuracy"],
-        "seed": 3,
-        "max_completion_length": 3,
-        "per_device_eval_batch_size": 12,
-        "bf16": False,
-        "population_size": 4,
-        "sigma": 0.05,
-        "learning_rate": 1e-3,
-        "per_device_train_batch_size": 8,
-        "num_generations": 2,
-        "temperature": 0.0,
-        "grpo": {"learning_rate": 1e-3, "per_device_train_batch_size": 8, "num_generations": 4},
-        "compare": {"budget_rollouts": 32, "eval_points": 2},
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return str(path)
+    return str(tiny_compare_recipe(tmp_path, model_dir, compare={"budget_rollouts": 32, "eval_points": 2}))
 
 
 def _store(tmp_path, folders):
