@@ -151,6 +151,7 @@ class RungStore:
         path = self.results / "rungs.json"
         self.records = json.loads(path.read_text()) if path.exists() else {}
         self._folders: dict[str, Path] = {}
+        self._digests: dict[str, str] = {}  # rung -> weights_sha256 of the folder built this session
 
     def save(self) -> None:
         self.results.mkdir(parents=True, exist_ok=True)
@@ -169,7 +170,7 @@ class RungStore:
                     "here, so new units would not be comparable. Rebuild on the machine kind the units ran on, or "
                     "start a new ladder (another results folder)."
                 )
-            self._folders[rung] = folder
+            self._folders[rung], self._digests[rung] = folder, digest
         return self._folders[rung]
 
     def prepare(self, rung: str, ladder: Ladder) -> dict:
@@ -200,7 +201,7 @@ class RungStore:
             "rung": rung,
             "parameters": parameter_count(folder),
             "start_accuracy_at_build": info.get("heldout_500_accuracy"),
-            "weights_sha256": weights_sha256(folder),
+            "weights_sha256": self._digests[rung],
             "generation_cost_vs_smallest": round(cost, 3),
             "generation_seconds_smallest": round(reference, 4),
             "budget_rollouts": ladder.budget_rollouts,
