@@ -27,15 +27,46 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trl_es.compare.ladder import Ladder, RungStore, estimate_seconds, resume, units, write_aggregate  # noqa: E402
+import yaml  # noqa: E402
+
+from trl_es.compare.ladder import (  # noqa: E402
+    DerivedArm,
+    Ladder,
+    RungStore,
+    estimate_seconds,
+    resume,
+    units,
+    write_aggregate,
+)
+from trl_es.tasks.build_policy import BASE_WIDTH, SIZES  # noqa: E402
 
 
 # The experiment. Half the quickstart comparison's budget (307,200 rollouts / 300 s), so that the largest rung's units
 # fit well inside a session (its wall-clock budget is BASE_SECONDS x its generation cost); see the README.
 BUDGET_ROLLOUTS = 153_600
 BASE_SECONDS = 150
+RECIPE = ROOT / "recipes" / "quickstart.yaml"
+
+
+def grpo_width_scaled_lr() -> DerivedArm:
+    """GRPO with the recipe's learning rate (tuned on the 0.6M policy) times BASE_WIDTH / hidden size: the rule the
+    policies' own SFT is built by (``build_policy.sft_learning_rate``; Adam's step on a wider layer must shrink as
+    1 / width). Added after the recipe's 6e-4 sent GRPO to accuracy 0 on the 14M rung, so that the gap at a rung
+    measures ES against a GRPO that still learns there. At 0.6M it is the ``grpo`` arm itself."""
+    base = yaml.safe_load(RECIPE.read_text())["grpo"]["learning_rate"]
+    settings = tuple(
+        (rung, ("--grpo.learning_rate", f"{base * BASE_WIDTH / hidden:.3g}"))
+        for rung, (hidden, _, _) in SIZES.items()
+        if hidden != BASE_WIDTH
+    )
+    return DerivedArm("grpo_width_lr", "grpo", settings)
+
+
 LADDER = Ladder(
-    recipe=str(ROOT / "recipes" / "quickstart.yaml"), budget_rollouts=BUDGET_ROLLOUTS, base_seconds=BASE_SECONDS
+    recipe=str(RECIPE),
+    budget_rollouts=BUDGET_ROLLOUTS,
+    base_seconds=BASE_SECONDS,
+    derived_arms=(grpo_width_scaled_lr(),),
 )
 RESULTS = ROOT / "docs" / "results" / "scale_ladder"
 AGGREGATE = ROOT / "docs" / "results" / "scale_ladder.json"
@@ -69,14 +100,14 @@ def main(argv=None) -> int:
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "scale_ladder"), help="runs and built policies")
     args = parser.parse_args(argv)
     ladder = LADDER
-    unknown = set(args.rungs or ()) - set(ladder.rungs) | set(args.arms or ()) - set(ladder.arms)
+    unknown = set(args.rungs or ()) - set(ladder.rungs) | set(args.arms or ()) - set(ladder.arm_names)
     if unknown:
         parser.error(
-            f"unknown {sorted(unknown)}: the ladder's rungs are {list(ladder.rungs)}, arms {list(ladder.arms)}"
+            f"unknown {sorted(unknown)}: the ladder's rungs are {list(ladder.rungs)}, arms {list(ladder.arm_names)}"
         )
 
     def selected(unit) -> bool:
-        return unit.rung in (args.rungs or ladder.rungs) and unit.arm in (args.arms or ladder.arms)
+        return unit.rung in (args.rungs or ladder.rungs) and unit.arm in (args.arms or ladder.arm_names)
 
     results, work = Path(args.results_dir), Path(args.work_dir)
     store = RungStore(results=results, cache=work / "policies")
@@ -85,7 +116,7 @@ def main(argv=None) -> int:
         status(ladder, store, selected)
         return 0
     if args.aggregate:
-        entries = write_aggregate(results, output, ladder.rungs)
+        entries = write_aggregate(results, output, ladder.rungs, ladder.derived_arms)
         print(output.with_suffix(".md").read_text())
         return 0 if entries else 1
     if args.max_minutes is None:
@@ -96,7 +127,7 @@ def main(argv=None) -> int:
         work,
         args.max_minutes,
         selected=selected,
-        on_finished=lambda: write_aggregate(results, output, ladder.rungs),
+        on_finished=lambda: write_aggregate(results, output, ladder.rungs, ladder.derived_arms),
     )
     print(json.dumps(outcome, indent=2))
     return 1 if outcome["failed"] else 0

@@ -10,12 +10,16 @@ import pytest
 from conftest import tiny_compare_recipe
 
 from trl_es.compare.ladder import (
+    DerivedArm,
     Ladder,
     RungStore,
     Unit,
     aggregate,
+    markdown,
+    plot,
     resume,
     run_unit,
+    unit_command,
     units,
     weights_sha256,
     write_aggregate,
@@ -161,3 +165,40 @@ def test_aggregate_uses_the_seeds_every_arm_finished(tmp_path):
     _unit_file(results, "b", "grpo", 1, ([0, 10], [0.0, 4.0], [0.2, 0.5]), ladder={"budget_rollouts": 20})
     with pytest.raises(ValueError, match="ran under other ladder settings"):
         aggregate(results)
+
+
+def test_a_derived_arm_runs_with_its_own_settings_and_is_compared_to_es_apart(tmp_path):
+    lr_scaled = DerivedArm("grpo_lr", "grpo", (("b", ("--grpo.learning_rate", "3e-4")),))
+    ladder = Ladder(recipe="r.yaml", budget_rollouts=1, base_seconds=1, rungs=("a", "b"), seeds=(1, 2),
+                    derived_arms=(lr_scaled,))  # fmt: skip
+    # only where it has settings of its own; at rung a it is the grpo arm itself
+    assert [u.name for u in units(ladder) if u.rung == "b"][:3] == ["b/es_seed1", "b/grpo_seed1", "b/grpo_lr_seed1"]
+    assert not [u for u in units(ladder) if u.rung == "a" and u.arm == "grpo_lr"]
+    command = unit_command(Unit("b", "grpo_lr", 2), ladder, {"budget_rollouts": 1, "budget_seconds": 1},
+                           tmp_path, tmp_path)  # fmt: skip
+    assert command[command.index("--arms") + 1] == "grpo" and command[-2:] == ["--grpo.learning_rate", "3e-4"]
+    assert ladder.arm_names == ("es", "grpo", "grpo_lr")
+
+    results = tmp_path / "results"
+    record = {"parameters": 1000, "weights_sha256": "h", "budget_rollouts": 10, "budget_seconds": 5,
+              "generation_cost_vs_smallest": 1.0, "ladder": {"budget_rollouts": 10}}  # fmt: skip
+    results.mkdir()
+    (results / "rungs.json").write_text(json.dumps({"a": record, "b": {**record, "parameters": 5000}}))
+    for rung in ("a", "b"):
+        for seed in (1, 2):
+            _unit_file(results, rung, "es", seed, ([0, 10], [0.0, 2.0], [0.3, 0.5]))
+            _unit_file(results, rung, "grpo", seed, ([0, 10], [0.0, 2.0], [0.3, 0.1]))
+    _unit_file(results, "b", "grpo_lr", 1, ([0, 10], [0.0, 2.0], [0.3, 0.7]))  # seed 2 not run yet
+    a, b = aggregate(results, ("a", "b"), (lr_scaled,))
+    # the main comparison is the same with or without the derived arm
+    assert a["seeds"] == b["seeds"] == [1, 2] and b["es_minus_grpo_equal_rollouts"] == pytest.approx(0.4)
+    assert set(b["arms"]) == {"es", "grpo"} and b["units"]["grpo_lr"] == [1]
+    assert a["derived"]["grpo_lr"]["runs_of"] == "grpo" and a["derived"]["grpo_lr"]["seeds"] == [1, 2]
+    assert a["derived"]["grpo_lr"]["es_minus_grpo_lr_equal_rollouts"] == pytest.approx(0.4)
+    derived = b["derived"]["grpo_lr"]
+    assert derived["seeds"] == [1] and derived["settings"] == ["--grpo.learning_rate", "3e-4"]
+    assert derived["es_minus_grpo_lr_equal_rollouts"] == pytest.approx(-0.2) and derived["final"]["mean"] == 0.7
+    table = markdown([a, b])
+    assert "| b | grpo_lr | --grpo.learning_rate 3e-4 | 1 | 0.500 ± 0.000 | 0.700 ± 0.000 | -0.200 |" in table
+    assert "| a | grpo_lr | (= grpo) | 2 |" in table and "not yet paired" not in table
+    assert plot([a, b], tmp_path / "gap.png") and (tmp_path / "gap.png").stat().st_size > 0

@@ -42,6 +42,20 @@ from .report import _mean, _spread, summarize
 
 
 @dataclass(frozen=True)
+class DerivedArm:
+    """A ladder arm that is another one (``base``: ``es``, ``grpo`` or a variant) with settings of its own at some
+    rungs, e.g. GRPO with its learning rate rescaled to the rung's width. At a rung it has no settings for it *is* the
+    base arm: it has no units there, and the base arm's units stand for it."""
+
+    name: str
+    base: str
+    settings: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (rung, ("--grpo.learning_rate", "3e-4", ...)), ...
+
+    def overrides(self, rung: str) -> tuple[str, ...]:
+        return dict(self.settings).get(rung, ())
+
+
+@dataclass(frozen=True)
 class Ladder:
     """What every unit of one ladder shares. Changing a field changes the experiment: units recorded under other
     values are refused by :func:`aggregate` (the rung record keeps the values its units ran with)."""
@@ -56,6 +70,20 @@ class Ladder:
     # A unit must fit a session with room to spare: a rung whose budget would exceed this is refused.
     max_unit_seconds: float = 40 * 60
     extra_overrides: tuple[str, ...] = ()  # more `--key value` pairs for every unit, e.g. a smaller held-out split
+    # Arms added to an existing ladder. Not part of the fingerprint: adding one leaves the recorded units valid, and
+    # its own settings are in its units' files (command, settings).
+    derived_arms: tuple[DerivedArm, ...] = ()
+
+    @property
+    def arm_names(self) -> tuple[str, ...]:
+        return self.arms + tuple(arm.name for arm in self.derived_arms)
+
+    def compare_arm(self, unit: "Unit") -> tuple[str, tuple[str, ...]]:
+        """The ``trl-es compare`` arm a unit runs and the overrides of its own."""
+        for arm in self.derived_arms:
+            if arm.name == unit.arm:
+                return arm.base, arm.overrides(unit.rung)
+        return unit.arm, ()
 
     def fingerprint(self) -> dict:
         # The recipe by its values, not its path: the same ladder runs from different checkouts in different sessions,
@@ -86,10 +114,15 @@ class Unit:
 
 
 def units(ladder: Ladder) -> list[Unit]:
-    """Every unit, rung by rung (smallest first), each rung's seeds in order, both arms of a seed together: a session
-    completes the cheap rungs first, and a large rung's policy, rebuilt in every session that runs its units, is
-    built by as few sessions as possible."""
-    return [Unit(rung, arm, seed) for rung in ladder.rungs for seed in ladder.seeds for arm in ladder.arms]
+    """Every unit, rung by rung (smallest first), each rung's seeds in order, the arms of a seed together (a derived
+    arm only where it has settings of its own): a session completes the cheap rungs first, and a large rung's policy,
+    rebuilt in every session that runs its units, is built by as few sessions as possible."""
+    return [
+        Unit(rung, arm, seed)
+        for rung in ladder.rungs
+        for seed in ladder.seeds
+        for arm in ladder.arms + tuple(d.name for d in ladder.derived_arms if d.overrides(rung))
+    ]
 
 
 def weights_sha256(model_dir: Path) -> str:
@@ -249,12 +282,13 @@ def _git_commit() -> str | None:
 
 
 def unit_command(unit: Unit, ladder: Ladder, record: dict, policy: Path, output: Path) -> list[str]:
+    arm, own = ladder.compare_arm(unit)
     return [
         sys.executable, "-m", "trl_es.cli", "compare", "--config", ladder.recipe, "--output_dir", str(output),
-        "--seeds", "1", "--arms", unit.arm, "--seed", str(unit.seed), "--model_name_or_path", str(policy),
+        "--seeds", "1", "--arms", arm, "--seed", str(unit.seed), "--model_name_or_path", str(policy),
         "--compare.budget_rollouts", str(record["budget_rollouts"]),
         "--compare.budget_seconds", str(record["budget_seconds"]),
-        "--compare.eval_points", str(ladder.eval_points), *ladder.extra_overrides,
+        "--compare.eval_points", str(ladder.eval_points), *ladder.extra_overrides, *own,
     ]  # fmt: skip
 
 
@@ -286,7 +320,8 @@ def run_unit(unit: Unit, ladder: Ladder, store: RungStore, work: Path, deadline:
             time.sleep(1.0)
     report_path = output / "compare.json"
     report = json.loads(report_path.read_text()) if report_path.exists() else {}
-    runs = report.get("arms", {}).get(unit.arm, {}).get("runs", [])
+    arm, _ = ladder.compare_arm(unit)
+    runs = report.get("arms", {}).get(arm, {}).get("runs", [])
     if process.returncode != 0 or len(runs) != 1:
         tail = (output / "unit.log").read_text().strip().splitlines()[-5:]
         print(f"!! unit {unit.name} failed (exit code {process.returncode}); log {output / 'unit.log'}:", flush=True)
@@ -297,7 +332,7 @@ def run_unit(unit: Unit, ladder: Ladder, store: RungStore, work: Path, deadline:
         "rung": {key: record[key] for key in ("parameters", "weights_sha256", "budget_rollouts", "budget_seconds")},
         "ladder": ladder.fingerprint(),
         "run": runs[0],
-        "settings": report["arms"][unit.arm]["settings"],
+        "settings": report["arms"][arm]["settings"],
         "machine": {**report["machine"], "load_average_before_unit": start_load},
         "duration_s": round(time.time() - started, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -359,15 +394,45 @@ def load_units(results: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(results.glob("*/*_seed*.json"))]
 
 
-def _gap(entry: dict, arm: str) -> float | None:
-    if not entry or arm not in entry or "grpo" not in entry:
+def _gap(entry: dict, arm: str, reference: str = "grpo") -> float | None:
+    if not entry or arm not in entry or reference not in entry:
         return None
-    return entry[arm]["mean"] - entry["grpo"]["mean"]
+    return entry[arm]["mean"] - entry[reference]["mean"]
 
 
-def aggregate(results: Path, rung_order: tuple[str, ...] | None = None) -> list[dict]:
+def _final(arm_runs: list[dict]) -> dict:
+    values = [r["final_eval_accuracy"] for r in arm_runs]
+    return {"mean": _mean(values), "std": _spread(values)}
+
+
+def _against_derived(arm: DerivedArm, rung: str, done: list[dict]) -> dict:
+    """ES against one derived arm at one rung, over the seeds both finished (the base arm's units where the derived
+    arm has no settings of its own there)."""
+    source = arm.name if arm.overrides(rung) else arm.base
+    runs = {name: {d["unit"]["seed"]: d["run"] for d in done if d["unit"]["arm"] == name} for name in ("es", source)}
+    seeds = sorted(set(runs["es"]) & set(runs[source]))
+    summary = summarize({"es": {"runs": [runs["es"][s] for s in seeds]}, arm.name: {"runs": [runs[source][s] for s
+                         in seeds]}}) if seeds else {}  # fmt: skip
+    return {
+        "seeds": seeds,
+        "runs_of": source,
+        "settings": list(arm.overrides(rung)),
+        "es_final": _final([runs["es"][s] for s in seeds]) if seeds else None,
+        "final": _final([runs[source][s] for s in seeds]) if seeds else None,
+        f"es_minus_{arm.name}_equal_rollouts": _gap(summary.get("equal_rollouts"), "es", arm.name),
+        f"es_minus_{arm.name}_equal_wall_clock": _gap(summary.get("equal_wall_clock_s"), "es", arm.name),
+        "equal_rollouts": summary.get("equal_rollouts"),
+        "equal_wall_clock": summary.get("equal_wall_clock_s"),
+    }
+
+
+def aggregate(
+    results: Path, rung_order: tuple[str, ...] | None = None, derived_arms: tuple[DerivedArm, ...] = ()
+) -> list[dict]:
     """One entry per rung from the unit files there are: every arm at equal rollouts and at equal training
-    wall-clock over the seeds that every arm of the rung has finished (paired seeds), and the gaps to GRPO."""
+    wall-clock over the seeds that every arm of the rung has finished (paired seeds), and the gaps to GRPO; each
+    derived arm against ES apart (under ``derived``), over the seeds those two finished, so that adding an arm
+    changes nothing in the main comparison."""
     store_path = results / "rungs.json"
     records = json.loads(store_path.read_text()) if store_path.exists() else {}
     by_rung: dict[str, list[dict]] = {}
@@ -385,12 +450,17 @@ def aggregate(results: Path, rung_order: tuple[str, ...] | None = None) -> list[
         by_rung.setdefault(rung, []).append(done)
     order = list(rung_order or ()) + sorted(set(by_rung) - set(rung_order or ()))
     entries = []
+    derived_names = {arm.name for arm in derived_arms}
     for rung in [name for name in order if name in by_rung]:
         done = by_rung[rung]
-        arms = sorted({d["unit"]["arm"] for d in done}, key=lambda a: (a == "grpo", a != "es", a))
-        seeds_of = {arm: sorted(d["unit"]["seed"] for d in done if d["unit"]["arm"] == arm) for arm in arms}
+        seeds_of = {}
+        for arm in sorted(
+            {d["unit"]["arm"] for d in done}, key=lambda a: (a in derived_names, a == "grpo", a != "es", a)
+        ):
+            seeds_of[arm] = sorted(d["unit"]["seed"] for d in done if d["unit"]["arm"] == arm)
+        arms = [arm for arm in seeds_of if arm not in derived_names]
         # seeds every arm of the rung finished, GRPO included: a gap needs both sides of the same seed
-        paired = sorted(set(seeds_of.get("grpo", ())).intersection(*(set(s) for s in seeds_of.values())))
+        paired = sorted(set(seeds_of.get("grpo", ())).intersection(*(set(seeds_of[arm]) for arm in arms)))
         runs = {
             arm: [d["run"] for d in done if d["unit"]["arm"] == arm and d["unit"]["seed"] in paired] for arm in arms
         }
@@ -411,10 +481,7 @@ def aggregate(results: Path, rung_order: tuple[str, ...] | None = None) -> list[
             "arms": {
                 arm: {
                     "start_accuracy": _mean([r["eval_accuracy"][0] for r in arm_runs]),
-                    "final_accuracy": {
-                        "mean": _mean([r["final_eval_accuracy"] for r in arm_runs]),
-                        "std": _spread([r["final_eval_accuracy"] for r in arm_runs]),
-                    },
+                    "final_accuracy": _final(arm_runs),
                     "train_seconds": _mean([r["train_seconds"] for r in arm_runs]),
                     "rollouts": _mean([r["rollouts_total"] for r in arm_runs]),
                     "peak_rss_mb": _mean([r["peak_rss_mb"] for r in arm_runs]),
@@ -431,6 +498,8 @@ def aggregate(results: Path, rung_order: tuple[str, ...] | None = None) -> list[
             if arm not in ("es", "grpo"):
                 entry[f"{arm}_minus_grpo_equal_wall_clock"] = _gap(summary.get("equal_wall_clock_s"), arm)
                 entry[f"{arm}_minus_grpo_equal_rollouts"] = _gap(summary.get("equal_rollouts"), arm)
+        if derived_arms:
+            entry["derived"] = {arm.name: _against_derived(arm, rung, done) for arm in derived_arms}
         entries.append(entry)
     return entries
 
@@ -463,17 +532,52 @@ def markdown(entries: list[dict], ladder: Ladder | None = None) -> str:
             f"{_number(e['es_minus_grpo_equal_rollouts'])} | {_number(e['es_minus_grpo_equal_wall_clock'])} | "
             f"{', '.join(e['busy_units']) or 'none'} |"
         )
-    unpaired = {e["rung"]: e["units"] for e in entries if any(len(s) != len(e["seeds"]) for s in e["units"].values())}
+    derived = [(e, name, d) for e in entries for name, d in e.get("derived", {}).items()]
+    if derived:
+        lines += [
+            "",
+            "Derived arms, each against ES over the seeds both finished (where a derived arm has no settings of its "
+            "own at a rung, its base arm's units stand for it):",
+            "",
+            "| rung | arm | its settings | seeds | ES final | arm final | ES - arm, equal rollouts "
+            "| ES - arm, equal wall-clock |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for e, name, d in derived:
+            es_final, arm_final = (
+                f"{f['mean']:.3f} ± {f['std']:.3f}" if d["seeds"] else "-" for f in (d["es_final"], d["final"])
+            )
+            settings = " ".join(d["settings"]) or f"(= {d['runs_of']})"
+            lines.append(
+                f"| {e['rung']} | {name} | {settings} | {len(d['seeds'])} | {es_final} | {arm_final} | "
+                f"{_number(d[f'es_minus_{name}_equal_rollouts'])} | "
+                f"{_number(d[f'es_minus_{name}_equal_wall_clock'])} |"
+            )
+    unpaired = {
+        e["rung"]: e["units"]
+        for e in entries
+        if any(len(seeds) != len(e["seeds"]) for arm, seeds in e["units"].items() if arm not in e.get("derived", {}))
+    }
     if unpaired:
         lines += ["", f"Units finished but not yet paired across arms (not in the table): {unpaired}"]
     return "\n".join(lines) + "\n"
 
 
 def plot(entries: list[dict], path: Path) -> bool:
-    points = {
-        key: [(e["parameters"], e[key]) for e in entries if e[key] is not None]
-        for key in ("es_minus_grpo_equal_wall_clock", "es_minus_grpo_equal_rollouts")
+    """Gap against parameters (log x): ES - GRPO solid, ES - each derived arm dashed."""
+    labels = {
+        ("", "es_minus_grpo_equal_wall_clock"): "ES - GRPO, equal training wall-clock",
+        ("", "es_minus_grpo_equal_rollouts"): "ES - GRPO, equal rollouts",
     }
+    for name in sorted({name for e in entries for name in e.get("derived", {})}):
+        labels[(name, f"es_minus_{name}_equal_wall_clock")] = f"ES - {name}, equal training wall-clock"
+        labels[(name, f"es_minus_{name}_equal_rollouts")] = f"ES - {name}, equal rollouts"
+    points = {}
+    for derived, key in labels:
+        values = [
+            (e["parameters"], (e.get("derived", {}).get(derived) or {} if derived else e).get(key)) for e in entries
+        ]
+        points[(derived, key)] = [(x, y) for x, y in values if y is not None]
     if not any(points.values()):
         return False
     import matplotlib
@@ -481,29 +585,29 @@ def plot(entries: list[dict], path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    labels = {
-        "es_minus_grpo_equal_wall_clock": "equal training wall-clock",
-        "es_minus_grpo_equal_rollouts": "equal rollouts",
-    }
-    for key, pairs in points.items():
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for (derived, key), pairs in points.items():
         if pairs:
-            axis.plot(*zip(*pairs, strict=True), marker="o", label=labels[key])
+            axis.plot(
+                *zip(*pairs, strict=True), marker="o", linestyle="--" if derived else "-", label=labels[(derived, key)]
+            )
     axis.axhline(0.0, color="grey", linewidth=0.8)
     axis.set_xscale("log")
     axis.set_xlabel("policy parameters")
-    axis.set_ylabel("ES - GRPO held-out accuracy")
+    axis.set_ylabel("held-out accuracy gap")
     axis.set_title("scale ladder (mean over paired seeds)")
-    axis.legend()
+    axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
     return True
 
 
-def write_aggregate(results: Path, output: Path, rung_order: tuple[str, ...] | None = None) -> list[dict]:
+def write_aggregate(
+    results: Path, output: Path, rung_order: tuple[str, ...] | None = None, derived_arms: tuple[DerivedArm, ...] = ()
+) -> list[dict]:
     """``OUTPUT.json`` / ``.md`` / ``.png`` (the figure only once some rung has a gap) from the unit files."""
-    entries = aggregate(results, rung_order)
+    entries = aggregate(results, rung_order, derived_arms)
     _write_atomic(
         output.with_suffix(".json"),
         {"rungs": entries, "generated_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
