@@ -29,15 +29,8 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from trl_es.compare.ladder import (  # noqa: E402
-    DerivedArm,
-    Ladder,
-    RungStore,
-    estimate_seconds,
-    resume,
-    units,
-    write_aggregate,
-)
+from trl_es.compare.ladder import DerivedArm, Ladder, RungStore, estimate_seconds, resume, units  # noqa: E402
+from trl_es.compare.ladder_aggregate import write_aggregate  # noqa: E402
 from trl_es.tasks.build_policy import BASE_WIDTH, SIZES  # noqa: E402
 
 

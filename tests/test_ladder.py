@@ -14,16 +14,13 @@ from trl_es.compare.ladder import (
     Ladder,
     RungStore,
     Unit,
-    aggregate,
-    markdown,
-    plot,
     resume,
     run_unit,
     unit_command,
     units,
     weights_sha256,
-    write_aggregate,
 )
+from trl_es.compare.ladder_aggregate import aggregate, markdown, plot, write_aggregate
 
 
 def _recipe(tmp_path, model_dir):
