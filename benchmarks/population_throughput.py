@@ -18,12 +18,8 @@ Also, in the same interleaved loop:
   perturb_restore_copy / perturb_restore_subtract
                           entering and leaving ``full``'s ``perturbed`` for one member (noise drawn chunk by chunk,
                           added; restored from a copy, or by drawing the noise again and subtracting it)
-  perturb_restore_copy_serial
-                          perturb_restore_copy with the noise drawn on the calling thread only (``noise_threads=1``;
-                          the spaces draw CPU noise chunks ahead in ``torch.get_num_threads()`` threads by default)
-  noise_draw / noise_draw_parallel
-                          drawing one member's noise for every parameter, nothing else, one chunk after another / as
-                          the space draws it (ahead, in threads): the share of the above that is the CPU generator
+  noise_draw              drawing one member's noise for every parameter, nothing else: the share of the above
+                          that is the (serial) CPU random number generator
 
 and, once after the timed loop, one profiled low-rank generate and one profiled plain generate: the self CPU time of
 each op kind and the ops whose time grew most, so the extra time of (b) over (a) can be told apart (the low-rank
@@ -32,8 +28,8 @@ ops, and everything else).
 Rewards are left out (they cost the same in every variant). Each variant runs ``--repeats`` times, interleaved,
 and the median is reported. Prints a table; ``--json OUT`` writes the ratios: ``low_rank_vs_plain`` (throughput
 of b / a), ``low_rank_vs_sequential`` (time of c / b), ``shared_input_speedup`` (time of b / b'),
-``perturb_restore_fraction`` (perturb + restore / member_pass: copy, subtract, copy_serial), ``noise_draw_fraction``
-(noise_draw / member_pass), ``noise_draw_parallel_fraction``, ``noise_threads``, ``low_rank_profile_ms`` for the
+``perturb_restore_fraction`` (perturb + restore / member_pass, copy and subtract), ``noise_draw_fraction``
+(noise_draw / member_pass), ``low_rank_profile_ms`` for the
 quickstart model at top level and for a ~25M-parameter model of the same family under ``larger``; and
 ``load_average`` (start, end) of the run.
 
@@ -168,18 +164,12 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
     low_rank, full, pad = step.low_rank, step.full, step.pad
     shared = LowRankSpace(linears(model), step.noise, sigma=1e-3, rank=rank, share_inputs=True)
     full_subtract = InPlaceSpace(list(model.named_parameters()), step.noise, sigma=1e-3, restore="subtract")
-    full_serial = InPlaceSpace(list(model.named_parameters()), step.noise, sigma=1e-3, noise_threads=1)
     breakdown = {"factors_and_patch": [], "generate": [], "update": []}
 
     def noise_draw():  # one member's noise for every parameter, drawn chunk by chunk and dropped: the RNG's share
         for name, param in full.named_params:
             for span in full.noise.chunk_spans(param.numel()):
                 full.noise.direction_chunk(0, 0, name, param.numel(), span.chunk)
-
-    def noise_draw_parallel():  # the same numbers, drawn the way the space draws them
-        with full._drawn(0, full._all_pieces(), (0,)) as noise:
-            for _ in noise:
-                pass
 
     def perturb_restore(space):
         def run():
@@ -196,9 +186,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "member_pass": lambda: generate(model, member_rows, new_tokens, pad),
         "perturb_restore_copy": perturb_restore(full),
         "perturb_restore_subtract": perturb_restore(full_subtract),
-        "perturb_restore_copy_serial": perturb_restore(full_serial),
         "noise_draw": noise_draw,
-        "noise_draw_parallel": noise_draw_parallel,
     }
     times = interleaved_times(variants, repeats)
 
@@ -236,12 +224,9 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "low_rank_breakdown_s": {name: statistics.median(values) for name, values in breakdown.items()},
         "low_rank_profile_ms": profile,
         "perturb_restore_fraction": {
-            mode: median[f"perturb_restore_{mode}"] / median["member_pass"]
-            for mode in ("copy", "subtract", "copy_serial")
+            mode: median[f"perturb_restore_{mode}"] / median["member_pass"] for mode in ("copy", "subtract")
         },
-        "noise_threads": full.draws.threads,
         "noise_draw_fraction": median["noise_draw"] / median["member_pass"],
-        "noise_draw_parallel_fraction": median["noise_draw_parallel"] / median["member_pass"],
         "low_rank_factor_bytes_per_member": factor_numbers * 4,
         "full_noise_bytes_per_member": sum(p.numel() for p in model.parameters()) * 4,
     }
@@ -287,13 +272,8 @@ def report(title, result):
     fraction = result["perturb_restore_fraction"]
     print(
         f"full space perturb + restore / one {result['full_rows']}-row generation pass: copy {fraction['copy']:.3f}, "
-        f"subtract {fraction['subtract']:.3f}   (goal <= 0.1); copy with the noise drawn serially "
-        f"{fraction['copy_serial']:.3f}"
-    )
-    print(
-        f"drawing one member's noise alone: {result['noise_draw_fraction']:.3f} one chunk after another, "
-        f"{result['noise_draw_parallel_fraction']:.3f} ahead in {result['noise_threads']} threads (copy restore draws "
-        "once, subtract twice)"
+        f"subtract {fraction['subtract']:.3f}   (goal <= 0.1); drawing one member's noise alone "
+        f"{result['noise_draw_fraction']:.3f} (the CPU generator is serial: copy restore draws once, subtract twice)"
     )
     print(
         f"memory per member: low-rank factors {result['low_rank_factor_bytes_per_member'] / 1024:.1f} KiB "
