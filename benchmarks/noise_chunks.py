@@ -62,10 +62,7 @@ class ShardSpace(InPlaceSpace):
     """ZeRO3Space's view without DeepSpeed: each parameter is this rank's flat shard of a tensor of ``full_shape``."""
 
     def __init__(self, shards, noise, rank, world):
-        # One draw at a time: the noise memory measured is that of the chunk definition, not of the draw-ahead threads.
-        super().__init__(
-            [(name, shard) for name, shard, _ in shards], noise, sigma=1e-3, restore="subtract", noise_threads=1
-        )
+        super().__init__([(name, shard) for name, shard, _ in shards], noise, sigma=1e-3, restore="subtract")
         self.full_shapes = {id(shard): shape for _, shard, shape in shards}
         self.rank, self.world = rank, world
 

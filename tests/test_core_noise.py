@@ -1,13 +1,9 @@
 """Seeded noise: deterministic, independent across tensors/members/steps, antithetic, exact restore."""
 
-import contextlib
-import threading
-
 import pytest
 import torch
 
 from trl_es.core import InPlaceSpace, MemberNoise, derive_seed
-from trl_es.core.noise import DrawAhead
 
 
 def make_params():
@@ -215,95 +211,3 @@ def test_apply_update_is_bit_identical_to_gradients_and_torch_sgd(chunk_size, we
     assert grad_sq**0.5 == pytest.approx(expected_norm, rel=1e-6)  # the norm of what p.grad would hold
     with pytest.raises(ValueError, match="2 values for 3 evolved tensors"):
         space.apply_update(2, coefficients, lr=[0.1, 0.1])
-
-
-def test_draw_ahead_hands_results_back_in_order_with_a_bounded_number_alive():
-    alive, most, lock = [0], [0], threading.Lock()
-
-    def draw(i):
-        def run():
-            with lock:
-                alive[0] += 1
-                most[0] = max(most[0], alive[0])
-            return i
-
-        return run
-
-    drawer = DrawAhead(threads=2, min_numel=10)
-    # Every other draw is small (run by the caller when its turn comes); the big ones run in the workers.
-    calls = [(100 if i % 2 else 1, draw(i)) for i in range(12)]
-    results = []
-    for value in drawer.results(calls):
-        results.append(value)
-        with lock:
-            alive[0] -= 1  # the caller is done with it
-    assert results == list(range(12))
-    assert most[0] <= 3  # two drawn ahead plus the one in use
-    drawer.close()
-    with pytest.raises(ValueError, match="positive integer"):
-        DrawAhead(threads=0)
-
-
-def test_draw_ahead_stops_early_and_reports_errors():
-    started = []
-
-    def draw(i):
-        def run():
-            started.append(i)
-            if i == 3:
-                raise RuntimeError("draw 3 failed")
-            return i
-
-        return run
-
-    drawer = DrawAhead(threads=2, min_numel=1)
-    with contextlib.closing(drawer.results([(1, draw(i)) for i in range(100)])) as results:
-        assert next(results) == 0
-    assert len(started) <= 3  # closing cancelled the rest: nothing past the look-ahead was drawn
-    with pytest.raises(RuntimeError, match="draw 3 failed"):
-        list(drawer.results([(1, draw(i)) for i in range(6)]))
-    drawer.close()
-
-
-@pytest.mark.parametrize("restore", ["copy", "subtract"])
-def test_parallel_noise_draws_move_the_weights_exactly_as_serial_ones(restore):
-    coefficients = torch.tensor([0.7, 0.0])  # a zero coefficient: its direction is never drawn
-    spaces = []
-    for threads in (1, 3):
-        space, params = _chunked_space(restore)
-        space.draws = DrawAhead(threads, min_numel=1)  # every draw of these tiny tensors goes to a worker
-        spaces.append((space, params))
-    for member in range(4):
-        seen = []
-        for space, params in spaces:
-            with space.perturbed(5, [member]):
-                seen.append([p.detach().clone() for _, p in params])
-        assert all(torch.equal(a, b) for a, b in zip(*seen))
-    for space, _ in spaces:
-        space.apply_update(5, coefficients, lr=0.1)
-        space.apply_member(6, 1)
-        space.write_gradients(7, coefficients)
-    (_, serial), (_, parallel) = spaces
-    for (name, p), (_, q) in zip(serial, parallel):
-        assert torch.equal(p.detach(), q.detach()), name
-        assert torch.equal(p.grad, q.grad), name
-
-
-def test_parallel_subtract_restore_undoes_only_the_chunks_it_perturbed(monkeypatch):
-    space, params = _chunked_space("subtract")
-    space.draws = DrawAhead(2, min_numel=1)
-    before = [p.detach().clone() for _, p in params]
-    calls, real_draw = [0], space._draw
-
-    def failing_draw(*args):  # the 4th chunk's draw fails while the member is being perturbed
-        calls[0] += 1
-        if calls[0] == 4:
-            raise RuntimeError("out of memory")
-        return real_draw(*args)
-
-    monkeypatch.setattr(space, "_draw", failing_draw)
-    with pytest.raises(RuntimeError, match="out of memory"):
-        with space.perturbed(0, [2]):
-            pass
-    for (name, p), b in zip(params, before):
-        torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6, msg=name)

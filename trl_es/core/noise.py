@@ -10,8 +10,7 @@ Every noise tensor is a pure function of ``(run seed, step, direction, tensor na
 
 Chunks. A tensor's noise is defined on its flattened (C-order) elements cut into chunks of ``chunk_size`` elements
 (the last one shorter); chunk ``j`` is its own draw, seeded by (run seed, step, direction, tensor name, ``j``). So
-a space can perturb, restore and update a tensor chunk by chunk holding a few chunks of noise at a time (one being
-added, the next ones drawn ahead in threads: ``DrawAhead``), and a process
+a space can perturb, restore and update a tensor chunk by chunk holding one chunk of noise at a time, and a process
 that holds a slice of the tensor (a ZeRO-3 shard) draws only the chunks its slice overlaps. Chunk 0 is seeded
 exactly as the whole-tensor noise was before chunks existed, and a tensor of at most ``chunk_size`` elements is one
 chunk: its noise is the same numbers as then (a CPU ``randn`` of n numbers is not a prefix of a longer draw, so
@@ -22,9 +21,6 @@ With antithetic sampling, members ``2k`` and ``2k + 1`` share direction ``k`` wi
 
 import hashlib
 import math
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -175,80 +171,3 @@ class MemberNoise:
     def sampling_seed(self, step: int, member: int) -> int:
         """Seed for the member's token sampling, so sampled completions are reproducible per member."""
         return derive_seed(self.seed, "sampling", step, member)
-
-
-#: Draws smaller than this run on the calling thread: handing one to a worker costs tens of microseconds, more than
-#: drawing it (2.7 ns a number on this CPU).
-PARALLEL_DRAW_MIN_NUMEL = 2**16
-
-
-class DrawAhead:
-    """Runs noise draws in worker threads ahead of their use and hands the results back in order.
-
-    Torch's CPU generator fills a tensor on one core, and at 23.7M parameters drawing one member's noise costs more
-    than everything else in perturb + restore. The draws of a step are independent (every chunk has its own seeded
-    generator), so ``threads`` workers draw up to ``threads`` chunks at once while the caller adds the previous one.
-    The numbers are those of drawing one chunk after another, since each is fixed by its own seed; only the time
-    changes, and the noise alive at once grows from one chunk to at most ``threads + 1``.
-
-    Args:
-        threads: worker threads; 1 draws on the calling thread, one chunk at a time.
-        min_numel: draws smaller than this run on the calling thread.
-    """
-
-    def __init__(self, threads: int = 1, min_numel: int = PARALLEL_DRAW_MIN_NUMEL):
-        if not isinstance(threads, int) or threads < 1:
-            raise ValueError(f"noise threads must be a positive integer, got {threads!r}")
-        self.threads = threads
-        self.min_numel = min_numel
-        self._pool: ThreadPoolExecutor | None = None
-
-    def results(self, draws: Sequence[tuple[int, Callable[[], torch.Tensor]]]) -> Iterator[torch.Tensor]:
-        """The result of every ``(numel, draw)`` in order. Close the iterator when leaving early
-        (``contextlib.closing``): draws not yet started are cancelled and running ones waited for, so no worker
-        outlives the caller's use."""
-        if self.threads == 1:
-            for _, draw in draws:
-                yield draw()
-            return
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="es-noise")
-        pending, todo, in_flight = deque(), iter(draws), 0
-
-        def submit_ahead():
-            nonlocal in_flight
-            while in_flight < self.threads:  # small draws wait in the queue as callables: they hold no noise yet
-                item = next(todo, None)
-                if item is None:
-                    return
-                numel, draw = item
-                if numel >= self.min_numel:
-                    pending.append(self._pool.submit(draw))
-                    in_flight += 1
-                else:
-                    pending.append(draw)
-
-        try:
-            submit_ahead()
-            while pending:
-                head = pending.popleft()
-                if isinstance(head, Future):
-                    in_flight -= 1
-                    result = head.result()
-                else:
-                    result = head()
-                submit_ahead()
-                yield result
-                del result
-        finally:
-            futures = [item for item in pending if isinstance(item, Future)]
-            for future in futures:
-                future.cancel()
-            for future in futures:
-                if not future.cancelled():
-                    future.exception()  # waits; an error of a draw nobody will use is not raised
-
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None

@@ -26,7 +26,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from .noise import ChunkSpan, DrawAhead, MemberNoise
+from .noise import ChunkSpan, MemberNoise
 
 
 RESTORE_MODES = ("copy", "subtract")
@@ -126,11 +126,10 @@ class InPlaceSpace(PerturbationSpace):
     """Perturb a list of tensors in place, one member at a time (the ``full`` and ``lora`` spaces).
 
     Noise reaches a tensor one chunk at a time (``MemberNoise.chunk_spans``): perturb, subtract-restore, the
-    pseudo-gradient and :meth:`apply_update` never hold more than ``noise_threads + 1`` chunks of noise. Subclasses
-    that hold only part of each tensor (ZeRO-3 shards) override :meth:`_local`, :meth:`_store_gradient` and
-    :meth:`_before_edit`; they draw only the chunks their part overlaps, and perturbation, restore and the
-    pseudo-gradient are computed by the same code on the same noise, so a sharded run matches an unsharded one by
-    construction.
+    pseudo-gradient and :meth:`apply_update` never hold more than one chunk of noise. Subclasses that hold only part
+    of each tensor (ZeRO-3 shards) override :meth:`_local`, :meth:`_store_gradient` and :meth:`_before_edit`; they
+    draw only the chunks their part overlaps, and perturbation, restore and the pseudo-gradient are computed by the
+    same code on the same noise, so a sharded run matches an unsharded one by construction.
 
     Args:
         named_params: the tensors to evolve, with stable names (the names seed the noise).
@@ -139,9 +138,6 @@ class InPlaceSpace(PerturbationSpace):
         restore: ``"copy"`` keeps a copy of the perturbed tensors and copies it back (bit-exact, one extra copy of
             the evolved weights while a member is evaluated); ``"subtract"`` regenerates the noise and subtracts it
             (no copy, but float rounding leaves ~1e-7 relative drift per member).
-        noise_threads: threads that draw CPU noise chunks ahead of their use (``DrawAhead``); the numbers do not
-            depend on it. Default: ``torch.get_num_threads()`` (the cores torch may use; a member's generation pass
-            has finished when its noise is drawn), at most 4.
     """
 
     supports_apply_update = True
@@ -152,10 +148,8 @@ class InPlaceSpace(PerturbationSpace):
         noise: MemberNoise,
         sigma: float,
         restore: str = "copy",
-        noise_threads: int | None = None,
     ):
         super().__init__(noise, sigma)
-        self.draws = DrawAhead(min(4, torch.get_num_threads()) if noise_threads is None else noise_threads)
         if restore not in RESTORE_MODES:
             raise ValueError(f"restore must be one of {RESTORE_MODES}, got {restore!r}")
         names = [name for name, _ in named_params]
@@ -200,61 +194,31 @@ class InPlaceSpace(PerturbationSpace):
         eps = self.noise.direction_chunk(step, direction, name, numel, span.chunk, device)
         return eps if span.count == eps.numel() else eps.narrow(0, span.chunk_offset, span.count)
 
-    def _all_pieces(self) -> list[tuple[str, torch.Tensor, int, list[ChunkSpan]]]:
-        """``(name, *_pieces(param))`` of every evolved tensor, in order."""
-        return [(name, *self._pieces(param)) for name, param in self.named_params]
-
-    def _drawn(self, step: int, pieces, directions: Sequence[int]) -> contextlib.closing:
-        """The noise of every (tensor, span, direction) of ``pieces``, in the order the loops over them use it,
-        drawn ahead by ``self.draws`` (on CPU in parallel threads); a context manager, so that leaving early stops
-        the draws."""
-
-        def draw(direction, name, numel, span, device):
-            return lambda: self._draw(step, direction, name, numel, span, device)
-
-        calls = [
-            # Only CPU draws go to threads: on an accelerator a draw is an asynchronous kernel launch already.
-            (span.count if local.device.type == "cpu" else 0, draw(direction, name, numel, span, local.device))
-            for name, local, numel, spans in pieces
-            for span in spans
-            for direction in directions
-        ]
-        return contextlib.closing(self.draws.results(calls))
-
     def _add_noise(self, step: int, member: int, scale: float, progress: list[int], limit: int | None = None):
         """``local += scale * eps_member`` chunk by chunk over every tensor; ``progress[0]`` counts the chunks done
         (so an exception part-way tells what to undo), and at most ``limit`` chunks are edited."""
         direction, sign = self.noise.direction_and_sign(member)
         scale = sign * scale  # (-eps) * s == eps * (-s) exactly: the same numbers as negating the noise first
-        pieces = self._all_pieces()
-        if limit is not None:  # only the first `limit` chunks, so that nothing past them is drawn
-            kept, left = [], limit
-            for name, local, numel, spans in pieces:
-                kept.append((name, local, numel, spans[:left]))
-                left -= len(kept[-1][3])
-            pieces = kept
-        with self._drawn(step, pieces, (direction,)) as noise:
-            for _, local, _, spans in pieces:
-                with _flat(local) as flat:
-                    for span in spans:
-                        eps = next(noise)
-                        flat.narrow(0, span.slice_offset, span.count).add_(eps.mul_(scale).to(local.dtype))
-                        del eps  # before the next is handed out: at most draws.threads + 1 chunks alive
-                        progress[0] += 1
+        for name, param in self.named_params:
+            local, numel, spans = self._pieces(param)
+            with _flat(local) as flat:
+                for span in spans:
+                    if limit is not None and progress[0] >= limit:
+                        return
+                    eps = self._draw(step, direction, name, numel, span, local.device)
+                    flat.narrow(0, span.slice_offset, span.count).add_(eps.mul_(scale).to(local.dtype))
+                    del eps  # before the next draw: one chunk of noise alive at a time
+                    progress[0] += 1
 
-    def _pseudo_gradient(self, grad: torch.Tensor, noise: Iterator[torch.Tensor], coefficients) -> torch.Tensor:
+    def _pseudo_gradient(self, grad: torch.Tensor, step, name, numel, span, coefficients) -> torch.Tensor:
         """Add ``sum_k c_k eps_k`` over one span into ``grad`` (fp32 zeros: low precision would round small updates
-        to zero), direction by direction in order; ``noise`` yields the eps of the directions with ``c_k != 0``."""
-        for coefficient in coefficients:
+        to zero), direction by direction in order."""
+        for direction, coefficient in enumerate(coefficients):
             if coefficient != 0.0:
-                eps = next(noise)
+                eps = self._draw(step, direction, name, numel, span, grad.device)
                 grad.add_(eps, alpha=coefficient)
                 del eps
         return grad
-
-    def _gradient_noise(self, step: int, pieces, coefficients) -> contextlib.closing:
-        """The noise :meth:`_pseudo_gradient` uses over ``pieces``: the directions with a nonzero coefficient."""
-        return self._drawn(step, pieces, [k for k, coefficient in enumerate(coefficients) if coefficient != 0.0])
 
     # ------------------------------------------------------------------ PerturbationSpace
 
@@ -287,13 +251,15 @@ class InPlaceSpace(PerturbationSpace):
 
     def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         coefficients = coefficients.tolist()
-        pieces = self._all_pieces()
-        with torch.no_grad(), self._gradient_noise(step, pieces, coefficients) as noise:
-            for (_, param), (_, local, _, spans) in zip(self.named_params, pieces, strict=True):
+        with torch.no_grad():
+            for name, param in self.named_params:
+                local, numel, spans = self._pieces(param)
                 grad = torch.zeros(local.shape, dtype=torch.float32, device=local.device)
                 flat = grad.view(-1)
                 for span in spans:
-                    self._pseudo_gradient(flat.narrow(0, span.slice_offset, span.count), noise, coefficients)
+                    self._pseudo_gradient(
+                        flat.narrow(0, span.slice_offset, span.count), step, name, numel, span, coefficients
+                    )
                 self._store_gradient(param, grad)
 
     def apply_update(self, step, coefficients, lr, weight_decay=0.0) -> float:
@@ -303,21 +269,20 @@ class InPlaceSpace(PerturbationSpace):
         grad_sq = 0.0
         with torch.no_grad():
             self._before_edit()
-            pieces = self._all_pieces()
-            with self._gradient_noise(step, pieces, coefficients) as noise:
-                for (name, local, _, spans), lr_, decay in zip(pieces, lrs, decays, strict=True):
-                    with _flat(local) as flat:
-                        for span in spans:
-                            grad = torch.zeros(span.count, dtype=torch.float32, device=local.device)
-                            self._pseudo_gradient(grad, noise, coefficients)
-                            _check_finite(grad, name, coefficients)
-                            if local.dtype != torch.float32:
-                                grad = grad.to(local.dtype)  # what _store_gradient hands the optimizer
-                            # fp32 norm (as Trainer's grad_norm): a float64 one would copy the chunk at twice its size
-                            grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
-                            target = flat.narrow(0, span.slice_offset, span.count)
-                            _sgd_step(target, grad, lr_, decay)
-                            del grad
+            for (name, param), lr_, decay in zip(self.named_params, lrs, decays, strict=True):
+                local, numel, spans = self._pieces(param)
+                with _flat(local) as flat:
+                    for span in spans:
+                        grad = torch.zeros(span.count, dtype=torch.float32, device=local.device)
+                        self._pseudo_gradient(grad, step, name, numel, span, coefficients)
+                        _check_finite(grad, name, coefficients)
+                        if local.dtype != torch.float32:
+                            grad = grad.to(local.dtype)  # what _store_gradient hands the optimizer
+                        # fp32 norm (as Trainer's grad_norm): a float64 one would copy the chunk at twice its size
+                        grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
+                        target = flat.narrow(0, span.slice_offset, span.count)
+                        _sgd_step(target, grad, lr_, decay)
+                        del grad
         return grad_sq
 
 
