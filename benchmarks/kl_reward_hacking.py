@@ -13,6 +13,7 @@ script trains ``--steps`` ES steps and measures on held-out prompts, with greedy
   reward      the hackable training reward
   accuracy    the true objective (exact sums)
   empty       fraction of empty answers (the hack)
+  length      mean characters per answer (the hack's partial form: dropping digits also pays)
   kl          KL(policy || base) per completion token, exact over the vocabulary along the policy's own greedy
               completions (the base's logits at temperature 1), averaged per completion, then over completions
 
@@ -83,6 +84,7 @@ def evaluate(model, base, tokenizer, dataset, reward, max_new_tokens: int) -> di
         "reward": statistics.fmean(rewards),
         "accuracy": statistics.fmean(accuracy(texts, answers)),
         "empty": statistics.fmean(float(not t.strip()) for t in texts),
+        "length": statistics.fmean(len(t.strip()) for t in texts),
         "kl": float(per_completion.mean()),
     }
 
@@ -155,7 +157,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     load_after = os.getloadavg()
 
-    columns = ("reward", "accuracy", "empty", "kl")
+    columns = ("reward", "accuracy", "empty", "length", "kl")
     print(f"\n{options.steps} steps, population {options.population}, {options.prompts} prompts/step, sigma "
           f"{options.sigma}, lr {options.learning_rate}; held-out {options.held_out} prompts, greedy")  # fmt: skip
     print("| beta | seed | " + " | ".join(columns) + " | train s |")
