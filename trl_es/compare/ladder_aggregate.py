@@ -36,14 +36,14 @@ def _against_derived(arm: DerivedArm, rung: str, done: list[dict]) -> dict:
     source = arm.name if arm.overrides(rung) else arm.base
     runs = {name: {d["unit"]["seed"]: d["run"] for d in done if d["unit"]["arm"] == name} for name in ("es", source)}
     seeds = sorted(set(runs["es"]) & set(runs[source]))
-    summary = summarize({"es": {"runs": [runs["es"][s] for s in seeds]}, arm.name: {"runs": [runs[source][s] for s
-                         in seeds]}}) if seeds else {}  # fmt: skip
+    es_runs, arm_runs = ([runs[name][seed] for seed in seeds] for name in ("es", source))
+    summary = summarize({"es": {"runs": es_runs}, arm.name: {"runs": arm_runs}}) if seeds else {}
     return {
         "seeds": seeds,
         "runs_of": source,
         "settings": list(arm.overrides(rung)),
-        "es_final": _final([runs["es"][s] for s in seeds]) if seeds else None,
-        "final": _final([runs[source][s] for s in seeds]) if seeds else None,
+        "es_final": _final(es_runs) if seeds else None,
+        "final": _final(arm_runs) if seeds else None,
         f"es_minus_{arm.name}_equal_rollouts": _gap(summary.get("equal_rollouts"), "es", arm.name),
         f"es_minus_{arm.name}_equal_wall_clock": _gap(summary.get("equal_wall_clock_s"), "es", arm.name),
         "equal_rollouts": summary.get("equal_rollouts"),
