@@ -11,8 +11,10 @@ Measures in one run, greedy, N members x P prompts x T new tokens (every row for
 
 Also, in the same interleaved loop:
 
-  (b') low_rank_shared    (b) with ``x B`` computed once per input group (q/k/v, gate/up; ``share_inputs=True``)
-                          instead of per layer, to show what sharing the input product buys
+  (b') low_rank_torch     (b) with torch ops for the member terms (``kernel="torch"``) instead of the compiled CPU
+                          kernel (``trl_es/core/cpu_kernel.py``, the default where it builds): what the kernel buys
+       low_rank_shared    (b) on torch ops with ``x B`` computed once per input group (q/k/v, gate/up;
+                          ``share_inputs=True``) instead of per layer, to show what sharing the input product buys
   member_pass             one member's generate of ``--full_rows`` (128) rows with plain weights: a generation pass
                           of the ``full`` space at the quickstart's rows per member
   perturb_restore_copy / perturb_restore_subtract
@@ -27,7 +29,8 @@ ops, and everything else).
 
 Rewards are left out (they cost the same in every variant). Each variant runs ``--repeats`` times, interleaved,
 and the median is reported. Prints a table; ``--json OUT`` writes the ratios: ``low_rank_vs_plain`` (throughput
-of b / a), ``low_rank_vs_sequential`` (time of c / b), ``shared_input_speedup`` (time of b / b'),
+of b / a), ``low_rank_torch_vs_plain``, ``kernel`` (how the compiled kernel was built, or why not),
+``low_rank_vs_sequential`` (time of c / b), ``shared_input_speedup`` (time of b' torch / b' shared),
 ``perturb_restore_fraction`` (perturb + restore / member_pass, copy and subtract), ``noise_draw_fraction``
 (noise_draw / member_pass), ``low_rank_profile_ms`` for the
 quickstart model at top level and for a ~25M-parameter model of the same family under ``larger``; and
@@ -46,7 +49,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_es.core import InPlaceSpace, LowRankSpace, MemberNoise, pseudo_gradient_coefficients
+from trl_es.core import InPlaceSpace, LowRankSpace, MemberNoise, cpu_kernel, pseudo_gradient_coefficients
 from trl_es.tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset
 from trl_es.tasks.build_policy import build_model, build_tokenizer
 
@@ -162,6 +165,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         list(arithmetic_dataset("train", size=full_rows)["prompt"]), return_tensors="pt", padding=True
     )
     low_rank, full, pad = step.low_rank, step.full, step.pad
+    on_torch_ops = LowRankSpace(linears(model), step.noise, sigma=1e-3, rank=rank, kernel="torch")
     shared = LowRankSpace(linears(model), step.noise, sigma=1e-3, rank=rank, share_inputs=True)
     full_subtract = InPlaceSpace(list(model.named_parameters()), step.noise, sigma=1e-3, restore="subtract")
     breakdown = {"factors_and_patch": [], "generate": [], "update": []}
@@ -181,6 +185,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
     variants = {
         "plain": step.plain,
         "low_rank": lambda: step.low_rank_step(breakdown=breakdown),
+        "low_rank_torch": lambda: step.low_rank_step(on_torch_ops),
         "low_rank_shared": lambda: step.low_rank_step(shared),
         "full_sequential": step.full_step,
         "member_pass": lambda: generate(model, member_rows, new_tokens, pad),
@@ -206,7 +211,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
     median = {name: statistics.median(values) for name, values in times.items()}
     rows = members * prompts_per_member
     factor_numbers = sum(rank * (m.in_features + m.out_features) for _, m in low_rank.named_linears)
-    generation = ("plain", "low_rank", "low_rank_shared", "full_sequential")
+    generation = ("plain", "low_rank", "low_rank_torch", "low_rank_shared", "full_sequential")
     return {
         "num_parameters": sum(p.numel() for p in model.parameters()),
         "members": members,
@@ -217,8 +222,10 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "seconds": median,
         "tokens_per_second": {name: rows * new_tokens / median[name] for name in generation},
         "low_rank_vs_plain": median["plain"] / median["low_rank"],
+        "low_rank_torch_vs_plain": median["plain"] / median["low_rank_torch"],
+        "kernel": cpu_kernel.kernel_status()[1] if step.low_rank._compiled is not None else "torch ops",
         "low_rank_shared_vs_plain": median["plain"] / median["low_rank_shared"],
-        "shared_input_speedup": median["low_rank"] / median["low_rank_shared"],
+        "shared_input_speedup": median["low_rank_torch"] / median["low_rank_shared"],
         "low_rank_vs_sequential": median["full_sequential"] / median["low_rank"],
         "sequential_vs_plain_ceiling": median["full_sequential"] / median["plain"],
         "low_rank_breakdown_s": {name: statistics.median(values) for name, values in breakdown.items()},
@@ -241,10 +248,11 @@ def report(title, result):
     for name, seconds in result["seconds"].items():
         tokens = result["tokens_per_second"].get(name)
         print(f"{name:<26}{seconds:>10.3f}{'' if tokens is None else round(tokens):>12}")
-    print(f"low_rank_vs_plain      {result['low_rank_vs_plain']:.3f}   (goal >= 0.95)")
+    print(f"low_rank_vs_plain {result['low_rank_vs_plain']:.3f}   (goal >= 0.95); member terms: {result['kernel']}")
+    print(f"  the same on torch ops (kernel='torch'): {result['low_rank_torch_vs_plain']:.3f}")
     print(
-        f"x B shared by q/k/v and gate/up (share_inputs=True): {result['shared_input_speedup']:.3f}x the speed of per "
-        f"layer (shared vs plain {result['low_rank_shared_vs_plain']:.3f})"
+        f"x B shared by q/k/v and gate/up (share_inputs=True, torch ops): {result['shared_input_speedup']:.3f}x the "
+        f"speed of per layer on torch ops (shared vs plain {result['low_rank_shared_vs_plain']:.3f})"
     )
     print(
         f"low_rank_vs_sequential {result['low_rank_vs_sequential']:.2f}x  "

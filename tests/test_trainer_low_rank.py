@@ -68,3 +68,18 @@ def test_low_rank_rejects_peft_and_unknown_targets(tiny_model_dir, tmp_path):
         low_rank_trainer(tiny_model_dir, tmp_path, perturbation_target_modules=["qkv"])
     only_q = low_rank_trainer(tiny_model_dir, tmp_path, perturbation_target_modules=["q_proj"])
     assert all(name.endswith("q_proj") for name, _ in only_q.perturbation_space.named_linears)
+
+
+def test_low_rank_kernel_reaches_the_space_and_is_checked(tiny_model_dir, tmp_path, caplog):
+    assert low_rank_trainer(tiny_model_dir, tmp_path).perturbation_space.kernel == "auto"
+    assert low_rank_trainer(tiny_model_dir, tmp_path, low_rank_kernel="torch").perturbation_space._compiled is None
+    with pytest.raises(ValueError, match=r"low_rank_kernel must be one of \['auto', 'compiled', 'torch'\], got 'c'"):
+        es_config(tmp_path, perturbation="low_rank", low_rank_kernel="c")
+    with caplog.at_level("WARNING"):
+        ESTrainer(
+            tiny_model_dir,
+            reward_funcs=length_reward,
+            args=es_config(tmp_path, perturbation="full", low_rank_kernel="torch"),
+            train_dataset=arithmetic_dataset("train", size=8),
+        )
+    assert "low_rank_kernel='torch' is ignored" in caplog.text

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
-from .core import FITNESS_SHAPINGS, RESTORE_MODES, STRATEGIES, qiu_learning_rate
+from .core import FITNESS_SHAPINGS, LOW_RANK_KERNELS, RESTORE_MODES, STRATEGIES, qiu_learning_rate
 from .recipe_checks import check_recipe_types, load_yaml_strict, type_problem
 
 
@@ -263,6 +263,16 @@ class ESConfig(GRPOConfig):
             "draw from one random stream, so a different value gives different (equally valid) samples."
         },
     )
+    low_rank_kernel: str = field(
+        default="auto",
+        metadata={
+            "help": "'low_rank' only: how fp32 layers on the CPU add the members' terms. 'auto' compiles a small C "
+            "kernel with the system compiler on first use (under a second) and falls back to torch ops if that "
+            "fails; 'compiled' raises instead of falling back; 'torch' never compiles. Equal up to float rounding; "
+            "GPUs and other dtypes always use torch ops.",
+            "choices": list(LOW_RANK_KERNELS),
+        },
+    )
     perturbation_restore: str = field(
         default="copy",
         metadata={
@@ -502,6 +512,8 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"perturbation_rank must be >= 1, got {self.perturbation_rank}.")
         if self.population_batch_size is not None and not 1 <= self.population_batch_size:
             raise ValueError(f"population_batch_size must be >= 1, got {self.population_batch_size}.")
+        if self.low_rank_kernel not in LOW_RANK_KERNELS:
+            raise ValueError(f"low_rank_kernel must be one of {list(LOW_RANK_KERNELS)}, got {self.low_rank_kernel!r}.")
         if self.perturbation_restore not in RESTORE_MODES:
             raise ValueError(
                 f"perturbation_restore must be one of {list(RESTORE_MODES)}, got {self.perturbation_restore!r}."

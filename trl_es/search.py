@@ -34,6 +34,12 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
     args, model = trainer.args, trainer.model
     requested = args.perturbation
     peft = is_peft_model(model)
+    if requested != "low_rank" and args.low_rank_kernel != "auto":
+        logger.warning(
+            "low_rank_kernel=%r is ignored: only perturbation='low_rank' has a compiled CPU kernel (perturbation=%r).",
+            args.low_rank_kernel,
+            requested,
+        )
     if requested == "full" and peft:
         raise ValueError(
             "perturbation='full' evolves every weight, but the model carries PEFT adapters and only their weights "
@@ -78,6 +84,7 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
             # default: one batched generate per process, the population split evenly over processes
             members_per_forward=args.population_batch_size
             or max(1, noise.population_size // trainer.accelerator.num_processes),
+            kernel=args.low_rank_kernel,
         )
     if args.population_batch_size is not None:
         logger.warning(

@@ -4,7 +4,8 @@ Nothing in this package imports transformers or trl (``tests/test_core_imports.p
 can be read and tested without a language model. Files, in the order data flows through a step:
 
 * ``noise.py``      member -> seeded direction -> noise tensor (never stored)
-* ``spaces.py``     where the noise reaches the model (in place; ``low_rank.py``: batched rank-r members)
+* ``spaces.py``     where the noise reaches the model (in place; ``low_rank.py``: batched rank-r members, whose
+                    CPU term is one compiled call: ``cpu_kernel.py`` + ``member_terms.c``)
 * ``layout.py``     which process evaluates which member on which prompts
 * ``fitness.py``    rewards -> one raw fitness per member -> shaped fitness
 * ``update.py``     shaped fitness -> per-direction pseudo-gradient coefficients
@@ -13,6 +14,7 @@ can be read and tested without a language model. Files, in the order data flows 
 """
 
 from .anchor import Anchor
+from .cpu_kernel import LOW_RANK_KERNELS, KernelUnavailable
 from .fitness import (
     FITNESS_SHAPINGS,
     REWARD_AGGREGATIONS,
@@ -50,6 +52,8 @@ __all__ = [
     "STRATEGIES",
     "GaussianES",
     "InPlaceSpace",
+    "KernelUnavailable",
+    "LOW_RANK_KERNELS",
     "LowRankSpace",
     "MemberMeans",
     "MemberNoise",

@@ -18,6 +18,10 @@ Optionally (``share_inputs=True``), layers fed the same input (a block's q/k/v p
 layer (``benchmarks/population_throughput.py``, ``shared_input_speedup``); the saved matmuls are small next to the
 Python and slicing per call. It may pay where reading ``x`` dominates (long prefills, wide layers, GPUs).
 
+On the CPU, a layer alone (fp32) adds its members' terms with one compiled call (``cpu_kernel.py``,
+``kernel="auto"``): the batched matmul, multiply-add and views of the torch path cost as much call overhead as the
+layer's own GEMM on a small model. Layers sharing an input product, other dtypes and other devices use torch ops.
+
 The update ``sum_i f_i A_i B_i^T`` is high rank in general; it is computed per matrix as one matmul.
 """
 
@@ -30,6 +34,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from . import cpu_kernel
 from .noise import MemberNoise
 from .spaces import PerturbationSpace, _check_finite, _per_tensor, _sgd_step
 
@@ -58,6 +63,9 @@ class LowRankSpace(PerturbationSpace):
             ``ESConfig.population_batch_size``).
         share_inputs: compute ``x B`` once for layers that share an input (``SHARED_INPUT_PROJECTIONS``; off by
             default, see the module docstring); the numbers are the same either way up to the matmul's rounding.
+        kernel: how a layer alone on the CPU adds the members' terms: ``"auto"`` (the compiled kernel of
+            ``cpu_kernel.py`` for fp32 CPU layers if it builds here, else torch ops), ``"compiled"`` (the same, but
+            raise if it does not build) or ``"torch"`` (torch ops only). Equal up to float rounding.
     """
 
     supports_apply_update = True
@@ -70,6 +78,7 @@ class LowRankSpace(PerturbationSpace):
         rank: int = 1,
         members_per_forward: int | None = None,
         share_inputs: bool = False,
+        kernel: str = "auto",
     ):
         super().__init__(noise, sigma)
         if rank < 1:
@@ -88,6 +97,8 @@ class LowRankSpace(PerturbationSpace):
         # numbers per matrix, the space's stated memory) so the update does not draw them again.
         self._factor_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
         self.input_groups = _input_groups(self.named_linears) if share_inputs else [[nl] for nl in self.named_linears]
+        self.kernel = kernel
+        self._compiled = cpu_kernel.resolve_kernel(kernel)  # None: torch ops everywhere
 
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return self.named_params
@@ -130,7 +141,8 @@ class LowRankSpace(PerturbationSpace):
                     shared = _InputProduct(torch.cat(b_list, dim=2)) if len(group) > 1 else None
                     for position, ((_, module), a, b) in enumerate(zip(group, a_list, b_list, strict=True)):
                         columns = slice(position * self.rank, (position + 1) * self.rank)
-                        module.forward = _batched_member_forward(module, a, b, shared, columns)
+                        compiled = self._compiled if shared is None and cpu_kernel.supports(module.weight) else None
+                        module.forward = _batched_member_forward(module, a, b, shared, columns, compiled)
                         patched.append(module)
             yield
         finally:
@@ -211,13 +223,15 @@ class _InputProduct:
 
 
 def _batched_member_forward(
-    module: nn.Linear, a: torch.Tensor, b: torch.Tensor, shared: _InputProduct | None, columns: slice
+    module: nn.Linear, a: torch.Tensor, b: torch.Tensor, shared: _InputProduct | None, columns: slice, compiled=None
 ):
     """A replacement ``forward`` adding member ``g``'s ``(x B_g) A_g^T`` to the rows of block ``g``; ``x B_g`` comes
-    from ``shared`` (columns ``columns``) when the layer shares its input with others, else from its own ``b``."""
+    from ``shared`` (columns ``columns``) when the layer shares its input with others, else from its own ``b``. With
+    ``compiled`` (the CPU kernel's function) the whole term is one call of it."""
     members, rank = a.shape[0], a.shape[2]
     a_t = a.transpose(1, 2).contiguous()  # (G, r, out): ready for the second bmm
     index = (Ellipsis, columns)
+    b_t = b.transpose(1, 2).contiguous() if compiled is not None else None  # (G, r, in): the kernel's layout
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, module.weight, module.bias)
@@ -226,6 +240,9 @@ def _batched_member_forward(
                 f"batch of {x.shape[0]} rows cannot be split into {members} member blocks; the low-rank space needs "
                 "member-major batches (len(members) equal blocks of rows)"
             )
+        if compiled is not None and x.dtype is torch.float32 and out.dtype is torch.float32:  # not under autocast
+            cpu_kernel.add_member_terms_(compiled, out, x, b_t, a_t)
+            return out
         rows = x.reshape(members, -1, x.shape[-1])  # (G, rows per member * tokens, in)
         x_b = torch.bmm(rows, b) if shared is None else shared.of(x, rows)[index]  # (G, rows * tokens, r)
         # In place on the fresh output of F.linear: no second output-sized tensor per layer and token.
