@@ -142,18 +142,22 @@ class PopulationStep:
 
 def interleaved_times(variants: dict, repeats: int, warm_up=("plain",), synchronize=None) -> dict[str, list[float]]:
     """Seconds of ``repeats`` calls of each variant, interleaved (so a change in the machine's load hits every variant
-    alike), after one untimed call of each of ``warm_up`` (allocator, kernels). ``synchronize`` (e.g.
+    alike), after one untimed call of each of ``warm_up`` (allocator, kernels). Each repeat starts one variant later
+    in the order (a rotation), so whatever running right after another variant does to a timing (caches, the other
+    variant's allocations) falls on every variant alike instead of always on the same one. ``synchronize`` (e.g.
     ``torch.cuda.synchronize``) runs before each clock read: GPU kernels run asynchronously."""
     synchronize = synchronize or (lambda: None)
     times = {name: [] for name in variants}
+    names = list(variants)
     with torch.no_grad():
         for name in warm_up:
             variants[name]()
         synchronize()
-        for _ in range(repeats):
-            for name, run in variants.items():
+        for repeat in range(repeats):
+            shift = repeat % len(names)
+            for name in names[shift:] + names[:shift]:
                 start = time.perf_counter()
-                run()
+                variants[name]()
                 synchronize()
                 times[name].append(time.perf_counter() - start)
     return times

@@ -31,8 +31,10 @@ logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("member_terms.c")
 #: ``rows x (in + out) x rank`` above which a call splits its rows over the OpenMP threads; below it one thread does
-#: all of it, since waking the pool costs more than the work (a decoding step of the 0.6M quickstart policy is ~2^16).
-PARALLEL_ABOVE = 2**16
+#: all of it. Split early: the layer's own GEMM wrote half of ``out`` from each core, and one thread reading the other
+#: core's half cost more than waking the pool (measured on the 0.6M quickstart policy, whose decoding steps are
+#: 2^15.6 to 2^16.6: 9-10 ms of kernel time per 256-row generate split at 2^14, 12-13 ms at 2^16, 15-16 ms serial).
+PARALLEL_ABOVE = 2**14
 #: Tried in order: the first that compiles is used (no -march=native or OpenMP where the compiler lacks them).
 FLAG_SETS = (("-O3", "-march=native", "-fopenmp"), ("-O3", "-fopenmp"), ("-O3",))
 LOW_RANK_KERNELS = ("auto", "compiled", "torch")
@@ -61,7 +63,7 @@ def _build() -> tuple[object, str]:
             if done.returncode == 0:
                 library = ctypes.CDLL(library_path)
                 function = library.add_member_terms
-                function.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_long] * 6
+                function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(MemberTerms)]
                 function.restype = None
                 function.library = library  # keep the library loaded as long as the function is referenced
                 return function, shlex.join(command)
@@ -103,25 +105,57 @@ def supports(weight: torch.Tensor) -> bool:
     return weight.device.type == "cpu" and weight.dtype == torch.float32
 
 
-def add_member_terms_(function, out: torch.Tensor, x: torch.Tensor, b_t: torch.Tensor, a_t: torch.Tensor) -> None:
-    """``out[g] += (x[g] b_t[g]^T) a_t[g]`` for the ``G`` equal row blocks of ``x`` / ``out``, in place.
+class MemberTerms(ctypes.Structure):
+    """What one patched layer's calls share (``member_terms`` in ``member_terms.c``)."""
 
-    ``x`` (..., in) and ``out`` (..., out_features): fp32 CPU, ``out`` contiguous (a fresh ``F.linear`` output);
-    ``b_t`` (G, r, in) and ``a_t`` (G, r, out_features): fp32 contiguous. The caller has checked that the rows split
-    into ``G`` blocks."""
-    if not x.is_contiguous():
-        x = x.contiguous()
-    members, rank, in_features = b_t.shape
-    rows = x.numel() // in_features
-    function(
-        x.data_ptr(),
-        b_t.data_ptr(),
-        a_t.data_ptr(),
-        out.data_ptr(),
-        rows,
-        rows // members,
-        in_features,
-        a_t.shape[2],
-        rank,
-        PARALLEL_ABOVE,
-    )
+    _fields_ = [
+        ("factors", ctypes.c_void_p),
+        ("direction", ctypes.c_void_p),
+        ("scale", ctypes.c_void_p),
+        ("members", ctypes.c_int64),
+        ("in_features", ctypes.c_int64),
+        ("out_features", ctypes.c_int64),
+        ("rank", ctypes.c_int64),
+        ("parallel_above", ctypes.c_int64),
+    ]
+
+
+class BoundMembers:
+    """The kernel bound to the members of one forward: member ``g`` (row block ``g``) uses direction
+    ``directions[g]`` of each layer's drawn factors, scaled by ``scales[g]`` (sign * sigma / sqrt(r))."""
+
+    def __init__(self, function, directions: torch.Tensor, scales: torch.Tensor, num_directions: int):
+        self.function = function
+        self.directions = directions.to(torch.int64).contiguous()
+        self.scales = scales.to(torch.float32).contiguous()
+        if len(self.directions) != len(self.scales) or not len(self.directions):
+            raise ValueError(f"{len(self.directions)} directions for {len(self.scales)} scales")
+        if not 0 <= int(self.directions.min()) <= int(self.directions.max()) < num_directions:
+            raise IndexError(f"directions {self.directions.tolist()} outside the {num_directions} drawn")
+
+    def layer(self, factors: torch.Tensor, in_features: int):
+        """``add(x, out)`` for one layer: adds member ``g``'s ``scale_g (x B_d) A_d^T`` to row block ``g`` of ``out``
+        in place, reading ``A_d`` and ``B_d`` from ``factors`` as drawn, ``(directions, out + in, rank)`` (no
+        per-member copy). ``x`` (..., in) fp32; ``out`` (..., out) the contiguous fp32 output of the layer's
+        ``F.linear``; the caller has checked that the rows split into the member blocks."""
+        if not (factors.dim() == 3 and factors.dtype == torch.float32 and factors.is_contiguous()):
+            raise ValueError(f"factors must be contiguous fp32 (directions, out + in, rank), got {factors.shape}")
+        params = MemberTerms(
+            factors.data_ptr(),
+            self.directions.data_ptr(),
+            self.scales.data_ptr(),
+            len(self.directions),
+            in_features,
+            factors.shape[1] - in_features,
+            factors.shape[2],
+            PARALLEL_ABOVE,
+        )
+        pointer, function = ctypes.pointer(params), self.function
+
+        def add(x: torch.Tensor, out: torch.Tensor) -> None:
+            if not x.is_contiguous():
+                x = x.contiguous()
+            function(x.data_ptr(), out.data_ptr(), x.numel() // in_features, pointer)
+
+        add.alive = (factors, self)  # the struct holds raw pointers into these tensors
+        return add

@@ -26,6 +26,7 @@ The update ``sum_i f_i A_i B_i^T`` is high rank in general; it is computed per m
 """
 
 import contextlib
+import functools
 import math
 import weakref
 from collections.abc import Iterator, Sequence
@@ -95,7 +96,7 @@ class LowRankSpace(PerturbationSpace):
         self.named_params = [(f"{name}.weight", module.weight) for name, module in self.named_linears]
         # Factors drawn while the members generate are kept until the update of the same step (N r (out + in)
         # numbers per matrix, the space's stated memory) so the update does not draw them again.
-        self._factor_cache: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._factor_cache: dict[tuple[int, str], torch.Tensor] = {}
         self.input_groups = _input_groups(self.named_linears) if share_inputs else [[nl] for nl in self.named_linears]
         self.kernel = kernel
         self._compiled = cpu_kernel.resolve_kernel(kernel)  # None: torch ops everywhere
@@ -103,15 +104,20 @@ class LowRankSpace(PerturbationSpace):
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return self.named_params
 
-    def _all_factors(self, step: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A, B)`` of every direction for one layer, ``(K, out, r)`` and ``(K, in, r)``, fp32, one draw."""
-        cached = self._factor_cache.get((step, name))
-        if cached is None:
+    def _drawn(self, step: int, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The factors of every direction for one layer as drawn, ``(K, out + in, r)`` fp32 contiguous: ``A`` is
+        the first ``out`` rows of each direction, ``B`` the other ``in``; one draw, kept until the update."""
+        drawn = self._factor_cache.get((step, name))
+        if drawn is None:
             out_features, in_features = weight.shape
-            both = self.noise.all_directions(step, name, (out_features + in_features, self.rank), weight.device)
-            cached = (both[:, :out_features], both[:, out_features:])
-            self._factor_cache[(step, name)] = cached
-        return cached
+            drawn = self.noise.all_directions(step, name, (out_features + in_features, self.rank), weight.device)
+            self._factor_cache[(step, name)] = drawn
+        return drawn
+
+    def _all_factors(self, step: int, name: str, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of every direction for one layer, ``(K, out, r)`` and ``(K, in, r)``, fp32 views of the draw."""
+        drawn = self._drawn(step, name, weight)
+        return drawn[:, : weight.shape[0]], drawn[:, weight.shape[0] :]
 
     def factors(self, step: int, direction: int, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of one direction for one layer (``E = A B^T / sqrt(r)``), fp32."""
@@ -126,23 +132,25 @@ class LowRankSpace(PerturbationSpace):
         directions = torch.tensor(directions)
         scales = torch.tensor(signs) * (self.sigma / math.sqrt(self.rank))
         patched = []
+        bound = None
+        if self._compiled is not None:
+            bound = cpu_kernel.BoundMembers(self._compiled, directions, scales, self.noise.num_directions)
         try:
             with torch.no_grad():
                 for group in self.input_groups:
-                    a_list, b_list = [], []
-                    for name, module in group:
-                        weight = module.weight
-                        a_all, b_all = self._all_factors(step, name, weight)
-                        index = directions.to(weight.device)
-                        # member g: sign_g * sigma / sqrt(r) * A_{d(g)} and B_{d(g)}; antithetic partners share factors
-                        a_list.append((a_all[index] * scales.to(weight.device)[:, None, None]).to(weight.dtype))
-                        b_list.append(b_all[index].to(weight.dtype))
+                    (name, module), alone = group[0], len(group) == 1
+                    if alone and bound is not None and cpu_kernel.supports(module.weight):
+                        add = bound.layer(self._drawn(step, name, module.weight), module.in_features)
+                        torch_terms = functools.partial(self._member_factors, step, name, module, directions, scales)
+                        module.forward = _compiled_member_forward(module, len(members), add, torch_terms)
+                        patched.append(module)
+                        continue
+                    factors = [self._member_factors(step, name, module, directions, scales) for name, module in group]
                     # (G, in, r * layers): one x B for a group of layers, each layer reads its r columns
-                    shared = _InputProduct(torch.cat(b_list, dim=2)) if len(group) > 1 else None
-                    for position, ((_, module), a, b) in enumerate(zip(group, a_list, b_list, strict=True)):
+                    shared = _InputProduct(torch.cat([b for _, b in factors], dim=2)) if not alone else None
+                    for position, ((_, module), (a, b)) in enumerate(zip(group, factors, strict=True)):
                         columns = slice(position * self.rank, (position + 1) * self.rank)
-                        compiled = self._compiled if shared is None and cpu_kernel.supports(module.weight) else None
-                        module.forward = _batched_member_forward(module, a, b, shared, columns, compiled)
+                        module.forward = _batched_member_forward(module, a, b, shared, columns)
                         patched.append(module)
             yield
         finally:
@@ -150,14 +158,24 @@ class LowRankSpace(PerturbationSpace):
             for module in patched:
                 del module.forward
 
+    def _member_factors(self, step, name, module, directions, scales) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, B)`` of the members of a forward for one layer, ``(G, out, r)`` and ``(G, in, r)`` in the weight's
+        dtype: member ``g``'s ``sign_g * sigma / sqrt(r) * A_{d(g)}`` and ``B_{d(g)}`` (antithetic partners share
+        factors), gathered for the torch ops."""
+        weight = module.weight
+        a_all, b_all = self._all_factors(step, name, weight)
+        index = directions.to(weight.device)
+        a = (a_all[index] * scales.to(weight.device)[:, None, None]).to(weight.dtype)
+        return a, b_all[index].to(weight.dtype)
+
     def _pseudo_gradient(self, step: int, name: str, weight: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
         """``sum_k c_k A_k B_k^T / sqrt(r)`` for one layer as one (out x K r) @ (K r x in) matmul, in fp32, cast to the
         weight's dtype (what the optimizer is handed)."""
-        a_all, b_all = self._all_factors(step, name, weight)
-        scale = coefficients.to(weight.device)[:, None, None] / math.sqrt(self.rank)
+        drawn = self._drawn(step, name, weight)
+        scale = coefficients.to(device=weight.device, dtype=torch.float32) / math.sqrt(self.rank)
         out_features, in_features = weight.shape
-        left = (a_all * scale).permute(1, 0, 2).reshape(out_features, -1)
-        right = b_all.permute(1, 0, 2).reshape(in_features, -1)
+        left = (drawn[:, :out_features] * scale[:, None, None]).permute(1, 0, 2).reshape(out_features, -1)
+        right = drawn[:, out_features:].permute(1, 0, 2).reshape(in_features, -1)
         grad = left @ right.T
         return grad if weight.dtype == torch.float32 else grad.to(weight.dtype)
 
@@ -222,27 +240,46 @@ class _InputProduct:
         return self.product
 
 
-def _batched_member_forward(
-    module: nn.Linear, a: torch.Tensor, b: torch.Tensor, shared: _InputProduct | None, columns: slice, compiled=None
-):
-    """A replacement ``forward`` adding member ``g``'s ``(x B_g) A_g^T`` to the rows of block ``g``; ``x B_g`` comes
-    from ``shared`` (columns ``columns``) when the layer shares its input with others, else from its own ``b``. With
-    ``compiled`` (the CPU kernel's function) the whole term is one call of it."""
-    members, rank = a.shape[0], a.shape[2]
-    a_t = a.transpose(1, 2).contiguous()  # (G, r, out): ready for the second bmm
-    index = (Ellipsis, columns)
-    b_t = b.transpose(1, 2).contiguous() if compiled is not None else None  # (G, r, in): the kernel's layout
+def _check_member_major(x: torch.Tensor, members: int) -> None:
+    if x.shape[0] % members:
+        raise RuntimeError(
+            f"batch of {x.shape[0]} rows cannot be split into {members} member blocks; the low-rank space needs "
+            "member-major batches (len(members) equal blocks of rows)"
+        )
+
+
+def _compiled_member_forward(module: nn.Linear, members: int, add, torch_terms):
+    """A replacement ``forward`` adding every member's term with one call of the compiled CPU kernel (``add``).
+    Under autocast (an output that is not fp32) it falls back to torch ops on factors gathered by ``torch_terms()``
+    the first time they are needed."""
+    fallback = []
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, module.weight, module.bias)
-        if x.shape[0] % members:
-            raise RuntimeError(
-                f"batch of {x.shape[0]} rows cannot be split into {members} member blocks; the low-rank space needs "
-                "member-major batches (len(members) equal blocks of rows)"
-            )
-        if compiled is not None and x.dtype is torch.float32 and out.dtype is torch.float32:  # not under autocast
-            cpu_kernel.add_member_terms_(compiled, out, x, b_t, a_t)
+        _check_member_major(x, members)
+        if x.dtype is torch.float32 and out.dtype is torch.float32:
+            add(x, out)
             return out
+        if not fallback:
+            fallback.append(_batched_member_forward(module, *torch_terms(), None, slice(None)))
+        return fallback[0](x)
+
+    return forward
+
+
+def _batched_member_forward(
+    module: nn.Linear, a: torch.Tensor, b: torch.Tensor, shared: _InputProduct | None, columns: slice
+):
+    """A replacement ``forward`` adding member ``g``'s ``(x B_g) A_g^T`` to the rows of block ``g`` with torch ops;
+    ``x B_g`` comes from ``shared`` (columns ``columns``) when the layer shares its input with others, else from its
+    own ``b``."""
+    members, rank = a.shape[0], a.shape[2]
+    a_t = a.transpose(1, 2).contiguous()  # (G, r, out): ready for the second bmm
+    index = (Ellipsis, columns)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, module.weight, module.bias)
+        _check_member_major(x, members)
         rows = x.reshape(members, -1, x.shape[-1])  # (G, rows per member * tokens, in)
         x_b = torch.bmm(rows, b) if shared is None else shared.of(x, rows)[index]  # (G, rows * tokens, r)
         # In place on the fresh output of F.linear: no second output-sized tensor per layer and token.
