@@ -17,9 +17,10 @@ Also, in the same interleaved loop:
                           ``share_inputs=True``) instead of per layer, to show what sharing the input product buys
   member_pass             one member's generate of ``--full_rows`` (128) rows with plain weights: a generation pass
                           of the ``full`` space at the quickstart's rows per member
-  perturb_restore_copy / perturb_restore_subtract
+  perturb_restore_copy / perturb_restore_copy_alone / perturb_restore_subtract
                           entering and leaving ``full``'s ``perturbed`` for one member (noise drawn chunk by chunk,
-                          added; restored from a copy, or by drawing the noise again and subtracting it)
+                          added; restored from the clean copy a population scope keeps, as in the trainer; from a
+                          clone taken for this member alone; or by drawing the noise again and subtracting it)
   noise_draw              drawing one member's noise for every parameter, nothing else: the share of the above
                           that is the (serial) CPU random number generator
 
@@ -31,7 +32,7 @@ Rewards are left out (they cost the same in every variant). Each variant runs ``
 and the median is reported. Prints a table; ``--json OUT`` writes the ratios: ``low_rank_vs_plain`` (throughput
 of b / a), ``low_rank_torch_vs_plain``, ``kernel`` (how the compiled kernel was built, or why not),
 ``low_rank_vs_sequential`` (time of c / b), ``shared_input_speedup`` (time of b' torch / b' shared),
-``perturb_restore_fraction`` (perturb + restore / member_pass, copy and subtract), ``noise_draw_fraction``
+``perturb_restore_fraction`` (perturb + restore / member_pass: copy, copy_alone, subtract), ``noise_draw_fraction``
 (noise_draw / member_pass), ``low_rank_profile_ms`` for the
 quickstart model at top level and for a ~25M-parameter model of the same family under ``larger``; and
 ``load_average`` (start, end) of the run.
@@ -41,6 +42,7 @@ quickstart model at top level and for a ~25M-parameter model of the same family 
 
 import argparse
 import collections
+import contextlib
 import json
 import os
 import statistics
@@ -132,11 +134,13 @@ class PopulationStep:
             breakdown["update"].append(time.perf_counter() - generated)
 
     def full_step(self, space=None):
-        """Per member: perturb in place, generate its P rows, restore; then the update."""
+        """Per member: perturb in place, generate its P rows, restore; then the update. The members run inside one
+        ``population`` scope, as the trainer's do (one clean copy of the weights for all of them)."""
         space = space or self.full
-        for member in range(self.members):
-            with space.perturbed(0, [member]):
-                generate(self.model, self.one, self.new_tokens, self.pad)
+        with space.population(0):
+            for member in range(self.members):
+                with space.perturbed(0, [member]):
+                    generate(self.model, self.one, self.new_tokens, self.pad)
         space.write_gradients(0, pseudo_gradient_coefficients(self.fitness, space.noise, space.sigma))
 
 
@@ -186,6 +190,12 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
 
         return run
 
+    # The trainer perturbs every member of a step inside one population scope: a member after the first finds the
+    # clean copy taken and only adds its noise and copies back. Held open over the timing (the weights never change).
+    population = contextlib.ExitStack()
+    in_population = InPlaceSpace(list(model.named_parameters()), step.noise, sigma=1e-3)
+    population.enter_context(in_population.population(0))
+
     variants = {
         "plain": step.plain,
         "low_rank": lambda: step.low_rank_step(breakdown=breakdown),
@@ -193,11 +203,13 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "low_rank_shared": lambda: step.low_rank_step(shared),
         "full_sequential": step.full_step,
         "member_pass": lambda: generate(model, member_rows, new_tokens, pad),
-        "perturb_restore_copy": perturb_restore(full),
+        "perturb_restore_copy": perturb_restore(in_population),
+        "perturb_restore_copy_alone": perturb_restore(full),
         "perturb_restore_subtract": perturb_restore(full_subtract),
         "noise_draw": noise_draw,
     }
     times = interleaved_times(variants, repeats)
+    population.close()
 
     def low_rank_generate():
         with low_rank.perturbed(0, list(range(members))):
@@ -235,7 +247,8 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "low_rank_breakdown_s": {name: statistics.median(values) for name, values in breakdown.items()},
         "low_rank_profile_ms": profile,
         "perturb_restore_fraction": {
-            mode: median[f"perturb_restore_{mode}"] / median["member_pass"] for mode in ("copy", "subtract")
+            mode: median[f"perturb_restore_{mode}"] / median["member_pass"]
+            for mode in ("copy", "copy_alone", "subtract")
         },
         "noise_draw_fraction": median["noise_draw"] / median["member_pass"],
         "low_rank_factor_bytes_per_member": factor_numbers * 4,
@@ -283,8 +296,9 @@ def report(title, result):
     )
     fraction = result["perturb_restore_fraction"]
     print(
-        f"full space perturb + restore / one {result['full_rows']}-row generation pass: copy {fraction['copy']:.3f}, "
-        f"subtract {fraction['subtract']:.3f}   (goal <= 0.1); drawing one member's noise alone "
+        f"full space perturb + restore / one {result['full_rows']}-row generation pass: copy {fraction['copy']:.3f} "
+        f"(a member of a population; one outside it, cloning the weights: {fraction['copy_alone']:.3f}), subtract "
+        f"{fraction['subtract']:.3f}   (goal <= 0.1); drawing one member's noise alone "
         f"{result['noise_draw_fraction']:.3f} (the CPU generator is serial: copy restore draws once, subtract twice)"
     )
     print(

@@ -68,3 +68,36 @@ def test_failure_at_any_chunk_while_perturbing_leaves_the_weights_as_they_were(
             if restore == "copy" or int(name[1:]) * chunks_per_tensor + chunk >= fail_at:
                 part = slice(chunk * chunk_size, (chunk + 1) * chunk_size)
                 assert torch.equal(param.detach().flatten()[part], saved.flatten()[part]), f"{name} not exact"
+
+
+def test_population_keeps_one_clean_copy_and_retakes_it_when_the_weights_changed():
+    space, params = make_space(population=6)
+    plain, _ = make_space(population=6)  # the same tensors and noise, no population scope
+    with torch.no_grad(), space.population(0):
+        seen = []
+        for member in range(3):
+            with space.perturbed(0, [member]):
+                with plain.perturbed(0, [member]):
+                    for (_, p), (_, q) in zip(params, plain.named_params, strict=True):
+                        assert torch.equal(p, q)  # the member sees the same weights either way
+            for (_, p), (_, q) in zip(params, plain.named_params, strict=True):
+                assert torch.equal(p, q)  # and is restored bit for bit
+            seen.append(space._clean.copies)
+        assert seen[0] is seen[1] is seen[2]  # one copy for the three members
+        params[2][1].add_(1.0)  # something else edits a weight between members
+        with space.perturbed(0, [3]):
+            pass
+        assert seen[0] is not space._clean.copies  # the stale copy was not used
+        assert torch.equal(params[2][1], plain.named_params[2][1] + 1.0)  # restored to the edited weights
+        with pytest.raises(Interrupt), space.perturbed(0, [4]):
+            raise Interrupt()  # a failing member is restored from the kept copy too
+        assert torch.equal(params[2][1], plain.named_params[2][1] + 1.0)
+    assert space._clean is None  # freed before the update
+
+
+def test_population_does_nothing_for_subtract_restore():
+    space, params = make_space(restore="subtract")
+    with space.population(0):
+        assert space._clean is None
+        with space.perturbed(0, [0]):
+            pass

@@ -338,7 +338,9 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
         comm_bytes = self.accelerator.num_processes * len(pickle.dumps(rows)) if self._multi_process else 0
         batch = self._step_prompts(rows)
         self.strategy.ask(step)
-        results, member_comm_bytes = self._evaluate_members(step, batch)
+        # Closed before the update: an in-place space keeps one clean copy of the weights across the members in it.
+        with self.perturbation_space.population(step):
+            results, member_comm_bytes = self._evaluate_members(step, batch)
         comm_bytes += member_comm_bytes
         rewards = self._combine_reward_funcs(results.rewards_per_func)  # (members, prompts)
         fitness = member_fitness(rewards, normalize_per_prompt=self.args.normalize_per_prompt)

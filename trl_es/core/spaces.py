@@ -80,6 +80,13 @@ class PerturbationSpace(ABC):
     def perturbed(self, step: int, members: Sequence[int]) -> contextlib.AbstractContextManager[None]:
         """Context in which the model behaves as ``members``; on exit the weights are exactly as before."""
 
+    @contextlib.contextmanager
+    def population(self, step: int) -> Iterator[None]:
+        """Context around evaluating the members of one step (every ``perturbed`` of the step), closed before the
+        update. A space may keep what members share in it (``InPlaceSpace``: one clean copy of the weights);
+        ``perturbed`` works the same with or without it."""
+        yield
+
     @abstractmethod
     def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         """``t.grad = sum_k coefficients[k] * eps_k(t)`` for every evolved tensor ``t`` (accumulated in fp32)."""
@@ -138,6 +145,11 @@ class InPlaceSpace(PerturbationSpace):
         restore: ``"copy"`` keeps a copy of the perturbed tensors and copies it back (bit-exact, one extra copy of
             the evolved weights while a member is evaluated); ``"subtract"`` regenerates the noise and subtracts it
             (no copy, but float rounding leaves ~1e-7 relative drift per member).
+
+    Inside :meth:`population` the ``"copy"`` restore takes the clean copy once, when the first member is perturbed,
+    and keeps it for the step's other members (the weights are the same between them), taking it again only if a
+    tensor changed in between (its storage or in-place version moved). Per member that leaves the noise and one copy
+    back instead of a clone and a copy back; the copy is held between members too and freed when the context closes.
     """
 
     supports_apply_update = True
@@ -159,6 +171,7 @@ class InPlaceSpace(PerturbationSpace):
             raise ValueError("no parameters to perturb")
         self.named_params = list(named_params)
         self.restore = restore
+        self._clean: _CleanCopy | None = None  # set inside population() with restore="copy"
 
     # ------------------------------------------------------------------ what this process holds of a tensor
 
@@ -229,7 +242,7 @@ class InPlaceSpace(PerturbationSpace):
         (member,) = members
         with torch.no_grad():
             self._before_edit()
-            backup = [local.clone() for local in self.local_tensors()] if self.restore == "copy" else None
+            backup = self._backup() if self.restore == "copy" else None
             edited = [0]  # how many chunks carry noise: an exception part-way must only undo those
             try:
                 self._add_noise(step, member, self.sigma, edited)
@@ -238,10 +251,32 @@ class InPlaceSpace(PerturbationSpace):
                 # Restore even when generation or a reward function raised, or a KeyboardInterrupt hit mid-way.
                 self._before_edit()
                 if backup is not None:
-                    for local, saved in zip(self.local_tensors(), backup, strict=True):
+                    restored = self.local_tensors()
+                    for local, saved in zip(restored, backup, strict=True):
                         local.copy_(saved)
+                    if self._clean is not None:
+                        self._clean.mark(restored)
                 else:
                     self._add_noise(step, member, -self.sigma, [0], limit=edited[0])
+
+    @contextlib.contextmanager
+    def population(self, step: int) -> Iterator[None]:
+        if self.restore != "copy" or self._clean is not None:  # nothing to share, or already open
+            yield
+            return
+        self._clean = _CleanCopy()
+        try:
+            yield
+        finally:
+            self._clean = None  # before the update: the copy must not outlive the members
+
+    def _backup(self) -> list[torch.Tensor]:
+        """The clean tensors a member's restore copies back: the population's kept copy if it still matches the
+        tensors, else a fresh clone (kept, inside a population)."""
+        tensors = self.local_tensors()
+        if self._clean is None:
+            return [tensor.clone() for tensor in tensors]
+        return self._clean.of(tensors)
 
     def apply_member(self, step: int, member: int) -> None:
         # The same chunked addition as perturbing, so the weights are bit-identical to the evaluated member's.
@@ -284,6 +319,29 @@ class InPlaceSpace(PerturbationSpace):
                         _sgd_step(target, grad, lr_, decay)
                         del grad
         return grad_sq
+
+
+class _CleanCopy:
+    """One copy of the evolved tensors, valid while the tensors are exactly as when it was taken or last restored
+    from: same storage, shape and in-place version counter (views share their base's counter, so a ZeRO-3 shard view
+    made anew each time still matches)."""
+
+    def __init__(self):
+        self.copies: list[torch.Tensor] | None = None
+        self.marks: list[tuple] | None = None
+
+    @staticmethod
+    def _marks(tensors) -> list[tuple]:
+        return [(tensor.data_ptr(), tuple(tensor.shape), tensor._version) for tensor in tensors]
+
+    def of(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.copies is None or self.marks != self._marks(tensors):
+            self.copies = [tensor.clone() for tensor in tensors]
+        return self.copies
+
+    def mark(self, tensors: list[torch.Tensor]) -> None:
+        """The tensors were just restored from the copy: it matches them as they are now."""
+        self.marks = self._marks(tensors)
 
 
 def _sgd_step(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float) -> None:
