@@ -19,18 +19,21 @@ Also, in the same interleaved loop:
                           of the ``full`` space at the quickstart's rows per member
   perturb_restore_copy / perturb_restore_copy_alone / perturb_restore_subtract
                           entering and leaving ``full``'s ``perturbed`` for one member (noise drawn chunk by chunk,
-                          added; restored from the clean copy a population scope keeps, as in the trainer; from a
-                          clone taken for this member alone; or by drawing the noise again and subtracting it)
+                          added; restored from the clean copy a population scope keeps, as in the trainer: the
+                          whole population timed, per member, the first member's clone included; from a clone
+                          taken for this member alone; or by drawing the noise again and subtracting it)
   noise_draw              drawing one member's noise for every parameter, nothing else: the share of the above
                           that is the (serial) CPU random number generator
 
 and, once after the timed loop, one profiled low-rank generate and one profiled plain generate: the self CPU time of
 each op kind and the ops whose time grew most, so the extra time of (b) over (a) can be told apart (the low-rank
-ops, and everything else).
+ops, and everything else). The torch profiler does not see the compiled kernel's calls, so the milliseconds spent
+in them during one more low-rank generate are measured apart (``kernel_ms_per_generate``).
 
 Rewards are left out (they cost the same in every variant). Each variant runs ``--repeats`` times, interleaved,
 and the median is reported. Prints a table; ``--json OUT`` writes the ratios: ``low_rank_vs_plain`` (throughput
 of b / a), ``low_rank_torch_vs_plain``, ``kernel`` (how the compiled kernel was built, or why not),
+``kernel_ms_per_generate``,
 ``low_rank_vs_sequential`` (time of c / b), ``shared_input_speedup`` (time of b' torch / b' shared),
 ``perturb_restore_fraction`` (perturb + restore / member_pass: copy, copy_alone, subtract), ``noise_draw_fraction``
 (noise_draw / member_pass), ``low_rank_profile_ms`` for the
@@ -42,7 +45,6 @@ quickstart model at top level and for a ~25M-parameter model of the same family 
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import statistics
@@ -144,6 +146,35 @@ class PopulationStep:
         space.write_gradients(0, pseudo_gradient_coefficients(self.fitness, space.noise, space.sigma))
 
 
+def kernel_milliseconds(model, step, times: int = 3) -> float:
+    """Milliseconds spent inside the compiled member-term calls during one low-rank generate (median of ``times``):
+    what the kernel itself costs, apart from the rest of the step."""
+    spent, original = [0.0], cpu_kernel.BoundMembers.layer
+
+    def timed_layer(bound, factors, in_features):
+        add = original(bound, factors, in_features)
+
+        def timed(x, out):
+            start = time.perf_counter()
+            add(x, out)
+            spent[0] += time.perf_counter() - start
+
+        return timed
+
+    runs = []
+    cpu_kernel.BoundMembers.layer = timed_layer
+    try:
+        with torch.no_grad():
+            for _ in range(times):
+                spent[0] = 0.0
+                with step.low_rank.perturbed(0, list(range(step.members))):
+                    generate(model, step.everyone, step.new_tokens, step.pad)
+                runs.append(spent[0] * 1e3)
+    finally:
+        cpu_kernel.BoundMembers.layer = original
+    return statistics.median(runs)
+
+
 def interleaved_times(variants: dict, repeats: int, warm_up=("plain",), synchronize=None) -> dict[str, list[float]]:
     """Seconds of ``repeats`` calls of each variant, interleaved (so a change in the machine's load hits every variant
     alike), after one untimed call of each of ``warm_up`` (allocator, kernels). Each repeat starts one variant later
@@ -190,11 +221,13 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
 
         return run
 
-    # The trainer perturbs every member of a step inside one population scope: a member after the first finds the
-    # clean copy taken and only adds its noise and copies back. Held open over the timing (the weights never change).
-    population = contextlib.ExitStack()
-    in_population = InPlaceSpace(list(model.named_parameters()), step.noise, sigma=1e-3)
-    population.enter_context(in_population.population(0))
+    def perturb_restore_population():
+        # The trainer perturbs a step's members inside one population scope: the first takes the clean copy, the
+        # others only add their noise and copy back. Timed for the whole population; reported per member.
+        with full.population(0):
+            for member in range(members):
+                with full.perturbed(0, [member]):
+                    pass
 
     variants = {
         "plain": step.plain,
@@ -203,13 +236,14 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "low_rank_shared": lambda: step.low_rank_step(shared),
         "full_sequential": step.full_step,
         "member_pass": lambda: generate(model, member_rows, new_tokens, pad),
-        "perturb_restore_copy": perturb_restore(in_population),
+        "perturb_restore_copy_population": perturb_restore_population,
         "perturb_restore_copy_alone": perturb_restore(full),
         "perturb_restore_subtract": perturb_restore(full_subtract),
         "noise_draw": noise_draw,
     }
     times = interleaved_times(variants, repeats)
-    population.close()
+    times["perturb_restore_copy"] = [seconds / members for seconds in times.pop("perturb_restore_copy_population")]
+    kernel_ms = kernel_milliseconds(model, step) if low_rank._compiled is not None else None
 
     def low_rank_generate():
         with low_rank.perturbed(0, list(range(members))):
@@ -246,6 +280,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "sequential_vs_plain_ceiling": median["full_sequential"] / median["plain"],
         "low_rank_breakdown_s": {name: statistics.median(values) for name, values in breakdown.items()},
         "low_rank_profile_ms": profile,
+        "kernel_ms_per_generate": kernel_ms,
         "perturb_restore_fraction": {
             mode: median[f"perturb_restore_{mode}"] / median["member_pass"]
             for mode in ("copy", "copy_alone", "subtract")
@@ -267,6 +302,10 @@ def report(title, result):
         print(f"{name:<26}{seconds:>10.3f}{'' if tokens is None else round(tokens):>12}")
     print(f"low_rank_vs_plain {result['low_rank_vs_plain']:.3f}   (goal >= 0.95); member terms: {result['kernel']}")
     print(f"  the same on torch ops (kernel='torch'): {result['low_rank_torch_vs_plain']:.3f}")
+    if result["kernel_ms_per_generate"] is not None:
+        kernel_ms = result["kernel_ms_per_generate"]
+        share = kernel_ms / (result["seconds"]["plain"] * 1e3)
+        print(f"  time inside the compiled kernel: {kernel_ms:.1f} ms a generate = {share:.3f} of plain")
     print(
         f"x B shared by q/k/v and gate/up (share_inputs=True, torch ops): {result['shared_input_speedup']:.3f}x the "
         f"speed of per layer on torch ops (shared vs plain {result['low_rank_shared_vs_plain']:.3f})"
