@@ -172,7 +172,7 @@ class LowRankSpace(PerturbationSpace):
         """``sum_k c_k A_k B_k^T / sqrt(r)`` for one layer as one (out x K r) @ (K r x in) matmul, in fp32, cast to the
         weight's dtype (what the optimizer is handed)."""
         drawn = self._drawn(step, name, weight)
-        scale = coefficients.to(device=weight.device, dtype=torch.float32) / math.sqrt(self.rank)
+        scale = coefficients.to(weight.device) / math.sqrt(self.rank)
         out_features, in_features = weight.shape
         left = (drawn[:, :out_features] * scale[:, None, None]).permute(1, 0, 2).reshape(out_features, -1)
         right = drawn[:, out_features:].permute(1, 0, 2).reshape(in_features, -1)

@@ -324,7 +324,9 @@ class InPlaceSpace(PerturbationSpace):
 class _CleanCopy:
     """One copy of the evolved tensors, valid while the tensors are exactly as when it was taken or last restored
     from: same storage, shape and in-place version counter (views share their base's counter, so a ZeRO-3 shard view
-    made anew each time still matches)."""
+    made anew each time still matches). An in-place edit through ``.data`` between members would not be seen (that
+    alias has a counter of its own); nothing in the trainer edits the weights between members (the reference swap
+    of ``reference.py`` happens inside a member and is undone there)."""
 
     def __init__(self):
         self.copies: list[torch.Tensor] | None = None
