@@ -243,7 +243,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
     }
     times = interleaved_times(variants, repeats)
     times["perturb_restore_copy"] = [seconds / members for seconds in times.pop("perturb_restore_copy_population")]
-    kernel_ms = kernel_milliseconds(model, step) if low_rank._compiled is not None else None
+    kernel_ms = kernel_milliseconds(model, step) if low_rank.uses_compiled_kernel else None
 
     def low_rank_generate():
         with low_rank.perturbed(0, list(range(members))):
@@ -273,7 +273,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "tokens_per_second": {name: rows * new_tokens / median[name] for name in generation},
         "low_rank_vs_plain": median["plain"] / median["low_rank"],
         "low_rank_torch_vs_plain": median["plain"] / median["low_rank_torch"],
-        "kernel": cpu_kernel.kernel_status()[1] if step.low_rank._compiled is not None else "torch ops",
+        "kernel": cpu_kernel.kernel_status()[1] if step.low_rank.uses_compiled_kernel else "torch ops",
         "low_rank_shared_vs_plain": median["plain"] / median["low_rank_shared"],
         "shared_input_speedup": median["low_rank_torch"] / median["low_rank_shared"],
         "low_rank_vs_sequential": median["full_sequential"] / median["low_rank"],

@@ -72,7 +72,8 @@ def test_low_rank_rejects_peft_and_unknown_targets(tiny_model_dir, tmp_path):
 
 def test_low_rank_kernel_reaches_the_space_and_is_checked(tiny_model_dir, tmp_path, caplog):
     assert low_rank_trainer(tiny_model_dir, tmp_path).perturbation_space.kernel == "auto"
-    assert low_rank_trainer(tiny_model_dir, tmp_path, low_rank_kernel="torch").perturbation_space._compiled is None
+    on_torch_ops = low_rank_trainer(tiny_model_dir, tmp_path, low_rank_kernel="torch").perturbation_space
+    assert on_torch_ops.kernel == "torch" and not on_torch_ops.uses_compiled_kernel
     with pytest.raises(ValueError, match=r"low_rank_kernel must be one of \['auto', 'compiled', 'torch'\], got 'c'"):
         es_config(tmp_path, perturbation="low_rank", low_rank_kernel="c")
     with caplog.at_level("WARNING"):

@@ -101,6 +101,11 @@ class LowRankSpace(PerturbationSpace):
         self.kernel = kernel
         self._compiled = cpu_kernel.resolve_kernel(kernel)  # None: torch ops everywhere
 
+    @property
+    def uses_compiled_kernel(self) -> bool:
+        """Whether fp32 CPU layers alone add their terms with the compiled kernel here (``kernel`` resolved)."""
+        return self._compiled is not None
+
     def named_tensors(self) -> list[tuple[str, torch.Tensor]]:
         return self.named_params
 
