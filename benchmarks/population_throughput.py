@@ -24,6 +24,10 @@ Also, in the same interleaved loop:
                           taken for this member alone; or by drawing the noise again and subtracting it)
   noise_draw              drawing one member's noise for every parameter, nothing else: the share of the above
                           that is the (serial) CPU random number generator
+  update                  the pseudo-gradient of a step (every direction's noise drawn again, weighted, summed)
+  ..._philox              (c), the copy and subtract perturb + restore, noise_draw and update on counter-based noise
+                          (``MemberNoise(generator="philox")``: one compiled call per chunk on every core, fused with
+                          the add into the weights; ``trl_es/core/philox.py``)
 
 and, once after the timed loop, one profiled low-rank generate and one profiled plain generate: the self CPU time of
 each op kind and the ops whose time grew most, so the extra time of (b) over (a) can be told apart (the low-rank
@@ -36,7 +40,8 @@ of b / a), ``low_rank_torch_vs_plain``, ``kernel`` (how the compiled kernel was 
 ``kernel_ms_per_generate``,
 ``low_rank_vs_sequential`` (time of c / b), ``shared_input_speedup`` (time of b' torch / b' shared),
 ``perturb_restore_fraction`` (perturb + restore / member_pass: copy, copy_alone, subtract), ``noise_draw_fraction``
-(noise_draw / member_pass), ``low_rank_profile_ms`` for the
+(noise_draw / member_pass), ``philox`` (its fractions, and how many times as fast as on torch noise its noise draw,
+update and whole full-space step are), ``low_rank_profile_ms`` for the
 quickstart model at top level and for a ~25M-parameter model of the same family under ``larger``; and
 ``load_average`` (start, end) of the run.
 
@@ -53,7 +58,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_es.core import InPlaceSpace, LowRankSpace, MemberNoise, cpu_kernel, pseudo_gradient_coefficients
+from trl_es.core import InPlaceSpace, LowRankSpace, MemberNoise, cpu_kernel, philox, pseudo_gradient_coefficients
 from trl_es.tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset
 from trl_es.tasks.build_policy import build_model, build_tokenizer
 
@@ -207,12 +212,19 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
     on_torch_ops = LowRankSpace(linears(model), step.noise, sigma=1e-3, rank=rank, kernel="torch")
     shared = LowRankSpace(linears(model), step.noise, sigma=1e-3, rank=rank, share_inputs=True)
     full_subtract = InPlaceSpace(list(model.named_parameters()), step.noise, sigma=1e-3, restore="subtract")
+    # the same spaces on counter-based noise (MemberNoise(generator="philox"): compiled, parallel, fused with the add)
+    philox_noise = MemberNoise(0, members, generator="philox")
+    full_philox = InPlaceSpace(list(model.named_parameters()), philox_noise, sigma=1e-3)
+    full_philox_subtract = InPlaceSpace(list(model.named_parameters()), philox_noise, sigma=1e-3, restore="subtract")
     breakdown = {"factors_and_patch": [], "generate": [], "update": []}
 
-    def noise_draw():  # one member's noise for every parameter, drawn chunk by chunk and dropped: the RNG's share
-        for name, param in full.named_params:
-            for span in full.noise.chunk_spans(param.numel()):
-                full.noise.direction_chunk(0, 0, name, param.numel(), span.chunk)
+    def noise_draw(space):  # one member's noise for every parameter, drawn chunk by chunk and dropped: the RNG's share
+        def run():
+            for name, param in space.named_params:
+                for span in space.noise.chunk_spans(param.numel()):
+                    space.noise.direction_chunk(0, 0, name, param.numel(), span.chunk)
+
+        return run
 
     def perturb_restore(space):
         def run():
@@ -221,13 +233,25 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
 
         return run
 
-    def perturb_restore_population():
+    def perturb_restore_population(space):
         # The trainer perturbs a step's members inside one population scope: the first takes the clean copy, the
         # others only add their noise and copy back. Timed for the whole population; reported per member.
-        with full.population(0):
-            for member in range(members):
-                with full.perturbed(0, [member]):
-                    pass
+        def run():
+            with space.population(0):
+                for member in range(members):
+                    with space.perturbed(0, [member]):
+                        pass
+
+        return run
+
+    coefficients = pseudo_gradient_coefficients(step.fitness, step.noise, 1e-3)
+
+    def update(space):  # the pseudo-gradient of a step (every direction's noise again), then dropped
+        def run():
+            space.write_gradients(0, coefficients)
+            model.zero_grad(set_to_none=True)
+
+        return run
 
     variants = {
         "plain": step.plain,
@@ -236,13 +260,20 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         "low_rank_shared": lambda: step.low_rank_step(shared),
         "full_sequential": step.full_step,
         "member_pass": lambda: generate(model, member_rows, new_tokens, pad),
-        "perturb_restore_copy_population": perturb_restore_population,
+        "perturb_restore_copy_population": perturb_restore_population(full),
         "perturb_restore_copy_alone": perturb_restore(full),
         "perturb_restore_subtract": perturb_restore(full_subtract),
-        "noise_draw": noise_draw,
+        "noise_draw": noise_draw(full),
+        "update": update(full),
+        "full_sequential_philox": lambda: step.full_step(full_philox),
+        "perturb_restore_philox_copy_population": perturb_restore_population(full_philox),
+        "perturb_restore_philox_subtract": perturb_restore(full_philox_subtract),
+        "noise_draw_philox": noise_draw(full_philox),
+        "update_philox": update(full_philox),
     }
     times = interleaved_times(variants, repeats)
-    times["perturb_restore_copy"] = [seconds / members for seconds in times.pop("perturb_restore_copy_population")]
+    for prefix in ("perturb_restore_copy", "perturb_restore_philox_copy"):
+        times[prefix] = [seconds / members for seconds in times.pop(f"{prefix}_population")]
     kernel_ms = kernel_milliseconds(model, step) if low_rank.uses_compiled_kernel else None
 
     def low_rank_generate():
@@ -286,6 +317,16 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
             for mode in ("copy", "copy_alone", "subtract")
         },
         "noise_draw_fraction": median["noise_draw"] / median["member_pass"],
+        "philox": {  # the same on counter-based noise (noise_generator="philox")
+            "kernel": philox.kernel_status()[1] if philox.kernel_status()[0] else "torch ops",
+            "perturb_restore_fraction": {
+                mode: median[f"perturb_restore_philox_{mode}"] / median["member_pass"] for mode in ("copy", "subtract")
+            },
+            "noise_draw_fraction": median["noise_draw_philox"] / median["member_pass"],
+            "noise_draw_speedup": median["noise_draw"] / median["noise_draw_philox"],
+            "update_speedup": median["update"] / median["update_philox"],
+            "full_sequential_speedup": median["full_sequential"] / median["full_sequential_philox"],
+        },
         "low_rank_factor_bytes_per_member": factor_numbers * 4,
         "full_noise_bytes_per_member": sum(p.numel() for p in model.parameters()) * 4,
     }
@@ -339,6 +380,15 @@ def report(title, result):
         f"(a member of a population; one outside it, cloning the weights: {fraction['copy_alone']:.3f}), subtract "
         f"{fraction['subtract']:.3f}   (goal <= 0.1); drawing one member's noise alone "
         f"{result['noise_draw_fraction']:.3f} (the CPU generator is serial: copy restore draws once, subtract twice)"
+    )
+    on_philox = result["philox"]
+    print(
+        f"  on philox noise ({on_philox['kernel'].split(' -shared')[0]}): copy "
+        f"{on_philox['perturb_restore_fraction']['copy']:.3f}, subtract "
+        f"{on_philox['perturb_restore_fraction']['subtract']:.3f}, drawing the noise alone "
+        f"{on_philox['noise_draw_fraction']:.3f} ({on_philox['noise_draw_speedup']:.2f}x the torch generator); the "
+        f"update {on_philox['update_speedup']:.2f}x and a whole full-space step (sequential) "
+        f"{on_philox['full_sequential_speedup']:.2f}x as fast as on torch noise"
     )
     print(
         f"memory per member: low-rank factors {result['low_rank_factor_bytes_per_member'] / 1024:.1f} KiB "

@@ -142,6 +142,28 @@ def test_noise_chunk_is_recorded_and_a_log_from_before_chunks_replays_with_whole
     assert any(not torch.equal(chunked[name], old[name]) for name in old), "the chunk size changed no noise"
 
 
+@pytest.mark.parametrize("perturbation", ["full", "low_rank"])
+def test_a_philox_noise_run_is_recorded_as_such_and_replays_bit_exactly(tiny_model_dir, tmp_path, perturbation):
+    trainer, changed = train_run(tiny_model_dir, tmp_path / "philox", perturbation, noise_generator="philox")
+    assert changed and trainer.perturbation_space.noise.counter_based
+    log = read_seed_log(tmp_path / "philox" / LOG_NAME)
+    assert log.header["es"]["noise_generator"] == "philox"
+    cli_replay(tiny_model_dir, tmp_path / "philox" / LOG_NAME, tmp_path / "replayed")
+    assert_same_saved_weights(tmp_path / "philox", tmp_path / "replayed")
+    # the same run with the torch generator is another run: other noise, other weights
+    train_run(tiny_model_dir, tmp_path / "torch", perturbation)
+    philox_weights, torch_weights = saved_weights(tmp_path / "philox"), saved_weights(tmp_path / "torch")
+    assert any(not torch.equal(philox_weights[name], torch_weights[name]) for name in torch_weights)
+    # a log written before the setting existed replays with the torch generator
+    path = tmp_path / "torch" / LOG_NAME
+    header, *records = path.read_text().splitlines()
+    header = json.loads(header)
+    assert header["es"].pop("noise_generator") == "torch"
+    path.write_text("\n".join([json.dumps(header), *records]) + "\n")
+    cli_replay(tiny_model_dir, path, tmp_path / "torch-replayed")
+    assert_same_saved_weights(tmp_path / "torch", tmp_path / "torch-replayed")
+
+
 def test_replay_clips_like_the_trainer(tiny_model_dir, tmp_path):
     # The tiny run's pseudo-gradient norm is in the hundreds: max_grad_norm=1 clips every step.
     train_run(tiny_model_dir, tmp_path / "run", max_grad_norm=1.0)

@@ -55,6 +55,7 @@ TRAJECTORY_FIELDS = (
     "perturbation",
     "perturbation_rank",
     "perturbation_target_modules",
+    "noise_generator",
     "fitness_shaping",
     "normalize_per_prompt",
     "optim",

@@ -16,7 +16,14 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
-from .core import FITNESS_SHAPINGS, LOW_RANK_KERNELS, RESTORE_MODES, STRATEGIES, qiu_learning_rate
+from .core import (
+    FITNESS_SHAPINGS,
+    LOW_RANK_KERNELS,
+    NOISE_GENERATORS,
+    RESTORE_MODES,
+    STRATEGIES,
+    qiu_learning_rate,
+)
 from .recipe_checks import check_recipe_types, load_yaml_strict, type_problem
 
 
@@ -273,6 +280,17 @@ class ESConfig(GRPOConfig):
             "choices": list(LOW_RANK_KERNELS),
         },
     )
+    noise_generator: str = field(
+        default="torch",
+        metadata={
+            "help": "Where the perturbation noise comes from: 'torch' (a seeded torch.Generator per noise chunk; "
+            "serial on the CPU) or 'philox' (counter-based Philox4x32-10: the same numbers on every device and in "
+            "any chunking, and on the CPU computed on every core by a small C kernel compiled on first use, fused "
+            "with the weight edit; torch ops where it cannot build). Different noise, equally valid: a run keeps "
+            "the one it started with.",
+            "choices": list(NOISE_GENERATORS),
+        },
+    )
     perturbation_restore: str = field(
         default="copy",
         metadata={
@@ -514,6 +532,8 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"population_batch_size must be >= 1, got {self.population_batch_size}.")
         if self.low_rank_kernel not in LOW_RANK_KERNELS:
             raise ValueError(f"low_rank_kernel must be one of {list(LOW_RANK_KERNELS)}, got {self.low_rank_kernel!r}.")
+        if self.noise_generator not in NOISE_GENERATORS:
+            raise ValueError(f"noise_generator must be one of {list(NOISE_GENERATORS)}, got {self.noise_generator!r}.")
         if self.perturbation_restore not in RESTORE_MODES:
             raise ValueError(
                 f"perturbation_restore must be one of {list(RESTORE_MODES)}, got {self.perturbation_restore!r}."

@@ -24,7 +24,13 @@ def build_search(trainer) -> tuple[PerturbationSpace, Strategy]:
     # CMA-ES draws its own candidates: mirrored pairs are a Gaussian-ES device.
     antithetic = args.antithetic and args.strategy != "cma"
     # The chunk size defines the noise of tensors above it; replay passes the one its seed log recorded.
-    noise = MemberNoise(args.seed, args.population_size, antithetic, getattr(args, "noise_chunk", NOISE_CHUNK))
+    noise = MemberNoise(
+        args.seed,
+        args.population_size,
+        antithetic,
+        getattr(args, "noise_chunk", NOISE_CHUNK),
+        generator=getattr(args, "noise_generator", "torch"),
+    )
     space = build_space(trainer, noise)
     strategy = STRATEGIES[args.strategy].from_config(space, args)
     return space, strategy

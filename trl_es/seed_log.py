@@ -76,6 +76,7 @@ ES_SETTINGS = (
     "perturbation_rank",
     "perturbation_target_modules",
     "perturbation_restore",
+    "noise_generator",
     "strategy",
     "fitness_shaping",
     "normalize_per_prompt",

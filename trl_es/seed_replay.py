@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 REPLAYABLE_STRATEGIES = ("gaussian", "ga")
 REPLAYABLE_SPACES = ("full", "lora", "low_rank")
 # What a log written before a setting existed implies for it (the behaviour of the time).
-ES_SETTING_DEFAULTS = {"prompt_groups": 1, "sigma_decay": 1.0, "anchor_decay": 0.0}
+ES_SETTING_DEFAULTS = {"prompt_groups": 1, "sigma_decay": 1.0, "anchor_decay": 0.0, "noise_generator": "torch"}
 # Chunk size that makes every tensor one chunk: the noise of seed logs written before chunks existed.
 WHOLE_TENSOR_NOISE = 2**62
 

@@ -3,7 +3,8 @@
 Nothing in this package imports transformers or trl (``tests/test_core_imports.py`` enforces it), so the ES math
 can be read and tested without a language model. Files, in the order data flows through a step:
 
-* ``noise.py``      member -> seeded direction -> noise tensor (never stored)
+* ``noise.py``      member -> seeded direction -> noise tensor (never stored; ``philox.py`` + ``philox_noise.c``:
+                    the counter-based generator, compiled on the CPU)
 * ``spaces.py``     where the noise reaches the model (in place; ``low_rank.py``: batched rank-r members, whose
                     CPU term is one compiled call: ``cpu_kernel.py`` + ``member_terms.c``)
 * ``layout.py``     which process evaluates which member on which prompts
@@ -37,7 +38,7 @@ from .layout import (
     seen_mask,
 )
 from .low_rank import LowRankSpace
-from .noise import NOISE_CHUNK, MemberNoise, derive_seed
+from .noise import NOISE_CHUNK, NOISE_GENERATORS, MemberNoise, derive_seed
 from .spaces import RESTORE_MODES, InPlaceSpace, PerturbationSpace
 from .strategies import STRATEGIES, GaussianES, Strategy, StrategyUpdate
 from .update import plain_sgd_problem, pseudo_gradient_coefficients, qiu_learning_rate, sgd_hyperparameters
@@ -47,6 +48,7 @@ __all__ = [
     "Anchor",
     "FITNESS_SHAPINGS",
     "NOISE_CHUNK",
+    "NOISE_GENERATORS",
     "REWARD_AGGREGATIONS",
     "RESTORE_MODES",
     "STRATEGIES",

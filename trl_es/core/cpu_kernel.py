@@ -44,32 +44,49 @@ class KernelUnavailable(RuntimeError):
     """The compiled kernel was required (``kernel="compiled"``) but could not be built."""
 
 
-@functools.cache
-def _build() -> tuple[object, str]:
-    """``(the loaded function or None, how it was built or why not)``; built at most once per process."""
+def compile_library(source: Path, extra_flags: tuple[str, ...] = ()) -> tuple[ctypes.CDLL | None, str]:
+    """Compile ``source`` into a shared library and load it: ``(the library or None, the command or why not)``. The
+    first of ``FLAG_SETS`` that compiles is used, each with ``extra_flags``; the file is deleted once loaded."""
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
     if not compiler:
         return None, "no C compiler found (set CC or install gcc)"
     failures = []
     with tempfile.TemporaryDirectory(prefix="trl_es_kernel_", ignore_cleanup_errors=True) as directory:
-        library_path = os.path.join(directory, "member_terms.so")
+        library_path = os.path.join(directory, source.with_suffix(".so").name)
         for flags in FLAG_SETS:
-            command = [*shlex.split(compiler), *flags, "-shared", "-fPIC", "-o", library_path, str(SOURCE)]
+            command = [
+                *shlex.split(compiler),
+                *flags,
+                *extra_flags,
+                "-shared",
+                "-fPIC",
+                "-o",
+                library_path,
+                str(source),
+            ]
             try:
                 done = subprocess.run(command, capture_output=True, text=True, timeout=120)
             except (OSError, subprocess.TimeoutExpired) as error:
                 failures.append(f"`{shlex.join(command)}`: {error}")
                 continue
             if done.returncode == 0:
-                library = ctypes.CDLL(library_path)
-                function = library.add_member_terms
-                function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(MemberTerms)]
-                function.restype = None
-                function.library = library  # keep the library loaded as long as the function is referenced
-                return function, shlex.join(command)
+                return ctypes.CDLL(library_path), shlex.join(command)
             message = (done.stderr.strip().splitlines() or ["no output"])[-1]
             failures.append(f"`{shlex.join(command)}` exited with {done.returncode}: {message}")
     return None, "; ".join(failures)
+
+
+@functools.cache
+def _build() -> tuple[object, str]:
+    """``(the loaded function or None, how it was built or why not)``; built at most once per process."""
+    library, detail = compile_library(SOURCE)
+    if library is None:
+        return None, detail
+    function = library.add_member_terms
+    function.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.POINTER(MemberTerms)]
+    function.restype = None
+    function.library = library  # keep the library loaded as long as the function is referenced
+    return function, detail
 
 
 def kernel_status() -> tuple[bool, str]:

@@ -17,6 +17,13 @@ chunk: its noise is the same numbers as then (a CPU ``randn`` of n numbers is no
 every chunk is drawn with its own length, never cut from a longer one).
 
 With antithetic sampling, members ``2k`` and ``2k + 1`` share direction ``k`` with signs ``+1`` and ``-1``.
+
+Generators. ``generator="torch"`` (the default, and the noise of every run before ``"philox"`` existed) is the above:
+one seeded ``torch.Generator`` draw per chunk. ``generator="philox"`` is counter-based (``philox.py``): element ``e``
+of a (step, direction, tensor)'s noise is a pure function of its seed and ``e``, so the chunk size does not change
+the numbers, any slice is computed directly, and on the CPU one compiled call computes a chunk on every core or adds
+it to the weights in the same pass. The two are different noise: a run keeps the generator it started with (the seed
+log records it).
 """
 
 import hashlib
@@ -24,6 +31,8 @@ import math
 from typing import NamedTuple
 
 import torch
+
+from . import philox
 
 
 def derive_seed(*parts: object) -> int:
@@ -36,6 +45,8 @@ def derive_seed(*parts: object) -> int:
 #: quickstart policy (largest 33,152 elements) and of the test models is one chunk, so their noise, the golden test
 #: values and the quickstart result are those of the whole-tensor noise; a 7B model's 4096 x 11008 matrix is 43.
 NOISE_CHUNK = 2**20
+#: Where the numbers come from (see the module docstring).
+NOISE_GENERATORS = ("torch", "philox")
 
 
 class ChunkSpan(NamedTuple):
@@ -55,17 +66,30 @@ class MemberNoise:
         population_size: number of members ``N`` in one step.
         antithetic: pair members as ``+eps_k`` / ``-eps_k``; then ``N`` must be even and there are ``N / 2``
             directions.
-        chunk_size: elements per noise chunk (see the module docstring). It is part of the noise's definition: runs
-            with other chunk sizes draw other noise for tensors larger than the smaller of the two.
+        chunk_size: elements per noise chunk (see the module docstring). For ``generator="torch"`` it is part of the
+            noise's definition: runs with other chunk sizes draw other noise for tensors larger than the smaller of
+            the two. For ``"philox"`` it only bounds how much noise is in flight.
+        generator: ``"torch"`` (a seeded ``torch.Generator`` per chunk) or ``"philox"`` (counter-based; parallel and
+            fused with the weight update on the CPU).
     """
 
-    def __init__(self, seed: int, population_size: int, antithetic: bool = True, chunk_size: int = NOISE_CHUNK):
+    def __init__(
+        self,
+        seed: int,
+        population_size: int,
+        antithetic: bool = True,
+        chunk_size: int = NOISE_CHUNK,
+        generator: str = "torch",
+    ):
         if population_size < 2:
             raise ValueError(f"population_size must be >= 2, got {population_size}")
         if antithetic and population_size % 2:
             raise ValueError(f"antithetic sampling needs an even population_size, got {population_size}")
         if not isinstance(chunk_size, int) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive number of elements, got {chunk_size!r}")
+        if generator not in NOISE_GENERATORS:
+            raise ValueError(f"generator must be one of {list(NOISE_GENERATORS)}, got {generator!r}")
+        self.generator_kind = generator
         self.seed = seed
         self.population_size = population_size
         self.antithetic = antithetic
@@ -91,6 +115,13 @@ class MemberNoise:
         gen.manual_seed(derive_seed(*parts))
         return gen
 
+    @property
+    def counter_based(self) -> bool:
+        return self.generator_kind == "philox"
+
+    def _philox_seed(self, step: int, direction: int, key: str) -> int:
+        return derive_seed(self.seed, "philox", step, direction, key)
+
     def num_chunks(self, numel: int) -> int:
         return -(-numel // self.chunk_size)
 
@@ -115,6 +146,8 @@ class MemberNoise:
         if not 0 <= chunk < self.num_chunks(numel):
             raise IndexError(f"chunk {chunk} outside the {self.num_chunks(numel)} chunks of a {numel}-element tensor")
         length = min(self.chunk_size, numel - chunk * self.chunk_size)
+        if self.counter_based:
+            return philox.normals(self._philox_seed(step, direction, key), chunk * self.chunk_size, length, device)
         gen = self.generator(step, direction, key, device, chunk)
         return torch.randn(length, generator=gen, device=device, dtype=torch.float32)
 
@@ -130,6 +163,10 @@ class MemberNoise:
     ) -> torch.Tensor:
         """Elements ``[start, start + length)`` of the flattened noise, drawn from the chunks they overlap only (what
         a process holding that slice of the tensor, e.g. a ZeRO-3 shard, needs)."""
+        if self.counter_based:
+            if start < 0 or length < 0 or start + length > numel:
+                raise ValueError(f"slice [{start}, {start + length}) is not inside a tensor of {numel} elements")
+            return philox.normals(self._philox_seed(step, direction, key), start, length, device)
         out = torch.empty(length, dtype=torch.float32, device=device)
         for span in self.chunk_spans(numel, start, length):
             chunk = self.direction_chunk(step, direction, key, numel, span.chunk, device)
@@ -146,6 +183,8 @@ class MemberNoise:
     ) -> torch.Tensor:
         """Standard-normal fp32 noise for one whole (step, direction, tensor): its chunks, joined."""
         numel = math.prod(shape)
+        if self.counter_based:
+            return philox.normals(self._philox_seed(step, direction, key), 0, numel, device).view(shape)
         if self.num_chunks(numel) <= 1:  # one draw of the whole tensor: no copy
             gen = self.generator(step, direction, key, device)
             return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
@@ -158,9 +197,35 @@ class MemberNoise:
         direction. Row ``k`` is direction ``k``'s noise; it is seeded by (run seed, step, tensor) and the
         population size, and shares no stream with ``direction()``.
         """
+        shape = (self.num_directions, *shape)
+        if self.counter_based:
+            seed = derive_seed(self.seed, "philox-all-directions", step, self.num_directions, key)
+            return philox.normals(seed, 0, math.prod(shape), device).view(shape)
         gen = torch.Generator(device=device)
         gen.manual_seed(derive_seed(self.seed, "all-directions", step, self.num_directions, key))
-        return torch.randn((self.num_directions, *shape), generator=gen, device=device, dtype=torch.float32)
+        return torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+
+    def span_noise(self, step: int, direction: int, key: str, numel: int, span: ChunkSpan, device) -> torch.Tensor:
+        """The noise of ``span`` (fp32, 1-D): with ``"torch"`` its chunk drawn whole (a draw is not seekable) and cut
+        to the part in use, with ``"philox"`` just the part."""
+        if self.counter_based:
+            start = span.chunk * self.chunk_size + span.chunk_offset
+            return philox.normals(self._philox_seed(step, direction, key), start, span.count, device)
+        eps = self.direction_chunk(step, direction, key, numel, span.chunk, device)
+        return eps if span.count == eps.numel() else eps.narrow(0, span.chunk_offset, span.count)
+
+    def add_span(
+        self, target: torch.Tensor, step: int, direction: int, key: str, numel: int, span: ChunkSpan, scale: float
+    ) -> None:
+        """``target += scale * eps`` for the noise of ``span`` (``target``: 1-D, ``span.count`` elements), the product
+        rounded to fp32 first and then to ``target``'s dtype. With ``"philox"`` on a contiguous fp32 CPU tensor, one
+        compiled pass with no noise tensor (the same numbers)."""
+        if self.counter_based:
+            start = span.chunk * self.chunk_size + span.chunk_offset
+            philox.add_scaled_normals(target, self._philox_seed(step, direction, key), start, scale)
+            return
+        eps = self.span_noise(step, direction, key, numel, span, target.device)
+        target.add_(eps.mul_(scale).to(target.dtype))
 
     def member_noise(self, step: int, member: int, key: str, shape, device="cpu") -> torch.Tensor:
         """Signed noise ``eps_i`` of one member for one tensor (fp32)."""

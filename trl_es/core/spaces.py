@@ -203,9 +203,8 @@ class InPlaceSpace(PerturbationSpace):
         return local, numel, self.noise.chunk_spans(numel, offset or 0, local.numel())
 
     def _draw(self, step: int, direction: int, name: str, numel: int, span: ChunkSpan, device) -> torch.Tensor:
-        """The noise of ``span``: its chunk drawn whole (a draw is not seekable), cut to the part in use."""
-        eps = self.noise.direction_chunk(step, direction, name, numel, span.chunk, device)
-        return eps if span.count == eps.numel() else eps.narrow(0, span.chunk_offset, span.count)
+        """The noise of ``span`` (``MemberNoise.span_noise``)."""
+        return self.noise.span_noise(step, direction, name, numel, span, device)
 
     def _add_noise(self, step: int, member: int, scale: float, progress: list[int], limit: int | None = None):
         """``local += scale * eps_member`` chunk by chunk over every tensor; ``progress[0]`` counts the chunks done
@@ -218,9 +217,10 @@ class InPlaceSpace(PerturbationSpace):
                 for span in spans:
                     if limit is not None and progress[0] >= limit:
                         return
-                    eps = self._draw(step, direction, name, numel, span, local.device)
-                    flat.narrow(0, span.slice_offset, span.count).add_(eps.mul_(scale).to(local.dtype))
-                    del eps  # before the next draw: one chunk of noise alive at a time
+                    # one chunk of noise alive at a time (none with philox on the CPU: fused with the add)
+                    self.noise.add_span(
+                        flat.narrow(0, span.slice_offset, span.count), step, direction, name, numel, span, scale
+                    )
                     progress[0] += 1
 
     def _pseudo_gradient(self, grad: torch.Tensor, step, name, numel, span, coefficients) -> torch.Tensor:
