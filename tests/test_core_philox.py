@@ -7,8 +7,7 @@ import re
 import pytest
 import torch
 
-from trl_es.core import InPlaceSpace, MemberNoise
-from trl_es.core import philox
+from trl_es.core import InPlaceSpace, MemberNoise, philox
 
 
 needs_kernel = pytest.mark.skipif(not philox.kernel_status()[0], reason="no C compiler: torch ops only")

@@ -282,3 +282,21 @@ def test_num_iterations_runs_that_many_es_steps_on_each_generation_batch(tiny_mo
     grpo = GRPOTrainer(tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=data)
     assert trainer.state.global_step == len(grpo.get_train_dataloader()) == 8
     assert seen[0] == seen[1] and seen[2] == seen[3] and seen[0] != seen[2]
+
+
+def test_philox_noise_off_the_compiled_kernel_is_named_in_a_warning(tiny_model_dir, tmp_path, caplog, monkeypatch):
+    from trl_es.core import philox
+
+    args = es_config(tmp_path, noise_generator="philox")
+    with caplog.at_level(logging.WARNING, logger="trl_es.search"):
+        ESTrainer(tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=arithmetic_dataset("train", 8))
+    built = philox.kernel_status()[0]
+    assert any("torch ops" in r.message for r in caplog.records) == (not built)
+    caplog.clear()
+    monkeypatch.setattr(philox, "kernel_status", lambda: (False, "no C compiler found (set CC or install gcc)"))
+    with caplog.at_level(logging.WARNING, logger="trl_es.search"):
+        trainer = ESTrainer(
+            tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=arithmetic_dataset("train", 8)
+        )
+    assert trainer.perturbation_space.noise.counter_based
+    assert any("no C compiler found" in r.message and "noise_generator='torch'" in r.message for r in caplog.records)

@@ -10,7 +10,7 @@ import logging
 import torch
 from accelerate.utils import is_peft_model
 
-from .core import NOISE_CHUNK, STRATEGIES, InPlaceSpace, LowRankSpace, MemberNoise, PerturbationSpace, Strategy
+from .core import NOISE_CHUNK, STRATEGIES, InPlaceSpace, LowRankSpace, MemberNoise, PerturbationSpace, Strategy, philox
 from .core.svd import SVDSpace, svd_target_modules
 from .integrations.deepspeed import ZeRO3Space, check_zero3_trainer
 
@@ -32,8 +32,23 @@ def build_search(trainer) -> tuple[PerturbationSpace, Strategy]:
         generator=getattr(args, "noise_generator", "torch"),
     )
     space = build_space(trainer, noise)
+    if noise.counter_based:
+        _warn_if_philox_runs_on_torch_ops(trainer.model)
     strategy = STRATEGIES[args.strategy].from_config(space, args)
     return space, strategy
+
+
+def _warn_if_philox_runs_on_torch_ops(model) -> None:
+    """Philox noise off the compiled CPU kernel is the same numbers from ~60 elementwise torch ops per chunk: fine for
+    a fallback, slow next to torch's own generator (on a GPU, a native counter-based Philox)."""
+    device = next(model.parameters()).device
+    built, detail = philox.kernel_status() if device.type == "cpu" else (False, f"the weights are on {device}")
+    if not built:
+        logger.warning(
+            "noise_generator='philox' computes its noise with torch ops here (%s): the same numbers as the compiled "
+            "CPU kernel, but slower than noise_generator='torch', which is the better choice on GPUs.",
+            detail,
+        )
 
 
 def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
