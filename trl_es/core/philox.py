@@ -162,33 +162,26 @@ def kernel_status() -> tuple[bool, str]:
     return function is not None, detail
 
 
-def _kernel_for(tensor: torch.Tensor, use_kernel: bool):
-    if not (use_kernel and tensor.device.type == "cpu" and tensor.dtype == torch.float32 and tensor.is_contiguous()):
-        return None
-    return _build()[0]
-
-
-def normals(
-    seed: int, start: int, count: int, device: torch.device | str = "cpu", use_kernel: bool = True
-) -> torch.Tensor:
+def normals(seed: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Elements ``[start, start + count)`` of the stream of ``seed`` (fp32): the compiled kernel on the CPU where it
     builds, torch ops otherwise (the same numbers)."""
-    out = torch.empty(count, dtype=torch.float32, device=device)
-    function = _kernel_for(out, use_kernel)
+    function = _build()[0] if torch.device(device).type == "cpu" else None
     if function is None:
         return normals_torch(seed, start, count, device)
+    out = torch.empty(count, dtype=torch.float32)
     k0, k1 = key_of(seed)
     function(out.data_ptr(), count, start, k0, k1, function.constants.data_ptr(), 0.0, 0, PARALLEL_ABOVE)
     return out
 
 
-def add_scaled_normals(target: torch.Tensor, seed: int, start: int, scale: float, use_kernel: bool = True) -> None:
+def add_scaled_normals(target: torch.Tensor, seed: int, start: int, scale: float) -> None:
     """``target += scale * eps`` with eps elements ``[start, start + target.numel())`` of the stream of ``seed``, the
     product rounded first (as ``target.add_(eps.mul_(scale))``, bit for bit). ``target``: a 1-D tensor. On the CPU
     for contiguous fp32 one pass with no noise tensor; otherwise the noise is drawn and added with torch ops."""
-    function = _kernel_for(target, use_kernel)
+    fused = target.device.type == "cpu" and target.dtype == torch.float32 and target.is_contiguous()
+    function = _build()[0] if fused else None
     if function is None:
-        eps = normals(seed, start, target.numel(), target.device, use_kernel)
+        eps = normals(seed, start, target.numel(), target.device)
         target.add_(eps.mul_(scale).to(target.dtype))
         return
     k0, k1 = key_of(seed)
