@@ -10,7 +10,8 @@ size, in bf16 on the GPU (fp32 with ``--cpu``):
               ``plain`` (one batched generate, unperturbed: the limit), ``low_rank`` (one ES step in the low-rank
               space: one batched generate of every member's rows, then the update) and ``full`` (one sequential
               full-parameter ES step: per member perturb, generate its rows, restore; then the update); ratios are
-              rows per second against ``plain``
+              rows per second against ``plain``; and one member's noise for every weight from each noise generator
+              (``noise_draw_torch``, ``noise_draw_philox``: on a GPU philox runs as torch ops)
   memory      peak memory of 3 training steps (``memory_steps``) of ``trl.GRPOTrainer`` and of ``ESTrainer``, each
               in a process of its own as in ``benchmarks/memory_es_vs_grpo.py`` (GPU: ``max_memory_allocated``
               during ``train()``; CPU: the process's ``ru_maxrss``), with the quickstart recipe's settings
@@ -51,6 +52,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # this checkout's trl_es, as the other benchmarks that run from the repo root
 
 from population_throughput import PopulationStep, interleaved_times  # noqa: E402
+
+from trl_es.core import NOISE_GENERATORS, MemberNoise  # noqa: E402
 
 
 # (hidden, layers, MLP). 23.7M and 104.1M are the larger models of population_throughput.py and memory_es_vs_grpo.py,
@@ -242,6 +245,11 @@ def throughput(model_dir: str, settings: dict, device: str, dtype: torch.dtype) 
     members, prompts = settings["members"], settings["prompts"]
     step = PopulationStep(model, tokenizer, members, prompts, settings["new_tokens"], settings["rank"])
     variants = {"plain": step.plain, "low_rank": step.low_rank_step, "full": step.full_step}
+    # One member's noise for every weight, from each generator: philox has no compiled kernel off the CPU, so on a
+    # GPU this says what its torch ops cost next to CUDA's own generator (the trainer warns that they are slower).
+    for generator in NOISE_GENERATORS:
+        noise = MemberNoise(0, members, generator=generator)
+        variants[f"noise_draw_{generator}"] = lambda noise=noise, model=model: draw_member_noise(model, noise)
     # Every variant warmed up: on a GPU the first call of each pays for its own kernels and allocations.
     sync = torch.cuda.synchronize if device == "cuda" else None
     times = interleaved_times(variants, settings["repeats"], warm_up=tuple(variants), synchronize=sync)
@@ -254,10 +262,18 @@ def throughput(model_dir: str, settings: dict, device: str, dtype: torch.dtype) 
     return {
         "seconds": median,
         "seconds_all": times,
-        "rows_per_second": {name: rows / seconds for name, seconds in median.items()},
+        "rows_per_second": {name: rows / median[name] for name in ("plain", "low_rank", "full")},
         "low_rank_vs_plain": median["plain"] / median["low_rank"],
         "full_vs_plain": median["plain"] / median["full"],
+        "philox_noise_vs_torch": median["noise_draw_torch"] / median["noise_draw_philox"],
     }
+
+
+def draw_member_noise(model, noise) -> None:
+    """Member 0's noise for every parameter, chunk by chunk, on the parameter's device (dropped)."""
+    for name, param in model.named_parameters():
+        for span in noise.chunk_spans(param.numel()):
+            noise.span_noise(0, 0, name, param.numel(), span, param.device)
 
 
 def trainer_runs(entry: dict, label: str, steps: int, eval_problems: int, runs: dict) -> dict:
@@ -320,6 +336,12 @@ def report(result: dict) -> None:
             f"{speed['seconds']['low_rank']:>10.3f} {speed['low_rank_vs_plain']:>7.2f} "
             f"{speed['seconds']['full']:>8.3f} {speed['full_vs_plain']:>7.2f} "
             f"{memory['es_mb']:>8.0f} {memory['grpo_mb']:>8.0f} {memory['es_over_grpo']:>7.2f}"
+        )
+    for size in result["sizes"]:
+        seconds = size["throughput"]["seconds"]
+        print(
+            f"noise of one member, {size['name']}: torch {seconds['noise_draw_torch']:.4f} s, philox "
+            f"{seconds['noise_draw_philox']:.4f} s ({size['throughput']['philox_noise_vs_torch']:.2f}x the speed)"
         )
     for size in result["sizes"]:
         for kind, run in (size["train"] or {}).items():

@@ -58,6 +58,7 @@ def test_cpu_tiny_check_writes_every_measurement(tmp_path):
             assert positive(speed["seconds"][variant]) and positive(speed["rows_per_second"][variant])
             assert len(speed["seconds_all"][variant]) == settings["repeats"] >= 3
         assert positive(speed["low_rank_vs_plain"]) and positive(speed["full_vs_plain"])
+        assert positive(speed["seconds"]["noise_draw_philox"]) and positive(speed["philox_noise_vs_torch"])
         memory = size["memory"]
         assert memory["measure"] == "ru_maxrss"
         assert positive(memory["es_mb"]) and positive(memory["grpo_mb"]) and positive(memory["es_over_grpo"])
