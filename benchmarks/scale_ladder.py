@@ -31,6 +31,7 @@ import yaml  # noqa: E402
 
 from trl_es.compare.ladder import DerivedArm, Ladder, RungStore, estimate_seconds, resume, units  # noqa: E402
 from trl_es.compare.ladder_aggregate import write_aggregate  # noqa: E402
+from trl_es.compare.machine import machine_kind  # noqa: E402
 from trl_es.tasks.build_policy import BASE_WIDTH, SIZES  # noqa: E402
 
 
@@ -66,6 +67,7 @@ AGGREGATE = ROOT / "docs" / "results" / "scale_ladder.json"
 
 
 def status(ladder: Ladder, store: RungStore, selected) -> None:
+    kind = machine_kind()
     for unit in units(ladder):
         if not selected(unit):
             continue
@@ -74,6 +76,10 @@ def status(ladder: Ladder, store: RungStore, selected) -> None:
             done = json.loads(path.read_text())
             final = done["run"]["final_eval_accuracy"]
             print(f"done     {unit.name:<22} {done['duration_s']:>6.0f} s  final held-out accuracy {final:.3f}")
+        elif any(entry["machine"] == kind for entry in store.records.get(unit.rung, {}).get("rebuild_mismatches", [])):
+            print(
+                f"pending  {unit.name:<22} (not here: this machine kind rebuilds the rung's policy with other weights)"
+            )
         elif unit.rung in store.records:
             print(f"pending  {unit.name:<22} ~{estimate_seconds(unit, ladder, store) / 60:>4.0f} min (estimate)")
         else:

@@ -21,6 +21,7 @@ from trl_es.compare.ladder import (
     weights_sha256,
 )
 from trl_es.compare.ladder_aggregate import aggregate, markdown, plot, write_aggregate
+from trl_es.compare.machine import machine_kind
 
 
 def _recipe(tmp_path, model_dir):
@@ -101,9 +102,18 @@ def test_a_rebuilt_policy_with_other_weights_is_refused(tiny_model, tiny_model_d
     shutil.copytree(tiny_model_dir, rebuilt)
     tiny_model.model.embed_tokens.weight.data[0, 0] += 1.0
     tiny_model.save_pretrained(rebuilt)
+    assert store.records["small"]["built_on"] == machine_kind()
     fresh = _store(tmp_path, {"small": rebuilt})  # a later session: rungs.json is read back
     with pytest.raises(RuntimeError, match=r"rung small: the policy built in .* not bit-identical"):
         fresh.prepare("small", ladder)
+    # the mismatch is recorded with this machine kind, which a later session then refuses before building again
+    (mismatch,) = json.loads((tmp_path / "results" / "rungs.json").read_text())["small"]["rebuild_mismatches"]
+    assert mismatch["machine"] == machine_kind() and mismatch["weights_sha256"] == weights_sha256(rebuilt)
+    builds = []
+    later = RungStore(tmp_path / "results", tmp_path / "cache", build=lambda rung, cache: builds.append(rung))
+    with pytest.raises(RuntimeError, match=r"a rebuild on this machine kind \(.*\) gave weights .* not building it"):
+        later.prepare("small", ladder)
+    assert builds == []
     other_settings = Ladder(recipe=recipe, budget_rollouts=64, base_seconds=600, rungs=("small",))
     with pytest.raises(RuntimeError, match="recorded with ladder settings"):
         _store(tmp_path, {"small": tiny_model_dir}).prepare("small", other_settings)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import yaml
 
-from .machine import load_average
+from .machine import describe_machine, load_average, machine_kind
 
 
 @dataclass(frozen=True)
@@ -191,17 +191,35 @@ class RungStore:
         _write_atomic(self.results / "rungs.json", self.records)
 
     def folder(self, rung: str) -> Path:
-        """The rung's policy, built if needed, with the hash its recorded units ran on (else a named error)."""
+        """The rung's policy, built if needed, with the hash its recorded units ran on (else a named error).
+
+        A rebuild that comes out with other weights is recorded with the machine kind it ran on (CPU model, SIMD
+        level, torch, threads: float results differ between them), and that kind is refused up front later, before
+        spending the build's time again (an hour at 14M on the 2-core machine)."""
         if rung not in self._folders:
+            record, kind = self.records.get(rung, {}), machine_kind()
+            recorded = record.get("weights_sha256")
+            known = [entry for entry in record.get("rebuild_mismatches", []) if entry["machine"] == kind]
+            if known:
+                raise RuntimeError(
+                    f"rung {rung}: a rebuild on this machine kind ({describe_machine(kind)}) gave weights "
+                    f"{known[-1]['weights_sha256'][:12]}... on {known[-1]['date']}, not the {recorded[:12]}... this "
+                    f"rung's units ran on ({self.results / 'rungs.json'}); not building it again to the same "
+                    "result. Run this rung's units on another machine kind, or start a new ladder (another results "
+                    "folder)."
+                )
             folder = Path((self.build or build_policy)(rung, self.cache))
             digest = weights_sha256(folder)
-            recorded = self.records.get(rung, {}).get("weights_sha256")
             if recorded is not None and recorded != digest:
+                mismatch = {"machine": kind, "weights_sha256": digest, "date": time.strftime("%Y-%m-%d %H:%M")}
+                record.setdefault("rebuild_mismatches", []).append(mismatch)
+                self.save()
                 raise RuntimeError(
                     f"rung {rung}: the policy built in {folder} has weights {digest[:12]}..., but this rung's units "
                     f"ran on {recorded[:12]}... ({self.results / 'rungs.json'}); the rebuild is not bit-identical "
-                    "here, so new units would not be comparable. Rebuild on the machine kind the units ran on, or "
-                    "start a new ladder (another results folder)."
+                    f"here ({describe_machine(kind)}), so new units would not be comparable. Rebuild on the machine "
+                    "kind the units ran on, or start a new ladder (another results folder). This machine kind is "
+                    "now recorded in rungs.json and refused up front next time."
                 )
             self._folders[rung], self._digests[rung] = folder, digest
         return self._folders[rung]
@@ -241,6 +259,7 @@ class RungStore:
             "budget_seconds": budget_seconds,
             "ladder": ladder.fingerprint(),
             "measured_at_load_average": load_average(),
+            "built_on": machine_kind(),
             "build": {key: info.get(key) for key in ("size", "seed", "steps", "train_seconds", "command")},
         }
         self.records[rung] = record

@@ -34,6 +34,31 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
+def machine_kind() -> dict:
+    """What decides whether a float computation here repeats another machine's bit for bit: the CPU model, the SIMD
+    level torch dispatches its kernels to, torch's version and its thread count (reductions split by thread)."""
+    import platform
+
+    import torch
+
+    model = None
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            model = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), None)
+    except OSError:  # not Linux
+        pass
+    return {
+        "cpu": model or platform.processor() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+
+
+def describe_machine(kind: dict) -> str:
+    return f"{kind['cpu']}, {kind['cpu_capability']}, torch {kind['torch']}, {kind['threads']} threads"
+
+
 def load_average() -> list[float] | None:
     try:
         return [round(value, 2) for value in os.getloadavg()]
