@@ -15,7 +15,8 @@ and torch's differ), and these fp32 constants. The torch ops are the fallback wh
 and the path on other devices; they are slower (about 60 elementwise ops per chunk), not different.
 
 Uniforms take 24 bits: the radius's ``u`` is in ``(0, 1]`` (never 0, so the largest draw is ``sqrt(2 * 24 ln 2)``,
-5.8 standard deviations), the angle's in ``[0, 1)``; the polynomials are accurate to ~1e-7 relative.
+5.8 standard deviations), the angle's in ``[0, 1)``. Each number is within 1e-6 of the exact (float64) Box-Muller
+transform of the same uniforms (7.1e-7 at most over 2^20 numbers, tested; fp32's own spacing near 4 is 4.8e-7).
 """
 
 import ctypes
