@@ -114,6 +114,15 @@ def test_a_rebuilt_policy_with_other_weights_is_refused(tiny_model, tiny_model_d
     with pytest.raises(RuntimeError, match=r"a rebuild on this machine kind \(.*\) gave weights .* not building it"):
         later.prepare("small", ladder)
     assert builds == []
+    # a rebuild stopped by hand once it had diverged is recorded without a hash, and refused the same way
+    path = tmp_path / "results" / "rungs.json"
+    records = json.loads(path.read_text())
+    records["small"]["rebuild_mismatches"][0]["weights_sha256"] = None
+    path.write_text(json.dumps(records))
+    stopped = RungStore(tmp_path / "results", tmp_path / "cache", build=lambda rung, cache: builds.append(rung))
+    with pytest.raises(RuntimeError, match=r"gave weights \?\.\.\. on"):
+        stopped.prepare("small", ladder)
+    assert builds == []
     other_settings = Ladder(recipe=recipe, budget_rollouts=64, base_seconds=600, rungs=("small",))
     with pytest.raises(RuntimeError, match="recorded with ladder settings"):
         _store(tmp_path, {"small": tiny_model_dir}).prepare("small", other_settings)

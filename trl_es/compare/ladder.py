@@ -201,9 +201,10 @@ class RungStore:
             recorded = record.get("weights_sha256")
             known = [entry for entry in record.get("rebuild_mismatches", []) if entry["machine"] == kind]
             if known:
+                other = (known[-1].get("weights_sha256") or "?")[:12]  # None: a rebuild stopped once it had diverged
                 raise RuntimeError(
                     f"rung {rung}: a rebuild on this machine kind ({describe_machine(kind)}) gave weights "
-                    f"{known[-1]['weights_sha256'][:12]}... on {known[-1]['date']}, not the {recorded[:12]}... this "
+                    f"{other}... on {known[-1]['date']}, not the {recorded[:12]}... this "
                     f"rung's units ran on ({self.results / 'rungs.json'}); not building it again to the same "
                     "result. Run this rung's units on another machine kind, or start a new ladder (another results "
                     "folder)."
