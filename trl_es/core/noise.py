@@ -122,6 +122,10 @@ class MemberNoise:
     def _philox_seed(self, step: int, direction: int, key: str) -> int:
         return derive_seed(self.seed, "philox", step, direction, key)
 
+    def _start(self, span: ChunkSpan) -> int:
+        """Where ``span`` starts in the flattened tensor."""
+        return span.chunk * self.chunk_size + span.chunk_offset
+
     def num_chunks(self, numel: int) -> int:
         return -(-numel // self.chunk_size)
 
@@ -129,8 +133,7 @@ class MemberNoise:
         """The chunks that elements ``[start, start + length)`` of a flattened tensor of ``numel`` elements overlap,
         in order, with the overlapping part of each (default: the whole tensor)."""
         length = numel - start if length is None else length
-        if start < 0 or length < 0 or start + length > numel:
-            raise ValueError(f"slice [{start}, {start + length}) is not inside a tensor of {numel} elements")
+        _check_slice(numel, start, length)
         spans, position, end = [], start, start + length
         while position < end:
             chunk, chunk_offset = divmod(position, self.chunk_size)
@@ -164,8 +167,7 @@ class MemberNoise:
         """Elements ``[start, start + length)`` of the flattened noise, drawn from the chunks they overlap only (what
         a process holding that slice of the tensor, e.g. a ZeRO-3 shard, needs)."""
         if self.counter_based:
-            if start < 0 or length < 0 or start + length > numel:
-                raise ValueError(f"slice [{start}, {start + length}) is not inside a tensor of {numel} elements")
+            _check_slice(numel, start, length)
             return philox.normals(self._philox_seed(step, direction, key), start, length, device)
         out = torch.empty(length, dtype=torch.float32, device=device)
         for span in self.chunk_spans(numel, start, length):
@@ -209,8 +211,7 @@ class MemberNoise:
         """The noise of ``span`` (fp32, 1-D): with ``"torch"`` its chunk drawn whole (a draw is not seekable) and cut
         to the part in use, with ``"philox"`` just the part."""
         if self.counter_based:
-            start = span.chunk * self.chunk_size + span.chunk_offset
-            return philox.normals(self._philox_seed(step, direction, key), start, span.count, device)
+            return philox.normals(self._philox_seed(step, direction, key), self._start(span), span.count, device)
         eps = self.direction_chunk(step, direction, key, numel, span.chunk, device)
         return eps if span.count == eps.numel() else eps.narrow(0, span.chunk_offset, span.count)
 
@@ -221,8 +222,7 @@ class MemberNoise:
         rounded to fp32 first and then to ``target``'s dtype. With ``"philox"`` on a contiguous fp32 CPU tensor, one
         compiled pass with no noise tensor (the same numbers)."""
         if self.counter_based:
-            start = span.chunk * self.chunk_size + span.chunk_offset
-            philox.add_scaled_normals(target, self._philox_seed(step, direction, key), start, scale)
+            philox.add_scaled_normals(target, self._philox_seed(step, direction, key), self._start(span), scale)
             return
         eps = self.span_noise(step, direction, key, numel, span, target.device)
         target.add_(eps.mul_(scale).to(target.dtype))
@@ -236,3 +236,8 @@ class MemberNoise:
     def sampling_seed(self, step: int, member: int) -> int:
         """Seed for the member's token sampling, so sampled completions are reproducible per member."""
         return derive_seed(self.seed, "sampling", step, member)
+
+
+def _check_slice(numel: int, start: int, length: int) -> None:
+    if start < 0 or length < 0 or start + length > numel:
+        raise ValueError(f"slice [{start}, {start + length}) is not inside a tensor of {numel} elements")
