@@ -31,7 +31,6 @@ import yaml  # noqa: E402
 
 from trl_es.compare.ladder import DerivedArm, Ladder, RungStore, estimate_seconds, resume, units  # noqa: E402
 from trl_es.compare.ladder_aggregate import write_aggregate  # noqa: E402
-from trl_es.compare.machine import machine_kind  # noqa: E402
 from trl_es.tasks.build_policy import BASE_WIDTH, SIZES  # noqa: E402
 
 
@@ -67,7 +66,6 @@ AGGREGATE = ROOT / "docs" / "results" / "scale_ladder.json"
 
 
 def status(ladder: Ladder, store: RungStore, selected) -> None:
-    kind = machine_kind()
     for unit in units(ladder):
         if not selected(unit):
             continue
@@ -76,7 +74,7 @@ def status(ladder: Ladder, store: RungStore, selected) -> None:
             done = json.loads(path.read_text())
             final = done["run"]["final_eval_accuracy"]
             print(f"done     {unit.name:<22} {done['duration_s']:>6.0f} s  final held-out accuracy {final:.3f}")
-        elif any(entry["machine"] == kind for entry in store.records.get(unit.rung, {}).get("rebuild_mismatches", [])):
+        elif store.known_mismatch(unit.rung):
             print(
                 f"pending  {unit.name:<22} (not here: this machine kind rebuilds the rung's policy with other weights)"
             )

@@ -190,6 +190,13 @@ class RungStore:
         self.results.mkdir(parents=True, exist_ok=True)
         _write_atomic(self.results / "rungs.json", self.records)
 
+    def known_mismatch(self, rung: str, kind: dict | None = None) -> dict | None:
+        """The last recorded rebuild of ``rung`` on machine kind ``kind`` (default: this one) that gave other
+        weights, or None."""
+        kind = machine_kind() if kind is None else kind
+        entries = self.records.get(rung, {}).get("rebuild_mismatches", [])
+        return next((entry for entry in reversed(entries) if entry["machine"] == kind), None)
+
     def folder(self, rung: str) -> Path:
         """The rung's policy, built if needed, with the hash its recorded units ran on (else a named error).
 
@@ -199,12 +206,12 @@ class RungStore:
         if rung not in self._folders:
             record, kind = self.records.get(rung, {}), machine_kind()
             recorded = record.get("weights_sha256")
-            known = [entry for entry in record.get("rebuild_mismatches", []) if entry["machine"] == kind]
+            known = self.known_mismatch(rung, kind)
             if known:
-                other = (known[-1].get("weights_sha256") or "?")[:12]  # None: a rebuild stopped once it had diverged
+                other = (known.get("weights_sha256") or "?")[:12]  # None: a rebuild stopped once it had diverged
                 raise RuntimeError(
                     f"rung {rung}: a rebuild on this machine kind ({describe_machine(kind)}) gave weights "
-                    f"{other}... on {known[-1]['date']}, not the {recorded[:12]}... this "
+                    f"{other}... on {known['date']}, not the {recorded[:12]}... this "
                     f"rung's units ran on ({self.results / 'rungs.json'}); not building it again to the same "
                     "result. Run this rung's units on another machine kind, or start a new ladder (another results "
                     "folder)."
