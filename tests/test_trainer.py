@@ -132,6 +132,27 @@ def test_reward_function_kinds_weights_none_and_logging_hooks(tiny_model_dir, tm
     assert (tmp_path / "completions").is_dir()
 
 
+@pytest.mark.parametrize("aggregation", ["sum_then_normalize", "normalize_then_sum"])
+def test_logged_reward_is_grpos_weighted_raw_sum_under_every_aggregation(tiny_model_dir, tmp_path, aggregation):
+    def one(completions, **kwargs):
+        return [1.0] * len(completions)
+
+    def point_four(completions, **kwargs):
+        return [0.4] * len(completions)
+
+    args = es_config(
+        tmp_path, max_steps=1, logging_steps=1, reward_weights=[0.5, 0.5], multi_objective_aggregation=aggregation
+    )
+    trainer = ESTrainer(
+        tiny_model_dir, reward_funcs=[one, point_four], args=args, train_dataset=arithmetic_dataset("train", size=16)
+    )
+    trainer.train()
+    log = trainer.state.log_history[0]
+    # What GRPOTrainer logs whatever the aggregation: the weighted sum of the raw rewards (0.5 * 1.0 + 0.5 * 0.4).
+    assert log["reward"] == pytest.approx(0.7) and log["reward_std"] == pytest.approx(0.0, abs=1e-6)
+    assert log["loss"] == pytest.approx(-0.7)  # ES's loss is the negative of the logged reward
+
+
 def test_iterable_dataset_with_max_steps(tiny_model_dir, tmp_path):
     rows = arithmetic_dataset("train", size=40)
     stream = IterableDataset.from_generator(lambda: iter(rows))

@@ -350,7 +350,7 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
         if invalid.all():
             # No signal: the optimizer finds no gradient and leaves the weights as they are; the run goes on.
             self.last_strategy_update = (step, None)
-            self._log_step(batch, results, rewards, fitness, invalid, torch.zeros_like(fitness), comm_bytes)
+            reward = self._log_step(batch, results, rewards, fitness, invalid, torch.zeros_like(fitness), comm_bytes)
         else:
             # Before tell: strategies that set the tensors themselves (CMA-ES, GA) move them inside it.
             self._snapshot_weights()
@@ -362,8 +362,9 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
                     self.anchor.add_pull(self.perturbation_space.named_tensors())
                 )
             self.last_strategy_update = (step, update)
-            self._log_step(batch, results, rewards, fitness, invalid, update.shaped, comm_bytes)
-        return torch.tensor(-_nanmean(rewards.reshape(-1)), device=self.accelerator.device)
+            reward = self._log_step(batch, results, rewards, fitness, invalid, update.shaped, comm_bytes)
+        # The loss Trainer logs: minus the logged reward (the members' mean weighted reward, as GRPO logs it).
+        return torch.tensor(-reward, device=self.accelerator.device)
 
     def _log_selection(self, step: int, update) -> None:
         """GA: whether the parent survived (``es/ga_parent_kept``), and one warning when it has survived
@@ -547,24 +548,31 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
         aggregation = aggregation or self.args.multi_objective_aggregation
         return combine_reward_functions(rewards_per_func, self.reward_weights, aggregation)
 
-    def _log_reward_metrics(self, mode: str, rewards_per_func: torch.Tensor, rewards: torch.Tensor) -> None:
+    def _log_reward_metrics(self, mode: str, rewards_per_func: torch.Tensor) -> float:
+        """Log the reward metrics GRPO logs; returns the logged ``reward``."""
         metrics = self._metrics[mode]
         flat = rewards_per_func.reshape(-1, rewards_per_func.shape[-1])
         for index, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"].append(_nanmean(flat[:, index]))
             metrics[f"rewards/{name}/std"].append(_nanstd(flat[:, index]))
-        metrics["reward"].append(_nanmean(rewards.reshape(-1)))
-        metrics["reward_std"].append(_nanstd(rewards.reshape(-1)))
+        # GRPO logs the weighted sum of the raw rewards under either multi_objective_aggregation (what
+        # normalize_then_sum normalises is its advantage, not the logged reward, which would be ~0 by construction).
+        rewards = self._combine_reward_funcs(flat, "sum_then_normalize").reshape(-1)
+        reward = _nanmean(rewards)
+        metrics["reward"].append(reward)
+        metrics["reward_std"].append(_nanstd(rewards))
         # What reward functions sent through `log_metric`, averaged over processes as GRPO does.
         device = self.accelerator.device
         for name, values in sorted(trl_compat.take_logged_metrics(self).items()):
             local = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=device)
             total, count = self.accelerator.gather(local).view(-1, 2).sum(dim=0).tolist()
             metrics[name].append(total / max(count, 1))
+        return reward
 
-    def _log_step(self, batch, results, rewards, fitness, invalid, shaped, comm_bytes: int) -> None:
+    def _log_step(self, batch, results, rewards, fitness, invalid, shaped, comm_bytes: int) -> float:
+        """Log the step's metrics; returns the logged ``reward``."""
         metrics = self._metrics["train"]
-        self._log_reward_metrics("train", results.rewards_per_func, rewards)
+        reward = self._log_reward_metrics("train", results.rewards_per_func)
         valid_fitness = fitness[~invalid]
         metrics["es/fitness_std"].append(_nanstd(valid_fitness))
         metrics["es/best_member_reward"].append(float(valid_fitness.max()) if valid_fitness.numel() else math.nan)
@@ -586,6 +594,7 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
         metrics["es/frac_prompts_no_signal"].append(float((highest == lowest).float().mean()))
         if self.log_completions:
             self._log_best_member(batch, results, fitness, shaped)
+        return reward
 
     def _log_best_member(self, batch: StepPrompts, results: MemberResults, fitness, shaped) -> None:
         """Feed GRPO's completion log with the best member's rows (of those this process saw); advantage = its
@@ -623,12 +632,10 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
         self.router_balance.log_eval(prompt_ids, completion_ids, self.accelerator, self._metrics["eval"])
         self.reference_kl.log_eval(prompt_ids, completion_ids, tool_mask, self.accelerator, self._metrics["eval"])
         rewards_per_func = trl_compat.calculate_rewards(self, rows, prompts, completions, completion_ids).cpu()
-        # One model, no population to normalise across: the weighted sum is what is reported.
-        rewards = self._combine_reward_funcs(rewards_per_func, "sum_then_normalize")
-        self._log_reward_metrics("eval", rewards_per_func, rewards)
+        reward = self._log_reward_metrics("eval", rewards_per_func)
         trl_compat.take_extra_logs(self)
         # Trainer wants a loss: ES's is the negative mean reward of the unperturbed model.
-        loss = torch.tensor(-_nanmean(rewards), device=self.accelerator.device)
+        loss = torch.tensor(-reward, device=self.accelerator.device)
         return loss, None, None
 
 
