@@ -58,8 +58,10 @@ def test_grpo_config_with_beta_is_honoured_logged_and_builds_no_grpo_reference(t
         )
     assert not [w for w in record if "ignores these GRPOConfig fields" in str(w.message)]
     assert trainer.args.beta == 0.1 and trainer.reference_kl.enabled
-    # GRPO loaded no second model and registered no sync callback of its own
-    assert trainer.ref_model is None
+    # GRPO loaded no second model and registered no sync callback of its own; ref_model shows ES's reference
+    assert {p.data_ptr() for p in trainer.ref_model.parameters()} == {
+        t.data_ptr() for t in trainer.reference_kl.reference.tensors
+    }
     assert not any(isinstance(c, SyncRefModelCallback) for c in trainer.callback_handler.callbacks)
     assert isinstance(trainer.reference_kl.reference, FrozenCopy)
     trainer.train()
@@ -159,6 +161,50 @@ def test_sync_ref_model_mixes_the_reference_on_schedule(tiny_model_dir, tmp_path
     assert not all(torch.equal(r, i) for r, i in zip(expected, initial))
 
 
+def test_ref_model_is_the_reference_a_grpo_script_reads(tiny_model_dir, tmp_path):
+    # TRL's own test_training_with_sync_ref_model against ESTrainer: ref_model exists with beta > 0, syncing moves it
+    trainer = kl_trainer(tiny_model_dir, tmp_path, max_steps=2, sync_ref_model=True, ref_model_sync_steps=2)
+    ref_model = trainer.ref_model
+    assert ref_model is not None and trainer.ref_model is ref_model
+    assert not ref_model.training and not any(p.requires_grad for p in ref_model.parameters())
+    previous_params = snapshot(trainer.model)
+    previous_ref_params = {n: p.clone() for n, p in ref_model.named_parameters()}
+    assert previous_ref_params.keys() == previous_params.keys()
+    # No second model in memory: the evolved tensors are the reference's own copy, kept by trainer.reference_kl.
+    reference = trainer.reference_kl.reference.tensors
+    assert {p.data_ptr() for p in ref_model.parameters()} == {t.data_ptr() for t in reference}
+    trainer.train()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad(), trainer.reference_kl.reference.active():
+        expected = trainer.model(ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(ref_model(ids).logits, expected, rtol=0, atol=0)
+        assert not torch.equal(trainer.model(ids).logits, expected)
+    for name, before in previous_params.items():
+        assert not torch.equal(trainer.model.get_parameter(name), before), f"{name} has not changed"
+        assert not torch.equal(ref_model.get_parameter(name), previous_ref_params[name]), f"ref {name} not synced"
+
+
+def test_ref_model_is_none_without_beta_or_with_peft_as_in_grpo(tiny_model_dir, tmp_path, caplog):
+    assert kl_trainer(tiny_model_dir, tmp_path / "no_beta", beta=0.0).ref_model is None
+    assert kl_trainer(tiny_model_dir, tmp_path / "peft", peft_config=lora()).ref_model is None  # the adapter disabled
+    # svd: the reference is a copy of singular values, no model of its own; said once, not silently
+    svd = kl_trainer(tiny_model_dir, tmp_path / "svd", perturbation="svd")
+    with caplog.at_level("WARNING", logger="trl_es.reference"):
+        assert svd.ref_model is None and svd.ref_model is None
+    assert caplog.text.count("trainer.ref_model is None: the SVDSpace space") == 1
+
+
+def test_sync_ref_model_without_beta_warns_that_there_is_nothing_to_sync_and_runs(tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match=r"sync_ref_model=True with beta=0.0: .*nothing to synchronize"):
+        trainer = kl_trainer(tiny_model_dir, tmp_path, beta=0.0, sync_ref_model=True, max_steps=1)
+    before = snapshot(trainer.model)
+    trainer.train()
+    assert trainer.state.global_step == 1 and trainer.ref_model is None
+    assert not any("kl" in entry for entry in trainer.state.log_history)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+
+
 def test_resume_with_a_synced_reference_is_bit_exact(tiny_model_dir, tmp_path):
     def run(path, **overrides):
         values = dict(max_steps=4, sync_ref_model=True, ref_model_sync_steps=1, optim="adamw_torch") | overrides
@@ -207,7 +253,6 @@ def test_disabled_adapter_reference_is_the_base_model(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (dict(sync_ref_model=True), r"sync_ref_model=True with beta=0.0: .*nothing to synchronize"),
         (dict(beta=-0.1), r"beta must be >= 0"),
         (dict(beta=0.1, ref_model_sync_steps=0), r"ref_model_sync_steps must be an integer >= 1, got 0"),
         (dict(beta=0.1, ref_model_mixup_alpha=1.5), r"ref_model_mixup_alpha must be in \[0, 1\]"),

@@ -57,7 +57,10 @@ def test_grpo_reads_the_reference_fields_we_hide_only_while_it_is_built(tiny_mod
     trainer = ESTrainer(
         tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=arithmetic_dataset("train", size=8)
     )
-    assert trainer.ref_model is None and trainer.beta == 0.0  # GRPO's own, unused by ES
+    assert trainer.beta == 0.0  # GRPO's own, unused by ES
+    # ref_model shows ES's reference (trl_es.reference), whose tensors are the frozen copy's: no second model loaded
+    reference = {t.data_ptr() for t in trainer.reference_kl.reference.tensors}
+    assert {p.data_ptr() for p in trainer.ref_model.parameters()} == reference
     assert (args.beta, args.sync_ref_model) == (0.3, True)  # given back for ES
 
 

@@ -556,9 +556,13 @@ class ESConfig(GRPOConfig):
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0 (the weight of the KL penalty on the fitness), got {self.beta}.")
         if self.sync_ref_model and self.beta == 0:
-            raise ValueError(
+            # A warning, not an error: a GRPOConfig takes this combination, and the run is well defined (no reference).
+            warnings.warn(
                 "sync_ref_model=True with beta=0.0: the reference is used only for the KL penalty, which beta=0 turns "
-                "off, so there is nothing to synchronize. Set beta > 0 or sync_ref_model=False."
+                "off, so there is nothing to synchronize; training runs without a reference. Set beta > 0 for a "
+                "synced KL penalty, or sync_ref_model=False to silence this.",
+                UserWarning,
+                stacklevel=4,
             )
         if (
             not isinstance(self.ref_model_sync_steps, numbers.Integral)

@@ -33,6 +33,10 @@ The reference, chosen by :func:`build_reference`:
 * PEFT with an adapter the model arrived with (a warm start), or with ``sync_ref_model``: a frozen copy of the
   initial adapter weights (GRPO's "ref" adapter copy; GRPO refuses ``sync_ref_model`` with PEFT, ES can move a copy).
 
+``trainer.ref_model`` (what GRPO scripts and callbacks read): without PEFT, :func:`shared_reference_model`, a model of
+its own whose evolved tensors *are* the frozen copy's and whose other tensors are the policy's, so it costs no tensor
+memory and moves with every sync; ``None`` with PEFT or ``beta == 0``, as in GRPO.
+
 ``sync_ref_model`` (TR-DPO, Gorbatovski et al. 2024): after every ``ref_model_sync_steps``-th optimizer step (GRPO's
 ``SyncRefModelCallback`` schedule) the reference becomes ``alpha * policy + (1 - alpha) * reference`` with ``alpha =
 ref_model_mixup_alpha``, tensor by tensor over the evolved tensors (the others are the same in both). A moved
@@ -43,9 +47,11 @@ reference forward is one of them), in chunks of rows whose logits fit ``LOGITS_B
 """
 
 import contextlib
+import copy
 import logging
 
 import torch
+from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 
 from .core import MemberMeans, k3_kl_per_completion, penalize_kl
@@ -128,10 +134,29 @@ class DisabledAdapter:
             raise ValueError(f"the reference is the base model (adapter disabled), but the checkpoint holds {state}")
 
 
+def shared_reference_model(model, reference: FrozenCopy):
+    """The reference policy as a model of its own (``trainer.ref_model``), sharing every tensor: its evolved parameters
+    are the frozen copy's tensors, so a sync or a resumed checkpoint moves it too, and every other parameter or buffer
+    is the policy's own. Only the module structure is copied. ``None`` when the evolved tensors are not parameters of
+    the model (the ``svd`` space evolves singular values, from which the weights are rebuilt): sharing cannot express
+    that reference, and a materialised copy would go stale at the next sync."""
+    space = reference.space
+    if not space.tensors_are_model_parameters:
+        return None
+    # deepcopy takes an object found in the memo as its own copy: the copied modules point at these tensors.
+    memo = {id(tensor): tensor for tensor in (*model.parameters(), *model.buffers())}
+    for (_, tensor), frozen in zip(space.named_tensors(), reference.tensors, strict=True):
+        memo[id(tensor)] = torch.nn.Parameter(frozen, requires_grad=False)  # the frozen copy's storage, not a copy
+    ref_model = copy.deepcopy(model, memo)
+    # GRPO (its fused LM head) and accelerate (autocast) replace the policy's forward by closures that call the
+    # policy's own bound forward: copied, they would run the policy. The reference runs its class's forward.
+    for name in ("forward", "_original_forward"):
+        ref_model.__dict__.pop(name, None)
+    return ref_model.eval()
+
+
 def build_reference(model, space, sync: bool, arrived_with_adapter: bool):
     """The reference for ``model`` evolved in ``space`` (see the module docstring for the rules)."""
-    from accelerate.utils import is_peft_model
-
     if is_peft_model(model) and not sync and not arrived_with_adapter:
         return DisabledAdapter(model)
     return FrozenCopy(space)
@@ -224,6 +249,25 @@ class ReferenceKL(TrainerCallback):
         self.temperature = temperature
         self._blocks = []  # (members, prompt_ids, completion_ids, member logps, mask) of the step so far
         self._measured = MemberMeans(population_size)
+        self._reference_model = None
+
+    def reference_model(self):
+        """GRPO's ``ref_model`` for this reference: a model sharing the frozen copy's tensors (built on first use),
+        or ``None`` where GRPO has none either (``beta == 0``; PEFT, where the reference is the adapter disabled or
+        a copy of the adapter's own weights) or the reference is no set of model parameters (``svd``)."""
+        if not self.enabled or isinstance(self.reference, DisabledAdapter) or is_peft_model(self.model):
+            return None
+        if self._reference_model is None:
+            self._reference_model = shared_reference_model(self.model, self.reference)
+            if self._reference_model is None:
+                self._reference_model = False  # warned once
+                logger.warning(
+                    "trainer.ref_model is None: the %s space evolves tensors that are not model parameters, so the "
+                    "reference (a copy of them) is no model of its own. The KL penalty uses it as usual; "
+                    "`with trainer.reference_kl.reference.active():` makes trainer.model act as the reference.",
+                    type(self.reference.space).__name__,
+                )
+        return self._reference_model or None
 
     @classmethod
     def from_trainer(cls, trainer, arrived_with_adapter: bool) -> "ReferenceKL":

@@ -227,6 +227,23 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
         self.seed_log = SeedLogCallback(self)
         self.add_callback(self.seed_log)
 
+    @property
+    def ref_model(self):
+        """What GRPO scripts and callbacks read as the reference model: with ``beta > 0`` a model that shares the
+        tensors of ES's reference (``trl_es.reference.shared_reference_model``: no second copy in memory), ``None``
+        with ``beta == 0`` or PEFT, as in GRPO."""
+        reference_kl = self.__dict__.get("reference_kl")  # GRPO's __init__ touches ref_model before it exists
+        return None if reference_kl is None else reference_kl.reference_model()
+
+    @ref_model.setter
+    def ref_model(self, value) -> None:
+        # GRPO's __init__ stores None (ES hides beta from it); a model put here would never be used, so say so.
+        if value is not None:
+            raise AttributeError(
+                "ESTrainer.ref_model cannot be replaced: ES keeps its reference in trainer.reference_kl (a copy of "
+                "the initial evolved tensors, or the base model under PEFT) and ref_model only shows it."
+            )
+
     # ------------------------------------------------------------------ setup
 
     @staticmethod
