@@ -193,6 +193,9 @@ def test_ref_model_is_none_without_beta_or_with_peft_as_in_grpo(tiny_model_dir, 
     with caplog.at_level("WARNING", logger="trl_es.reference"):
         assert svd.ref_model is None and svd.ref_model is None
     assert caplog.text.count("trainer.ref_model is None: the SVDSpace space") == 1
+    # A model assigned to ref_model would never be used (ES's reference is trainer.reference_kl): refused by name.
+    with pytest.raises(AttributeError, match="ESTrainer.ref_model cannot be replaced"):
+        svd.ref_model = torch.nn.Linear(1, 1)
 
 
 def test_sync_ref_model_without_beta_warns_that_there_is_nothing_to_sync_and_runs(tiny_model_dir, tmp_path):
