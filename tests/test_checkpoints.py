@@ -93,6 +93,19 @@ def test_damaged_checkpoint_is_partial_and_says_why(tmp_path, damage, message):
     assert any(message in problem for problem in problems), problems
 
 
+@pytest.mark.parametrize("weights", ["model.safetensors", "adapter_model.safetensors", "pytorch_model.bin"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_weights_holding_nan_or_inf_are_named_with_their_file(tmp_path, weights, bad):
+    folder = fake_checkpoint(tmp_path, 1, weights=weights)
+    path = os.path.join(folder, weights)
+    size = os.path.getsize(path)
+    tensors = {"weight": torch.ones(3, 2), "bias": torch.zeros(3)}
+    tensors["bias"][1] = bad
+    save_file(tensors, path) if weights.endswith(".safetensors") else torch.save(tensors, path)
+    assert os.path.getsize(path) == size  # what the completeness check alone cannot tell from a good file
+    assert checkpoint_problems(folder) == [f"{weights} holds NaN or infinite values (in ['bias'])"]
+
+
 def test_sharded_weights_need_every_shard(tmp_path):
     folder = fake_checkpoint(tmp_path, 1)
     os.rename(os.path.join(folder, "model.safetensors"), os.path.join(folder, "model-00001-of-00002.safetensors"))
@@ -283,6 +296,46 @@ def test_real_trainer_checkpoints(tiny_model_dir, tmp_path):
 
     truncate(os.path.join(second, "model.safetensors"))  # killed while writing the weights
     assert last_complete_checkpoint(str(tmp_path)) == first
+
+
+def test_resume_from_weights_holding_nan_names_the_file_or_falls_back_to_the_previous_checkpoint(
+    tiny_model_dir, tmp_path, caplog
+):
+    from conftest import assert_same_weights, es_config, length_reward, snapshot
+    from safetensors.torch import load_file
+
+    from trl_es import ESTrainer
+    from trl_es.tasks import arithmetic_dataset
+
+    def trainer(path, **overrides):
+        values = dict(max_steps=2, save_strategy="steps", save_steps=1, temperature=0.0)
+        args = es_config(path, **{**values, **overrides})
+        return ESTrainer(
+            tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=arithmetic_dataset("train", size=32)
+        )
+
+    full = trainer(tmp_path)
+    full.train()
+    # checkpoint-2's weights turn to NaN on disk; the file keeps its size, so it still looks complete
+    path = str(tmp_path / "checkpoint-2" / "model.safetensors")
+    tensors = load_file(path)
+    name = sorted(tensors)[0]
+    tensors[name][0] = float("nan")
+    save_file(tensors, path, metadata={"format": "pt"})
+
+    resumed = trainer(tmp_path)
+    before = snapshot(resumed.model)
+    with pytest.raises(ValueError, match=rf"Cannot resume from .*checkpoint-2: model.safetensors holds NaN .*{name}"):
+        resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert_same_weights(resumed.model, before)
+
+    # Automatic resume: checkpoint-2 is skipped, by name, and step 2 is trained again from checkpoint-1.
+    with caplog.at_level(logging.WARNING, logger="trl_es.checkpoints"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "checkpoint-2: model.safetensors holds NaN or infinite values" in caplog.text
+    assert resumed.state.global_step == 2
+    for (parameter, a), b in zip(full.model.named_parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b), f"{parameter} differs from the uninterrupted run"
 
 
 def test_trainer_resumes_past_a_partial_checkpoint_and_names_a_changed_optimizer(tiny_model_dir, tmp_path):

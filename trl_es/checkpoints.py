@@ -16,8 +16,9 @@ Three things go wrong silently (or with a bare ``KeyError``) when resuming with 
 
 A folder is complete when ``trainer_state.json`` (the Trainer writes it last) parses, the model weights are there in
 one of the forms the Trainer saves (each safetensors file as long as its header says, each shard of an index
-present), every torch pickle in it (optimizer, scheduler, RNG state) is an intact zip archive, and
-``es_settings.json``, when present, parses. ``es_settings.json`` is written after the Trainer's own files, so a
+present) and hold no NaN or infinity (a file of the right size may: DeepSpeed's own weight folders are not read),
+every torch pickle in it (optimizer, scheduler, RNG state) is an intact zip archive, and ``es_settings.json``, when
+present, parses. ``es_settings.json`` is written after the Trainer's own files, so a
 folder without it is either older than this module or was interrupted after its Trainer state: both resume with a
 warning.
 """
@@ -108,6 +109,40 @@ def _torch_file_problem(path: str) -> str | None:
     return None
 
 
+def _nonfinite_problem(path: str) -> str | None:
+    """Which tensors of a weights file hold NaN or infinity: a file of the right size can still hold them (a run that
+    diverged before it saved, a bit flip), and resuming from it fails later under a misleading name. Reads one tensor
+    at a time (memory-mapped); a file that cannot be read is left to the checks and the load that report it."""
+    bad = []
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as file:
+                for key in file.keys():
+                    tensor = file.get_tensor(key)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        bad.append(key)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            bad = [
+                key
+                for key, tensor in state.items()
+                if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all()
+            ]
+    except Exception as error:
+        logger.debug("Weights of %s not checked for NaN: %s", path, error)
+        return None
+    if bad:
+        return f"{os.path.basename(path)} holds NaN or infinite values (in {bad[:5]}{' ...' if len(bad) > 5 else ''})"
+    return None
+
+
+def _weights_file_problem(path: str) -> str | None:
+    problem = _safetensors_problem(path) if path.endswith(".safetensors") else None
+    return problem or _nonfinite_problem(path)
+
+
 def _weights_problems(folder: str) -> list[str]:
     found = False
     problems = []
@@ -115,7 +150,7 @@ def _weights_problems(folder: str) -> list[str]:
         path = os.path.join(folder, name)
         if os.path.isfile(path):
             found = True
-            problem = _safetensors_problem(path) if name.endswith(".safetensors") else None
+            problem = _weights_file_problem(path)
             problems += [problem] if problem else []
     for name in _WEIGHT_INDEXES:
         path = os.path.join(folder, name)
@@ -132,7 +167,7 @@ def _weights_problems(folder: str) -> list[str]:
             shard_path = os.path.join(folder, shard)
             if not os.path.isfile(shard_path):
                 problems.append(f"shard {shard} listed in {name} is missing")
-            elif shard.endswith(".safetensors") and (problem := _safetensors_problem(shard_path)):
+            elif problem := _weights_file_problem(shard_path):
                 problems.append(problem)
     latest = os.path.join(folder, "latest")  # DeepSpeed writes its own weights and optimizer under global_step*/
     if os.path.isfile(latest):
@@ -194,14 +229,14 @@ def _checkpoints_newest_first(output_dir: str) -> list[str]:
 def last_complete_checkpoint(output_dir: str) -> str | None:
     """The newest complete ``checkpoint-N`` folder of ``output_dir`` (None if there is none).
 
-    Newer folders that are incomplete (a run killed mid-save) are skipped with a warning that names each one and what
-    it lacks.
+    Newer folders that are incomplete (a run killed mid-save) or damaged (weights holding NaN) are skipped with a
+    warning that names each one and what is wrong with it.
     """
     for folder in _checkpoints_newest_first(output_dir):
         problems = checkpoint_problems(folder)
         if not problems:
             return folder
-        logger.warning("Skipping incomplete checkpoint %s: %s.", folder, "; ".join(problems))
+        logger.warning("Skipping incomplete or damaged checkpoint %s: %s.", folder, "; ".join(problems))
     return None
 
 
