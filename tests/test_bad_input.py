@@ -247,3 +247,40 @@ def test_ctrl_c_is_held_until_the_update_is_written():
             reached_end = True  # the interrupt did not cut the block short
     assert reached_end
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_ctrl_c_during_the_update_finishes_the_step_so_the_weights_match_global_step(tiny_model_dir, tmp_path):
+    import signal
+
+    from safetensors.torch import load_file
+
+    def run(path, max_steps):
+        return make_trainer(
+            tiny_model_dir, path, length_reward, max_steps=max_steps, lr_scheduler_type="constant", logging_steps=1
+        )
+
+    trainer = run(tmp_path / "interrupted", max_steps=3)
+    space, after_update, pressed = trainer.perturbation_space, trainer.perturbation_space.after_update, []
+
+    def ctrl_c_while_step_2_is_written():
+        after_update()
+        if trainer.state.global_step == 1 and not pressed:  # inside the update of step 2, Ctrl-C held
+            pressed.append(True)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    space.after_update = ctrl_c_while_step_2_is_written
+    with pytest.raises(KeyboardInterrupt):
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            trainer.save_model(str(tmp_path / "saved"))  # what a GRPO script's handler does
+            raise
+    assert pressed
+    # The interrupted step was finished: its update, and its bookkeeping with it; then training stopped.
+    assert trainer.state.global_step == 2 and trainer.lr_scheduler.last_epoch == 2
+    assert [entry["step"] for entry in trainer.state.log_history if "reward" in entry] == [1, 2]
+    uninterrupted = run(tmp_path / "two_steps", max_steps=2)
+    uninterrupted.train()
+    expected = uninterrupted.model.state_dict()
+    for name, tensor in load_file(tmp_path / "saved" / "model.safetensors").items():
+        assert torch.equal(tensor, expected[name]), f"{name}: the saved weights are not those of step 2"

@@ -11,11 +11,14 @@ import torch
 class DeferredInterrupt:
     """Hold a SIGINT (Ctrl-C) that arrives inside the block and raise it as ``KeyboardInterrupt`` on exit.
 
-    Only the main thread can install signal handlers; elsewhere the block runs unguarded.
+    With ``raise_on_exit=False`` nothing is raised: the owner reads ``received`` and decides when to stop. A second
+    Ctrl-C after the block interrupts as usual (the previous handler is back). Only the main thread can install signal
+    handlers; elsewhere the block runs unguarded.
     """
 
-    def __init__(self):
+    def __init__(self, raise_on_exit: bool = True):
         self.received = False
+        self.raise_on_exit = raise_on_exit
         self._previous = None
 
     def __enter__(self):
@@ -31,7 +34,7 @@ class DeferredInterrupt:
         if self._previous is not None:
             signal.signal(signal.SIGINT, self._previous)
             self._previous = None
-        if self.received and exc_type is None:
+        if self.received and exc_type is None and self.raise_on_exit:
             raise KeyboardInterrupt
 
 

@@ -283,7 +283,10 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
         resume_from_checkpoint = prepare_resume(resume_from_checkpoint, self.args, self.perturbation_name)
         self.seed_log.resume_from = resume_from_checkpoint  # a resumed run continues the checkpoint's seed log
         self._last_applied_step = None  # a second train() counts its steps afresh
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        self.interrupted_at_step = None
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        self.raise_held_interrupt()  # a Ctrl-C held during an update: its step is finished, now stop
+        return output
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)

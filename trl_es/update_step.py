@@ -4,16 +4,16 @@ update.
 The Trainer's optimizer steps the evolved tensors; hooks registered on it in ``create_optimizer`` run
 
 * before the step (``_before_update``): refuse a non-finite pseudo-gradient before anything is touched, hold Ctrl-C
-  until every tensor is written, and with the in-place update (``ESConfig.inplace_update``: plain SGD, no clipping,
-  no anchor) apply SGD's update straight from the seeds through ``space.apply_update`` so that no ``p.grad`` is ever
-  held and the optimizer finds nothing to step;
+  until every tensor is written and the step's bookkeeping is done (``_stop_after_this_step``), and with the in-place
+  update (``ESConfig.inplace_update``: plain SGD, no clipping, no anchor) apply SGD's update straight from the seeds
+  through ``space.apply_update`` so that no ``p.grad`` is ever held and the optimizer finds nothing to step;
 * after it (``_after_update``): ``space.after_update()``, put the weights back if the update made one non-finite
   (from the copy ``log_update_norm`` keeps), and log ``grad_norm``, ``es/update_norm`` and
   ``es/update_to_weight_ratio``.
 
 A mixin, so these methods override ``Trainer``'s (``create_optimizer``, ``_get_grad_norm``) while the ES step itself
 stays in ``trainer.py``. It expects the trainer's ``perturbation_space``, ``strategy``, ``perturbation_name``,
-``last_strategy_update``, ``args``, ``state``, ``accelerator`` and ``_metrics``.
+``last_strategy_update``, ``args``, ``state``, ``control``, ``accelerator`` and ``_metrics``.
 """
 
 import logging
@@ -36,7 +36,10 @@ class UpdateStepMixin:
         self._inplace_update = False
         self._inplace_grad_sq: float | None = None  # squared pseudo-gradient norm of the update just applied
         self._last_applied_step: int | None = None
-        self._update_guard = DeferredInterrupt()
+        # Ctrl-C during the optimizer step is held until every tensor is written, then until the step's bookkeeping
+        # is done too (`_stop_after_this_step`).
+        self._update_guard = DeferredInterrupt(raise_on_exit=False)
+        self.interrupted_at_step: int | None = None  # the step in whose update a held Ctrl-C arrived
         self._warned_large_update = False
 
     def create_optimizer(self, model=None):
@@ -166,6 +169,8 @@ class UpdateStepMixin:
             self._check_weights_finite()
         finally:
             self._update_guard.__exit__(None, None, None)
+        if self._update_guard.received:
+            self._stop_after_this_step()
         if self._inplace_grad_sq is not None:
             # What Trainer logs as grad_norm on the p.grad path: the norm of the pseudo-gradient before weight decay.
             grad_sq = space.sum_over_processes(torch.tensor([self._inplace_grad_sq], dtype=torch.float64))
@@ -192,6 +197,32 @@ class UpdateStepMixin:
                 weight_norm,
                 self.args.learning_rate,
             )
+
+    def _stop_after_this_step(self) -> None:
+        """A Ctrl-C held during the update: let the Trainer finish this step, then stop; ``train`` raises it then.
+
+        Raising here, between the optimizer step and the Trainer's bookkeeping, would leave the weights one step ahead
+        of ``global_step``, the LR scheduler and the callbacks (a ``save_model`` in an ``except KeyboardInterrupt``
+        would label step N+1's weights as step N). The alternative, rolling the update back, would need a copy of the
+        weights (kept only with ``log_update_norm``) and of the optimizer's state (momentum, Adam's moments), which
+        nothing keeps. Finishing the step costs nothing: the scheduler step, ``on_step_end`` callbacks (the reference
+        sync, the seed log), logging and a due checkpoint run as for any step, and training stops as a callback would
+        stop it (``should_training_stop``). A second Ctrl-C meanwhile interrupts at once.
+        """
+        self.interrupted_at_step = self.state.global_step + 1  # the Trainer counts this step right after
+        self.control.should_training_stop = True
+        logger.warning(
+            "Ctrl-C arrived while ES step %d's update was being written: that step is finished (global step, LR "
+            "scheduler, callbacks, logging), then training stops with KeyboardInterrupt. Press Ctrl-C again to stop "
+            "at once.",
+            self.interrupted_at_step,
+        )
+
+    def raise_held_interrupt(self) -> None:
+        """Raise the Ctrl-C held by ``_stop_after_this_step``, once the step it arrived in is finished."""
+        step, self.interrupted_at_step = self.interrupted_at_step, None
+        if step is not None:
+            raise KeyboardInterrupt(f"Ctrl-C during ES step {step}; training stopped after that step")
 
     def _check_weights_finite(self) -> None:
         space = self.perturbation_space

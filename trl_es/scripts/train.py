@@ -176,11 +176,13 @@ def save_interrupted(trainer) -> str:
     """After Ctrl-C: keep what the completed steps learned.
 
     The weights are those after the last completed ES step: a member's perturbation is undone on the way out of its
-    block, and Ctrl-C is held while the optimizer writes (``guards.DeferredInterrupt``). Saves a resumable checkpoint
-    (``checkpoint-<step>``: weights, optimizer, scheduler, RNG, trainer state) and the model in ``output_dir``.
+    block, and a Ctrl-C during the optimizer step is held until that step, bookkeeping included, is finished
+    (``UpdateStepMixin._stop_after_this_step``), so the weights always match ``global_step``. Saves a resumable
+    checkpoint (``checkpoint-<step>``: weights, optimizer, scheduler, RNG, trainer state) and the model in
+    ``output_dir``.
     """
     step = trainer.state.global_step
-    trainer.accelerator.print(f"\ninterrupted during ES step {step + 1}: saving the weights after step {step} ...")
+    trainer.accelerator.print(f"\ninterrupted: saving the weights after ES step {step} ...")
     trainer.model.zero_grad(set_to_none=True)  # a half-written pseudo-gradient must not reach the checkpoint
     trainer._save_checkpoint(trainer.model, trial=None)
     trainer.save_model(trainer.args.output_dir)
