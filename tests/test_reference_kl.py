@@ -208,6 +208,32 @@ def test_sync_ref_model_without_beta_warns_that_there_is_nothing_to_sync_and_run
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
 
 
+def test_ctrl_c_while_the_reference_is_swapped_in_leaves_the_policy_in_place(tiny_model_dir, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from conftest import assert_same_weights
+
+    trainer = kl_trainer(tiny_model_dir, tmp_path)
+    reference, space = trainer.reference_kl.reference, trainer.perturbation_space
+    for tensor in reference.tensors:
+        tensor.add_(1.0)  # a reference that differs from the policy
+    before = snapshot(trainer.model)
+    local_tensors, calls = space.local_tensors, []
+
+    def ctrl_c_during_the_first_swap():
+        calls.append(True)
+        if len(calls) == 1:
+            os.kill(os.getpid(), signal.SIGINT)  # held until the swap is whole
+        return local_tensors()
+
+    monkeypatch.setattr(space, "local_tensors", ctrl_c_during_the_first_swap)
+    with pytest.raises(KeyboardInterrupt):
+        with reference.active():
+            pytest.fail("the interrupt is raised as soon as the swap is whole")
+    assert_same_weights(trainer.model, before)  # swapped back, not left acting as the reference
+
+
 def test_resume_with_a_synced_reference_is_bit_exact(tiny_model_dir, tmp_path):
     def run(path, **overrides):
         values = dict(max_steps=4, sync_ref_model=True, ref_model_sync_steps=1, optim="adamw_torch") | overrides

@@ -72,6 +72,7 @@ class FrozenCopy:
 
     def __init__(self, space):
         self.space = space
+        self._swapped_in = False
         with torch.no_grad():
             self.tensors = [tensor.detach().clone() for tensor in space.local_tensors()]
 
@@ -79,17 +80,20 @@ class FrozenCopy:
         with DeferredInterrupt(), torch.no_grad():  # a half-swapped model would be neither policy nor reference
             for tensor, reference in zip(self.space.local_tensors(), self.tensors, strict=True):
                 tensor.data, reference.data = reference.data, tensor.data
+            # Inside the guard: a Ctrl-C held during the swap is raised after this, so `active` knows to swap back.
+            self._swapped_in = not self._swapped_in
 
     @contextlib.contextmanager
     def active(self):
-        """The model acts as the reference inside (the evolved tensors are exactly back on exit)."""
-        self._swap()
+        """The model acts as the reference inside (the evolved tensors are exactly back on exit, Ctrl-C included)."""
         try:
+            self._swap()
             self.space.after_update()  # spaces whose tensors are not the weights (svd) rebuild them
             yield
         finally:
-            self._swap()
-            self.space.after_update()
+            if self._swapped_in:
+                self._swap()
+                self.space.after_update()
 
     @torch.no_grad()
     def sync(self, alpha: float) -> None:
