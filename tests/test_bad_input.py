@@ -215,6 +215,30 @@ def test_update_that_makes_weights_nonfinite_is_undone_and_named(tiny_model_dir,
     assert_same_weights(trainer.model, before)
 
 
+@pytest.mark.parametrize("inplace_update", [None, False])
+def test_huge_finite_learning_rate_is_stopped_at_the_update_with_the_weights_put_back(
+    tiny_model_dir, tmp_path, inplace_update
+):
+    # Finite weights of ~1e31 after the update: sampled decoding would then die one step later inside torch
+    # ("probability tensor contains either inf, nan or element < 0") with the weights left there.
+    trainer = make_trainer(
+        tiny_model_dir, tmp_path, length_reward, learning_rate=1e30, max_steps=2, inplace_update=inplace_update
+    )
+    before = snapshot(trainer.model)
+    with pytest.raises(FloatingPointError, match=r"ES step 0: the update .*learning_rate=1e\+30.*put back"):
+        trainer.train()
+    assert_same_weights(trainer.model, before)
+
+
+def test_member_generation_that_overflows_is_named_and_the_perturbation_undone(tiny_model_dir, tmp_path):
+    # A perturbation too large for the weights: torch's sampler raises a bare RuntimeError inside generate.
+    trainer = make_trainer(tiny_model_dir, tmp_path, length_reward, sigma=1e25, max_steps=1)
+    before = snapshot(trainer.model)
+    with pytest.raises(FloatingPointError, match=r"ES step 0: member\(s\) \[0\] .*inf/NaN.*sigma=1e\+25"):
+        trainer.train()
+    assert_same_weights(trainer.model, before)
+
+
 def test_inplace_pseudo_gradient_that_overflows_midway_is_undone(tiny_model_dir, tmp_path, monkeypatch):
     # Finite coefficients whose weighted sum of noise overflows float32: found per tensor while applying, after the
     # tensors before it were updated; the copy kept for the update norm puts those back.

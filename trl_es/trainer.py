@@ -469,6 +469,7 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
             reset_seeds = [derive_seed(self.args.seed, "reset", step, i) for i in rows]
             block_prompts = trl_compat.prepare_rollouts(self, block_rows, reset_seeds)
             with (
+                self._sampling_overflow(step, members),  # first in, last out: names a failure once restored
                 self.strategy.perturbed(step, members),
                 self._seeded_sampling(space.noise.sampling_seed(step, members[0])),
             ):

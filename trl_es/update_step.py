@@ -7,8 +7,8 @@ The Trainer's optimizer steps the evolved tensors; hooks registered on it in ``c
   until every tensor is written and the step's bookkeeping is done (``_stop_after_this_step``), and with the in-place
   update (``ESConfig.inplace_update``: plain SGD, no clipping, no anchor) apply SGD's update straight from the seeds
   through ``space.apply_update`` so that no ``p.grad`` is ever held and the optimizer finds nothing to step;
-* after it (``_after_update``): ``space.after_update()``, put the weights back if the update made one non-finite
-  (from the copy ``log_update_norm`` keeps), and log ``grad_norm``, ``es/update_norm`` and
+* after it (``_after_update``): ``space.after_update()``, put the weights back if the update made one non-finite or
+  beyond the overflow bound (from the copy ``log_update_norm`` keeps), and log ``grad_norm``, ``es/update_norm`` and
   ``es/update_to_weight_ratio``.
 
 A mixin, so these methods override ``Trainer``'s (``create_optimizer``, ``_get_grad_norm``) while the ES step itself
@@ -21,7 +21,7 @@ import logging
 import torch
 
 from .core import plain_sgd_problem, sgd_hyperparameters
-from .guards import DeferredInterrupt, nonfinite
+from .guards import DeferredInterrupt, beyond_overflow_bound, nonfinite, overflow_bound, sampling_overflow_named
 
 
 logger = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ class UpdateStepMixin:
 
     def _init_update_step(self) -> None:
         self._weights_before_update = None
+        # Indices of evolved tensors already beyond the overflow bound before this step's update (None: not measured)
+        self._beyond_bound_before: set[int] | None = None
         # Resolved in create_optimizer, once the optimizer exists (ESConfig.inplace_update).
         self._inplace_update = False
         self._inplace_grad_sq: float | None = None  # squared pseudo-gradient norm of the update just applied
@@ -158,15 +160,20 @@ class UpdateStepMixin:
 
     def _snapshot_weights(self) -> None:
         """Keep the weights before this step's update: the update norm is measured against them, and a non-finite
-        update is undone with them."""
+        or overflowing update is undone with them."""
+        space = self.perturbation_space
         if self.args.log_update_norm:
-            self._weights_before_update = [t.detach().clone() for t in self.perturbation_space.local_tensors()]
+            self._weights_before_update = [t.detach().clone() for t in space.local_tensors()]
+        # A model that arrived with such values is not the update's doing: only tensors it pushes past are refused.
+        names = [name for name, _ in space.named_tensors()]
+        before = set(beyond_overflow_bound(zip(names, space.local_tensors(), strict=True)))
+        self._beyond_bound_before = {index for index, name in enumerate(names) if name in before}
 
     def _after_update(self) -> None:
         space = self.perturbation_space
         try:
             space.after_update()
-            self._check_weights_finite()
+            self._check_weights_usable()
         finally:
             self._update_guard.__exit__(None, None, None)
         if self._update_guard.received:
@@ -224,15 +231,48 @@ class UpdateStepMixin:
         if step is not None:
             raise KeyboardInterrupt(f"Ctrl-C during ES step {step}; training stopped after that step")
 
-    def _check_weights_finite(self) -> None:
+    def _check_weights_usable(self) -> None:
+        """Refuse an update that made a weight NaN or infinite, or finite but beyond the overflow bound (a huge
+        learning rate: the next forward would overflow), putting the weights back."""
         space = self.perturbation_space
-        bad = nonfinite(zip((name for name, _ in space.named_tensors()), space.local_tensors(), strict=True))
-        if not bad:
-            return
-        raise FloatingPointError(
-            f"ES step {self.state.global_step}: the update made {bad[:5]} NaN or infinite (learning_rate="
-            f"{self.args.learning_rate}, optim={self.args.optim!r}). " + self._put_back_weights_before_update()
-        )
+        named = list(zip((name for name, _ in space.named_tensors()), space.local_tensors(), strict=True))
+        settings = f"learning_rate={self.args.learning_rate}, optim={self.args.optim!r}"
+        before, self._beyond_bound_before = self._beyond_bound_before, None
+        bad = nonfinite(named)
+        if bad:
+            raise FloatingPointError(
+                f"ES step {self.state.global_step}: the update made {bad[:5]} NaN or infinite ({settings}). "
+                + self._put_back_weights_before_update()
+            )
+        if before is None:
+            return  # no update was measured this step (no signal)
+        huge = beyond_overflow_bound(named[index] for index in range(len(named)) if index not in before)
+        if huge:
+            largest = max(float(tensor.detach().abs().amax()) for name, tensor in named if name in huge)
+            dtype = dict(named)[huge[0]].dtype
+            raise FloatingPointError(
+                f"ES step {self.state.global_step}: the update pushed {huge[:5]} to magnitudes up to {largest:.3g}, "
+                f"beyond {overflow_bound(dtype):.3g}, where the next forward overflows {dtype} ({settings}): the "
+                "learning rate is far too large. " + self._put_back_weights_before_update()
+            )
+
+    def _sampling_overflow(self, step: int, members):
+        """Around a member group's generation, outside its perturbation: a sampler that meets inf/NaN probabilities
+        becomes a ``FloatingPointError`` naming the step, the members and the likely cause, once their perturbation
+        is undone."""
+
+        def describe() -> str:
+            space = self.perturbation_space
+            largest = max((float(t.detach().abs().amax()) for t in space.local_tensors() if t.numel()), default=0.0)
+            return (
+                f"ES step {step}: member(s) {list(members)} met inf/NaN token probabilities while sampling (the "
+                f"forward overflowed). Their perturbation is undone: the weights are the step's unperturbed ones "
+                f"(largest |weight| {largest:.3g}). Either sigma={space.sigma} is too large for these weights, or an "
+                f"earlier update made them too large (learning_rate={self.args.learning_rate}; see "
+                "es/update_to_weight_ratio)"
+            )
+
+        return sampling_overflow_named(describe)
 
     def _put_back_weights_before_update(self) -> str:
         """Undo a failed update from the copy ``log_update_norm`` keeps; says what became of the weights."""
