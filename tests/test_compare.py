@@ -51,6 +51,54 @@ def test_overrides_target_sections_and_bad_sections_are_named():
         parse_overrides(["--sigma"])
 
 
+@pytest.mark.parametrize(
+    "compare_section, message",
+    [
+        ({"budget_rollouts": "lots"}, r"compare.budget_rollouts: expected an integer, got str 'lots'"),
+        ({"budget_rollouts": 64, "budget_seconds": "soon"}, r"compare.budget_seconds: expected a number"),
+        ({"budget_rollouts": 64, "eval_points": 2.5}, r"compare.eval_points: expected an integer, got float 2.5"),
+        ({"budget_rollouts": 64, "arms": "es"}, r"compare.arms: expected a list"),
+        ({"budget_rollouts": 64, "grid": [1e-3]}, r"compare.grid: expected a mapping"),
+    ],
+)
+def test_compare_settings_of_the_wrong_type_are_named(compare_section, message):
+    with pytest.raises(ValueError, match=message):
+        make_plan({**load_recipe(QUICKSTART), "compare": compare_section})
+
+
+def test_arm_settings_of_the_wrong_type_are_named_before_the_budget_is_split():
+    recipe = load_recipe(QUICKSTART)
+    with pytest.raises(ValueError, match=r"es arm: population_size: expected an integer, got str 'many'"):
+        make_plan({**recipe, "population_size": "many"})
+    with pytest.raises(ValueError, match=r"big arm: per_device_train_batch_size: expected an integer"):
+        make_plan({**recipe, "variants": {"big": {"per_device_train_batch_size": "32"}}})
+    with pytest.raises(ValueError, match=r"grpo arm: num_iterations: expected an integer"):
+        make_plan({**recipe, "grpo": {**recipe["grpo"], "num_iterations": None}})
+
+
+@pytest.mark.parametrize(
+    "grpo_extra, extra, message",
+    [
+        ({"num_generations": 3}, {}, r"grpo arm: .*must be divisible by num_generations \(3\)"),
+        ({}, dict(fitness_shaping="rank"), r"es arm: fitness_shaping='rank' is unknown"),
+        ({"not_a_field": 1}, {}, r"grpo arm: .*not_a_field"),
+        (
+            {},
+            dict(compare={"budget_rollouts": 64, "grid": {"es": {"population_size": [4, 5]}}, "validation_size": 8}),
+            r"es arm at grid point population_size=5: population_size=5 is odd",
+        ),
+    ],
+)
+def test_every_arm_and_grid_point_is_checked_before_any_arm_runs(tiny_model_dir, tmp_path, grpo_extra, extra, message):
+    from trl_es.compare.run import compare
+
+    recipe = tiny_compare_recipe(tmp_path, tiny_model_dir, grpo_extra, **extra)
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match=message):
+        compare(str(recipe), str(out), grid="grid" in extra.get("compare", {}))
+    assert not (out / "runs").exists() and not (out / "compare.json").exists()  # nothing ran
+
+
 def test_grid_is_centred_on_each_arms_learning_rate():
     plan = make_plan(load_recipe(QUICKSTART))
     assert [p["learning_rate"] for p in plan.grids["es"]] == pytest.approx([2e-4, 4e-4, 8e-4])
@@ -145,13 +193,15 @@ def test_compare_end_to_end_writes_the_report_with_equal_budgets(tiny_model_dir,
 def test_a_failing_arm_is_reported_and_the_other_arm_is_still_written(tiny_model_dir, tmp_path):
     from trl_es.compare.run import main
 
-    recipe = tiny_compare_recipe(tmp_path, tiny_model_dir, grpo_extra={"not_a_field": 1})
+    # Valid settings that fail only when the arm runs (settings that cannot work are refused before any arm runs).
+    missing = str(tmp_path / "no_such_adapter")
+    recipe = tiny_compare_recipe(tmp_path, tiny_model_dir, grpo_extra={"adapter_name_or_path": missing})
     out = tmp_path / "out"
     assert main(["--config", str(recipe), "--output_dir", str(out), "--compare.budget_rollouts", "16"]) == 1
     report = json.loads((out / "compare.json").read_text())
     assert report["arms"]["es"]["runs"] and not report["arms"]["grpo"]["runs"]
     (error,) = report["arms"]["grpo"]["errors"]
-    assert "not_a_field" in error["error"]
+    assert "no_such_adapter" in error["error"], error
     assert "failed" in (out / "compare.md").read_text()
 
 

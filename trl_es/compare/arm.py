@@ -27,14 +27,12 @@ import time
 import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
-from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
+from trl import GRPOTrainer, get_peft_config
 
-from ..config import ESConfig
 from ..evaluation import greedy_accuracy
-from ..recipe_checks import check_recipe_types
-from ..recipes import ESScriptArguments
 from ..scripts.train import load_model, load_reward_funcs, load_splits
 from ..trainer import ESTrainer
+from .plan import parse_arm
 
 
 class RolloutCounter:
@@ -109,15 +107,8 @@ def run_arm(spec: dict) -> dict:
     """Train one arm as ``spec`` says and return its result record (curve and scalars)."""
     kind, seed = spec["arm"], spec["seed"]
     arm = spec.get("name", kind)
-    config_cls, trainer_cls = (ESConfig, ESTrainer) if kind == "es" else (GRPOConfig, GRPOTrainer)
-    parser = TrlParser((ESScriptArguments, config_cls, ModelConfig))
-    problems = check_recipe_types(spec["config"], (ESScriptArguments, config_cls, ModelConfig))
-    if problems:
-        raise ValueError(f"{arm} arm: " + "; ".join(problems))
-    try:
-        script_args, args, model_args = parser.parse_dict(spec["config"], allow_extra_keys=False)
-    except ValueError as error:
-        raise ValueError(f"{arm} arm: {error}") from error
+    trainer_cls = ESTrainer if kind == "es" else GRPOTrainer
+    script_args, args, model_args = parse_arm(kind, spec["config"], arm)  # as `compare` checked it before any ran
     train_dataset, validation_dataset, test_dataset = load_splits(script_args)
     if test_dataset is None:
         raise ValueError("the comparison needs a held-out split: set dataset_test_split to a split that exists")

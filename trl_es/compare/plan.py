@@ -29,9 +29,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from trl import GRPOConfig, ModelConfig
+from trl import GRPOConfig, ModelConfig, TrlParser
 
 from ..config import ESConfig, derived_learning_rate
+from ..recipe_checks import check_recipe_types, type_problem
 from ..recipes import SECTIONS, VARIANTS, ESScriptArguments
 
 
@@ -72,7 +73,16 @@ PER_ARM_MODEL_KEYS = (
 # models.
 ARM_DEFAULTS = {"save_strategy": "no", "report_to": "none", "disable_tqdm": True}
 GRID_FACTORS = (0.5, 1.0, 2.0)
-COMPARE_KEYS = ("budget_rollouts", "budget_seconds", "eval_points", "grid", "validation_size", "arms")
+# The compare section's keys and their types (checked before any arithmetic on them).
+COMPARE_TYPES = {
+    "budget_rollouts": int | None,
+    "budget_seconds": float | None,
+    "eval_points": int,
+    "grid": dict | None,
+    "validation_size": int | None,
+    "arms": list[str] | None,
+}
+COMPARE_KEYS = tuple(COMPARE_TYPES)
 ARM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 
@@ -104,6 +114,56 @@ def _script_and_model_keys() -> set[str]:
 
 def _es_only_keys() -> set[str]:
     return {f.name for f in dataclasses.fields(ESConfig)} - {f.name for f in dataclasses.fields(GRPOConfig)}
+
+
+def arm_classes(kind: str) -> tuple:
+    """The dataclasses an arm's config fills: script arguments, ``ESConfig`` or TRL's ``GRPOConfig``, model config."""
+    return ESScriptArguments, ESConfig if kind == "es" else GRPOConfig, ModelConfig
+
+
+def _check_arm_types(arm: str, kind: str, config: dict) -> None:
+    problems = check_recipe_types(config, arm_classes(kind))
+    if problems:
+        raise ValueError(f"{arm}: " + "; ".join(problems))
+
+
+def _arm_label(arm: str, point: dict | None = None) -> str:
+    return f"{arm} arm" + (" at grid point " + ", ".join(f"{k}={v}" for k, v in point.items()) if point else "")
+
+
+def parse_arm(kind: str, config: dict, arm: str, point: dict | None = None) -> tuple:
+    """``(script_args, training_args, model_args)`` from one arm's whole config, as its process parses them: every
+    value type-checked, the config classes built (their own checks run); errors name the arm (and grid point)."""
+    label = _arm_label(arm, point)
+    _check_arm_types(label, kind, config)
+    try:
+        return TrlParser(arm_classes(kind)).parse_dict(config, allow_extra_keys=False)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{label}: {error}") from error
+
+
+def check_arms(plan: "ComparePlan", grid: bool, output_dir: str) -> None:
+    """Parse the config of every arm (and grid point, with ``grid``) as its process will, before any arm trains.
+
+    Arms run one after another for minutes each: an error in the last arm's settings found only when its turn comes
+    would waste the others' time. All problems are named at once; nothing has run when this raises.
+    """
+    problems = []
+    for name, config in plan.arms.items():
+        for point in plan.grids[name] if grid else [{}]:
+            try:
+                parse_arm(plan.kinds[name], {**plan.shared, **config, **point, "output_dir": output_dir}, name, point)
+            except ValueError as error:
+                problems.append(str(error))
+    if problems:
+        raise ValueError("the comparison was not started, these settings would fail: " + " | ".join(problems))
+
+
+def _check_compare_types(compare: dict) -> None:
+    for key, annotation in COMPARE_TYPES.items():
+        if key in compare and (problem := type_problem(compare[key], annotation)) is not None:
+            value = compare[key]
+            raise ValueError(f"compare.{key}: {problem}, got {type(value).__name__} {value!r}")
 
 
 def _arm_setting(kind: str, config: dict, key: str):
@@ -223,6 +283,7 @@ def make_plan(recipe: dict, overrides: dict | None = None, arms: list[str] | Non
         raise ValueError(
             f"compare section: unknown keys {sorted(set(compare) - set(COMPARE_KEYS))}; known: {sorted(COMPARE_KEYS)}"
         )
+    _check_compare_types(compare)
 
     configs = {"es": {**ARM_DEFAULTS, **es}}
     configs.update({name: {**ARM_DEFAULTS, **es, **keys} for name, keys in variants.items()})
@@ -234,6 +295,10 @@ def make_plan(recipe: dict, overrides: dict | None = None, arms: list[str] | Non
         if unknown or not wanted:
             raise ValueError(f"arms {unknown or wanted}: choose from {list(configs)}")
         configs = {name: configs[name] for name in wanted}
+    # Types first: the budget below is arithmetic on these values (a string would fail as a bare TypeError).
+    _check_arm_types("shared settings", "es", shared)
+    for name, config in {"es": configs.get("es", es), **configs}.items():
+        _check_arm_types(_arm_label(name), kinds[name], config)
 
     budget_rollouts = compare.get("budget_rollouts")
     if budget_rollouts is None:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from ..recipes import load_recipe, parse_overrides
 from .machine import CpuWindow, load_average, machine_record
-from .plan import make_plan
+from .plan import check_arms, make_plan
 from .report import SELECTION_METRIC, build_arm, point_label, write_report
 
 
@@ -83,6 +83,7 @@ def compare(config_path: str, output_dir: str, seeds: int = 1, grid: bool = Fals
             "--grid chooses each arm's settings on a validation split carved from the training data; set "
             "compare.validation_size (e.g. 500) in the recipe or --compare.validation_size 500"
         )
+    check_arms(plan, grid, str(output / "runs"))  # every arm's settings, before the first one trains for minutes
     base_seed = int(plan.shared.get("seed", 42))
     seed_list = [base_seed + offset for offset in range(seeds)]
     points = {name: plan.grids[name] if grid else [{}] for name in plan.arms}
