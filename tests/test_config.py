@@ -93,30 +93,33 @@ def test_fp16_with_use_cpu_warns():
         config(fp16=True, use_cpu=True)
 
 
-def _reuse_warnings(**overrides) -> list[str]:
+def _reuse_warnings(**overrides) -> tuple[ESConfig, list[str]]:
     with warnings.catch_warnings(record=True) as record:
         warnings.simplefilter("always")
-        config(**overrides)
-    return [str(w.message) for w in record if "steps_per_generation" in str(w.message)]
+        made = config(**overrides)
+    return made, [str(w.message) for w in record if "steps_per_generation" in str(w.message)]
 
 
-def test_steps_per_generation_above_accumulation_warns_once_about_reused_prompts():
-    found = _reuse_warnings(steps_per_generation=2)
-    assert len(found) == 1
-    assert "steps_per_generation=2 differs from gradient_accumulation_steps=1" in found[0]
-    assert "consecutive ES steps are scored on the same prompts" in found[0]
-    # generation_batch_size is the other way to set it
-    assert _reuse_warnings(per_device_train_batch_size=8, generation_batch_size=16)
+def test_steps_per_generation_is_named_as_ignored_and_every_es_step_gets_its_own_prompts():
+    from trl_es.config import IGNORED_GRPO_FIELDS
 
-
-def test_steps_per_generation_below_accumulation_warns_about_unscored_batches():
-    (found,) = _reuse_warnings(steps_per_generation=1, gradient_accumulation_steps=2)
-    assert "are never scored" in found
+    made, found = _reuse_warnings(steps_per_generation=2, per_device_train_batch_size=8)
+    assert len(found) == 1 and "ignores these GRPOConfig fields: steps_per_generation=2" in found[0]
+    assert IGNORED_GRPO_FIELDS["steps_per_generation"] in found[0]
+    # GRPO's sampler now hands each ES step the rows one GRPO optimizer step trains on
+    assert (made.steps_per_generation, made.generation_batch_size) == (1, 8)
+    made, found = _reuse_warnings(per_device_train_batch_size=8, generation_batch_size=16)  # the other way to set it
+    assert "generation_batch_size=16" in found[0] and made.generation_batch_size == 8
+    # below the accumulation GRPO's extra batches used to go unscored; now one batch holds the step's rows
+    made, found = _reuse_warnings(steps_per_generation=1, gradient_accumulation_steps=2, per_device_train_batch_size=8)
+    assert found and (made.steps_per_generation, made.generation_batch_size) == (2, 16)
+    with pytest.raises(ValueError, match=r"ES step takes 3 rows .*not whole prompts of num_generations=2"):
+        config(steps_per_generation=2, per_device_train_batch_size=3, num_generations=2)
 
 
 def test_default_steps_per_generation_follows_accumulation_without_warning():
-    assert _reuse_warnings() == []
-    assert _reuse_warnings(gradient_accumulation_steps=4) == []
+    assert _reuse_warnings()[1] == []
+    assert _reuse_warnings(gradient_accumulation_steps=4)[1] == []
 
 
 # ---------------------------------------------------------------------------------------------- recipe types

@@ -305,6 +305,34 @@ def test_num_iterations_runs_that_many_es_steps_on_each_generation_batch(tiny_mo
     assert seen[0] == seen[1] and seen[2] == seen[3] and seen[0] != seen[2]
 
 
+def test_steps_per_generation_gives_every_es_step_its_own_prompts_as_grpo_steps_have(tiny_model_dir, tmp_path):
+    seen = {}
+
+    def record_prompts(prompts, completions, trainer_state, **kwargs):
+        seen.setdefault(trainer_state.global_step, set()).update(prompts)
+        return [float(len(c)) for c in completions]
+
+    data = arithmetic_dataset("train", size=16)
+    settings = dict(steps_per_generation=2, max_steps=-1, num_train_epochs=1)
+    with pytest.warns(UserWarning, match=r"ignores these GRPOConfig fields: steps_per_generation=2"):
+        args = es_config(tmp_path, **settings)
+    trainer = ESTrainer(tiny_model_dir, reward_funcs=record_prompts, args=args, train_dataset=data)
+    trainer.train()
+    # GRPO with the same settings: 4 optimizer steps, each on 4 prompts of its own (8 rows, 2 generations each)
+    grpo_args = GRPOConfig(
+        str(tmp_path / "grpo"),
+        report_to="none",
+        bf16=False,
+        per_device_train_batch_size=8,
+        num_generations=2,
+        **settings,
+    )
+    grpo = GRPOTrainer(tiny_model_dir, reward_funcs=length_reward, args=grpo_args, train_dataset=data)
+    assert trainer.state.global_step == len(grpo.get_train_dataloader()) == 4
+    assert [len(seen[step]) for step in range(4)] == [4, 4, 4, 4]
+    assert set().union(*seen.values()) == set(data["prompt"])  # every prompt of the epoch, once
+
+
 def test_philox_noise_off_the_compiled_kernel_is_named_in_a_warning(tiny_model_dir, tmp_path, caplog, monkeypatch):
     from trl_es.core import philox
 

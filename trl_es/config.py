@@ -41,7 +41,7 @@ HONOURED_GRPO_FIELDS = (
     "model_init_kwargs", "trust_remote_code", "cast_lm_head_to_fp32", "disable_dropout", "shuffle_dataset",
     # generation, through GRPO's generation backends (transformers, paged / continuous batching, vLLM, tools)
     "num_generations", "num_generations_eval", "max_completion_length", "ds3_gather_for_generation",
-    "pad_to_multiple_of", "generation_batch_size", "steps_per_generation", "temperature", "top_p", "top_k", "min_p",
+    "pad_to_multiple_of", "temperature", "top_p", "top_k", "min_p",
     "generation_kwargs", "chat_template_kwargs", "repetition_penalty", "cache_implementation",
     "use_transformers_continuous_batching", "transformers_continuous_batching_config", "use_transformers_paged",
     "max_tool_calling_iterations", "use_vllm", "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode",
@@ -56,8 +56,16 @@ HONOURED_GRPO_FIELDS = (
     "log_completions", "log_multimodal", "num_completions_to_print", "log_unique_prompts", "log_completions_hub_repo",
 )  # fmt: skip
 _LOSS = "shapes GRPO's policy-gradient loss; ES has no loss"
+# GRPO reuses one generation for several optimizer steps; ES generates afresh for every member of every step, so each
+# ES step takes the rows a GRPO optimizer step trains on (prompts of its own) and the pair follows the accumulation.
+GENERATION_REUSE_FIELDS = ("steps_per_generation", "generation_batch_size")
+_REUSE = (
+    "ES generates afresh every step, so there is no generation to reuse: each ES step takes its own prompts, as each "
+    "GRPO optimizer step does (steps_per_generation follows gradient_accumulation_steps)"
+)
 _IS = "corrects vLLM sampling for a policy-gradient loss; ES scores completions as they are"
 IGNORED_GRPO_FIELDS = {
+    **dict.fromkeys(GENERATION_REUSE_FIELDS, _REUSE),
     "use_bias_correction_kl": (
         "ES measures each member's KL on the member's own completions (importance ratio 1) and takes no gradient of "
         "it, so the correction changes nothing"
@@ -438,12 +446,11 @@ class ESConfig(GRPOConfig):
         if self.bf16 is None and not torch.cuda.is_available():
             # GRPOConfig turns bf16 on by default, which fails on a CPU-only machine; ES runs in fp32 there.
             self.bf16 = False
-        ignored = {
-            name: getattr(self, name) for name in IGNORED_GRPO_FIELDS if getattr(self, name) != _GRPO_DEFAULTS[name]
-        }
-        if ignored:
-            reasons = "; ".join(f"{name}={value!r}: {IGNORED_GRPO_FIELDS[name]}" for name, value in ignored.items())
-            warnings.warn(f"ESTrainer ignores these GRPOConfig fields: {reasons}.", UserWarning, stacklevel=3)
+        ignored = [
+            f"{name}={getattr(self, name)!r}: {reason}"
+            for name, reason in IGNORED_GRPO_FIELDS.items()
+            if name not in GENERATION_REUSE_FIELDS and getattr(self, name) != _GRPO_DEFAULTS[name]
+        ]
         # `beta` and `sync_ref_model` keep their values: ESTrainer honours them with its own reference
         # (trl_es.reference) and hides them from GRPOTrainer while it is built, so GRPO loads no second model.
         # `num_iterations` is kept: GRPO's sampler then hands the same generation batch to that many consecutive ES
@@ -451,36 +458,31 @@ class ESConfig(GRPOConfig):
         # settings.
         self.use_liger_kernel = False
         super().__post_init__()
+        ignored += self._one_generation_batch_per_step()
+        if ignored:
+            reasons = "; ".join(ignored)
+            warnings.warn(f"ESTrainer ignores these GRPOConfig fields: {reasons}.", UserWarning, stacklevel=3)
         if self.max_grad_norm and self.max_grad_norm > 0:
             logger.warning(
                 "max_grad_norm=%s clips the ES pseudo-gradient; set max_grad_norm=0 for the plain ES update.",
                 self.max_grad_norm,
             )
-        self._warn_prompt_reuse()
 
-    def _warn_prompt_reuse(self):
-        # GRPO's sampler repeats each generation batch steps_per_generation times and ESTrainer runs one ES step per
-        # gradient_accumulation_steps micro-steps, so only equal values give every ES step fresh prompts.
-        spg, accumulation = self.steps_per_generation, self.gradient_accumulation_steps
-        if spg is None or spg == accumulation:
-            return
-        if spg > accumulation:
-            consequence = (
-                f"GRPO's sampler hands each generation batch to {spg} micro-steps and an ES step takes "
-                f"{accumulation}, so consecutive ES steps are scored on the same prompts"
+    def _one_generation_batch_per_step(self) -> list[str]:
+        """``steps_per_generation`` (and ``generation_batch_size`` with it) set to ``gradient_accumulation_steps``
+        (``GENERATION_REUSE_FIELDS``); returns the ignored-fields entry naming the values given, if they differed."""
+        spg, batch = self.steps_per_generation, self.generation_batch_size
+        if spg == self.gradient_accumulation_steps:
+            return []
+        self.steps_per_generation = self.gradient_accumulation_steps
+        self.generation_batch_size = batch // spg * self.steps_per_generation
+        if self.generation_batch_size % self.num_generations:
+            raise ValueError(
+                f"steps_per_generation={spg} is ignored (ES reuses no generation), so an ES step takes "
+                f"{self.generation_batch_size} rows (per_device_train_batch_size x processes x "
+                f"gradient_accumulation_steps): not whole prompts of num_generations={self.num_generations}."
             )
-        else:
-            consequence = (
-                f"an ES step scores the first generation batch of its {accumulation} micro-steps; the batches drawn "
-                "for the other micro-steps are never scored"
-            )
-        warnings.warn(
-            f"steps_per_generation={spg} differs from gradient_accumulation_steps={accumulation}: {consequence}. "
-            "Leave steps_per_generation and generation_batch_size unset (they follow gradient_accumulation_steps) "
-            "and set per_device_train_batch_size for the prompts per ES step.",
-            UserWarning,
-            stacklevel=4,
-        )
+        return [f"steps_per_generation={spg!r} (generation_batch_size={batch!r}): {_REUSE}"]
 
     def _check_es_field_types(self):
         """Every field ESConfig declares holds a value of its annotated type, named if not.
