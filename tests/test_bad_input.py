@@ -137,6 +137,38 @@ def test_invalid_es_config_fields_are_named(tmp_path, field, value, message):
         ESConfig(output_dir=str(tmp_path), report_to="none", **{field: value})
 
 
+def test_dataset_smaller_than_one_step_warns_with_the_count_and_the_limit(tiny_model_dir, tmp_path):
+    with pytest.warns(UserWarning, match=r"train_dataset has 3 prompts, fewer than the 4 one ES step takes"):
+        trainer = ESTrainer(
+            tiny_model_dir,
+            reward_funcs=length_reward,
+            args=es_config(tmp_path, max_steps=2),
+            train_dataset=arithmetic_dataset("train", size=3),
+        )
+    before = snapshot(trainer.model)
+    trainer.train()  # as in GRPO: the sampler keeps only whole batches, so no step is made
+    assert trainer.state.global_step == 0
+    assert_same_weights(trainer.model, before)
+
+
+def test_prompts_too_long_for_the_context_warn_once_with_the_count_and_the_limit(tiny_model_dir, tmp_path):
+    import warnings
+
+    long = "1+1=" * 40  # 160 tokens: past the tiny model's 128 positions
+    prompts = [text for i in range(4) for text in (f"{long}{i}", f"{i}+{i}=")]
+    args = es_config(tmp_path, max_steps=2, shuffle_dataset=False)  # step 0: two long prompts, two short ones
+    trainer = ESTrainer(
+        tiny_model_dir, reward_funcs=length_reward, args=args, train_dataset=Dataset.from_dict({"prompt": prompts})
+    )
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        trainer.train()
+    found = [str(w.message) for w in record if "context" in str(w.message)]
+    assert len(found) == 1, found  # once, though step 1 has long prompts too
+    assert "ES step 0: 2 of its 4 prompts" in found[0] and "max_position_embeddings=128" in found[0]
+    assert "at most 124 prompt tokens" in found[0] and "the longest has 161" in found[0]
+
+
 def test_odd_population_is_fine_without_antithetic(tmp_path):
     assert (
         ESConfig(output_dir=str(tmp_path), report_to="none", population_size=5, antithetic=False).population_size == 5

@@ -220,6 +220,26 @@ def completion_logps(
     return logps, mask
 
 
+class ReferenceModelAttribute:
+    """``trainer.ref_model`` for ``ESTrainer`` (a mixin before ``GRPOTrainer``), which GRPO scripts and callbacks read:
+    with ``beta > 0`` a model sharing the tensors of ES's reference (:func:`shared_reference_model`: no second copy in
+    memory), ``None`` with ``beta == 0`` or PEFT, as in GRPO (``ReferenceKL.reference_model``)."""
+
+    @property
+    def ref_model(self):
+        reference_kl = self.__dict__.get("reference_kl")  # GRPO's __init__ touches ref_model before it exists
+        return None if reference_kl is None else reference_kl.reference_model()
+
+    @ref_model.setter
+    def ref_model(self, value) -> None:
+        # GRPO's __init__ stores None (ES hides beta from it); a model put here would never be used, so say so.
+        if value is not None:
+            raise AttributeError(
+                "ESTrainer.ref_model cannot be replaced: ES keeps its reference in trainer.reference_kl (a copy of "
+                "the initial evolved tensors, or the base model under PEFT) and ref_model only shows it."
+            )
+
+
 class ReferenceKL(TrainerCallback):
     """Per-member KL to the reference for one ES step, the fitness penalty ``beta * KL``, and the reference's sync.
 

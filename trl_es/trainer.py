@@ -35,7 +35,6 @@ from typing import Any
 
 import torch
 from accelerate.utils import gather_object, is_peft_model
-from datasets import IterableDataset
 from tqdm.auto import tqdm
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
@@ -55,8 +54,9 @@ from .core import (
     seen_mask,
 )
 from .core.layout import check_population_split
+from .data_checks import ContextCheck, check_prompt_column, warn_if_smaller_than_one_step
 from .integrations.deepspeed import init_deepspeed_comm
-from .reference import ReferenceKL
+from .reference import ReferenceKL, ReferenceModelAttribute
 from .rewards import wrap_reward_funcs
 from .router_balance import RouterBalance
 from .search import build_search, space_name
@@ -81,33 +81,6 @@ def _nanmean(values: torch.Tensor) -> float:
     return float(valid.mean()) if valid.numel() else float("nan")
 
 
-def _check_prompt_column(dataset, name: str, environment_owns_prompts: bool = False) -> None:
-    """Fail before any model is loaded when a dataset has no ``prompt`` column (optional when an environment's
-    ``reset()`` supplies the prompt, as in GRPO) or has image columns."""
-    if dataset is None:
-        return
-    if isinstance(dataset, dict):  # DatasetDict or {name: dataset} for eval
-        for key, value in dataset.items():
-            _check_prompt_column(value, f"{name}[{key!r}]", environment_owns_prompts)
-        return
-    columns = getattr(dataset, "column_names", None)
-    if columns is None and isinstance(dataset, IterableDataset):
-        first = next(iter(dataset), None)
-        columns = list(first) if first is not None else []
-    for column in ("image", "images"):
-        if columns is not None and column in columns:
-            raise ValueError(
-                f"{name} has an {column!r} column: ESTrainer does not train vision-language models yet (GRPOTrainer "
-                "would pass the images to generation; ES would silently train text-only). Drop the column to train on "
-                "the text prompts alone."
-            )
-    if columns is not None and "prompt" not in columns and not environment_owns_prompts:
-        raise ValueError(
-            f"{name} has no 'prompt' column (columns: {sorted(columns)}). ESTrainer, like GRPOTrainer, reads the "
-            "prompts from a column named 'prompt'; rename yours, e.g. dataset.rename_column('question', 'prompt')."
-        )
-
-
 @dataclass
 class StepPrompts:
     """The prompts every member of one step completes: the pooled batch, and the slice this process generates."""
@@ -127,7 +100,7 @@ class MemberResults:
     frac_changed: float | None = None  # es/frac_changed_completions, when log_frac_changed_completions
 
 
-class ESTrainer(UpdateStepMixin, GRPOTrainer):
+class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
     """Train a language model by evolution strategies, with the constructor and data contract of ``GRPOTrainer``.
 
     Use it exactly like [`~trl.GRPOTrainer`] (every argument is passed through). ``args`` may be an [`ESConfig`] or a
@@ -163,7 +136,7 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
         args = self._es_config(model, args)
         positional = dict(zip(("train_dataset", "eval_dataset"), grpo_args, strict=False))
         for name in ("train_dataset", "eval_dataset"):
-            _check_prompt_column(
+            check_prompt_column(
                 grpo_kwargs.get(name, positional.get(name)), name, grpo_kwargs.get("environment_factory") is not None
             )
         init_deepspeed_comm(args)
@@ -192,6 +165,8 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
                 "Launch with plain DDP or DeepSpeed ZeRO-3 (`accelerate launch` / `torchrun` without an FSDP config)."
             )
         self.reward_funcs = wrap_reward_funcs(self.reward_funcs, self.reward_func_names)
+        warn_if_smaller_than_one_step(self.train_dataset, args, self.num_generations)
+        self.context_check = ContextCheck(self.model, args.max_completion_length)
         self._greedy = args.temperature == 0.0
         if self._greedy:
             self._use_greedy_decoding()
@@ -226,23 +201,6 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
         self.last_strategy_update = None
         self.seed_log = SeedLogCallback(self)
         self.add_callback(self.seed_log)
-
-    @property
-    def ref_model(self):
-        """What GRPO scripts and callbacks read as the reference model: with ``beta > 0`` a model that shares the
-        tensors of ES's reference (``trl_es.reference.shared_reference_model``: no second copy in memory), ``None``
-        with ``beta == 0`` or PEFT, as in GRPO."""
-        reference_kl = self.__dict__.get("reference_kl")  # GRPO's __init__ touches ref_model before it exists
-        return None if reference_kl is None else reference_kl.reference_model()
-
-    @ref_model.setter
-    def ref_model(self, value) -> None:
-        # GRPO's __init__ stores None (ES hides beta from it); a model put here would never be used, so say so.
-        if value is not None:
-            raise AttributeError(
-                "ESTrainer.ref_model cannot be replaced: ES keeps its reference in trainer.reference_kl (a copy of "
-                "the initial evolved tensors, or the base model under PEFT) and ref_model only shows it."
-            )
 
     # ------------------------------------------------------------------ setup
 
@@ -477,6 +435,7 @@ class ESTrainer(UpdateStepMixin, GRPOTrainer):
                 prompt_ids, completion_ids, tool_mask, completions = trl_compat.rollout_with_tool_mask(
                     self, block_prompts
                 )
+                self.context_check.check(step, prompt_ids)
                 self.router_balance.measure(members, prompt_ids, completion_ids)
                 self.reference_kl.measure(members, prompt_ids, completion_ids, tool_mask)
             if reference is not None:
