@@ -262,6 +262,20 @@ def test_huge_finite_learning_rate_is_stopped_at_the_update_with_the_weights_put
     assert_same_weights(trainer.model, before)
 
 
+def test_overflow_guard_refuses_only_what_the_update_pushed_past_the_bound(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, length_reward)
+    (first, a), (second, b) = trainer.perturbation_space.named_tensors()[:2]
+    with torch.no_grad():
+        a.view(-1)[0] = 1e20  # the model arrived like this (beyond float32's 1.8e19): not the update's doing
+        trainer._snapshot_weights()
+        trainer._check_weights_usable()  # nothing raised
+        trainer._snapshot_weights()
+        b.view(-1)[0] = -1e20  # "the update" pushes this one past
+        with pytest.raises(FloatingPointError, match=rf"the update pushed \['{second}'\] to magnitudes up to 1e\+20"):
+            trainer._check_weights_usable()
+    assert b.view(-1)[0] != -1e20 and a.view(-1)[0] == 1e20  # put back from the copy; the other left as it came
+
+
 def test_member_generation_that_overflows_is_named_and_the_perturbation_undone(tiny_model_dir, tmp_path):
     # A perturbation too large for the weights: torch's sampler raises a bare RuntimeError inside generate.
     trainer = make_trainer(tiny_model_dir, tmp_path, length_reward, sigma=1e25, max_steps=1)

@@ -165,9 +165,7 @@ class UpdateStepMixin:
         if self.args.log_update_norm:
             self._weights_before_update = [t.detach().clone() for t in space.local_tensors()]
         # A model that arrived with such values is not the update's doing: only tensors it pushes past are refused.
-        names = [name for name, _ in space.named_tensors()]
-        before = set(beyond_overflow_bound(zip(names, space.local_tensors(), strict=True)))
-        self._beyond_bound_before = {index for index, name in enumerate(names) if name in before}
+        self._beyond_bound_before = set(beyond_overflow_bound(enumerate(space.local_tensors())))
 
     def _after_update(self) -> None:
         space = self.perturbation_space
@@ -246,14 +244,14 @@ class UpdateStepMixin:
             )
         if before is None:
             return  # no update was measured this step (no signal)
-        huge = beyond_overflow_bound(named[index] for index in range(len(named)) if index not in before)
+        huge = beyond_overflow_bound(pair for index, pair in enumerate(named) if index not in before)
         if huge:
             largest = max(float(tensor.detach().abs().amax()) for name, tensor in named if name in huge)
             dtype = dict(named)[huge[0]].dtype
             raise FloatingPointError(
                 f"ES step {self.state.global_step}: the update pushed {huge[:5]} to magnitudes up to {largest:.3g}, "
-                f"beyond {overflow_bound(dtype):.3g}, where the next forward overflows {dtype} ({settings}): the "
-                "learning rate is far too large. " + self._put_back_weights_before_update()
+                f"beyond {overflow_bound(dtype):.3g}, where the next forward overflows {dtype} ({settings}, sigma="
+                f"{space.sigma}): the step is far too large. " + self._put_back_weights_before_update()
             )
 
     def _sampling_overflow(self, step: int, members):
