@@ -50,7 +50,7 @@ from trl_es.compare.ladder_aggregate import load_units, write_aggregate  # noqa:
 RECIPE = ROOT / "recipes" / "smollm2_chat.yaml"
 RESULTS = ROOT / "docs" / "results" / "smollm2"
 RUNG = "135M"
-SELECT_SECONDS = 2100  # a cap only: the selection's units stop at their step budgets (below)
+SELECT_SECONDS = 2400  # a cap only (40 min): the selection's units stop at their step budgets (below)
 MEASURE_SECONDS = 1500
 BUDGET_ROLLOUTS = 24_576  # the recipe's: 24 ES steps = 384 GRPO steps; in practice the seconds bind first
 
@@ -101,6 +101,13 @@ def selected(select_results: Path) -> dict[str, dict] | None:
     done = {d["unit"]["arm"]: d for d in load_units(select_results)}
     if any(name not in done for name in ladder.arm_names):
         return None
+    capped = sorted(name for name, unit in done.items() if unit["run"]["stopped_by"] != "rollouts")
+    if capped:
+        raise RuntimeError(
+            f"selection units {capped} stopped at the {SELECT_SECONDS} s cap before their step budget (a busy "
+            f"machine?): they would be compared at fewer steps than the others. Delete their files in "
+            f"{select_results / RUNG} and run them again on an idle machine."
+        )
     best = {}
     for name, unit in done.items():
         base, settings = SELECT_POINTS[name]

@@ -5,6 +5,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from trl_es.compare.ladder import unit_command, units
 
 
@@ -19,7 +21,7 @@ def _module():
 
 
 def _record():
-    return {"budget_rollouts": 24_576, "budget_seconds": 2100}
+    return {"budget_rollouts": 24_576, "budget_seconds": 2400}
 
 
 def test_selection_units_carry_their_setting_and_their_arms_step_budget(tmp_path):
@@ -48,8 +50,8 @@ def test_best_validation_point_per_arm_is_selected_and_measured(tmp_path):
     for name, score in scores.items():
         path = results / "135M" / f"{name}_seed42.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"unit": {"rung": "135M", "arm": name, "seed": 42},
-                                    "run": {"final_validation_accuracy": score}}))  # fmt: skip
+        run = {"final_validation_accuracy": score, "stopped_by": "rollouts"}
+        path.write_text(json.dumps({"unit": {"rung": "135M", "arm": name, "seed": 42}, "run": run}))
     choice = bench.selected(results)
     assert choice["es"] == {"point": "es_sigma2e-3", "overrides": ["--sigma", "0.002"], "validation_accuracy": 0.31}
     assert choice["grpo"] == {"point": "grpo", "overrides": [], "validation_accuracy": 0.45}
@@ -58,3 +60,15 @@ def test_best_validation_point_per_arm_is_selected_and_measured(tmp_path):
     es_unit = next(u for u in units(measure) if u.arm == "es")
     command = unit_command(es_unit, measure, _record(), tmp_path, tmp_path / "es")
     assert command[-2:] == ["--sigma", "0.002"] and command[command.index("--arms") + 1] == "es"
+
+
+def test_a_selection_unit_stopped_by_the_time_cap_is_refused(tmp_path):
+    bench = _module()
+    for name in bench.SELECT_POINTS:
+        path = tmp_path / "135M" / f"{name}_seed42.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stopped_by = "budget_seconds" if name == "eggroll" else "rollouts"
+        run = {"final_validation_accuracy": 0.3, "stopped_by": stopped_by}
+        path.write_text(json.dumps({"unit": {"rung": "135M", "arm": name, "seed": 42}, "run": run}))
+    with pytest.raises(RuntimeError, match=r"\['eggroll'\] stopped at the 2400 s cap"):
+        bench.selected(tmp_path)
