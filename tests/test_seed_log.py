@@ -238,9 +238,16 @@ def test_a_kl_penalty_changes_the_fitness_not_the_replay(tiny_model_dir, tmp_pat
 
 
 @pytest.mark.parametrize("perturbation", ["full", "lora"])
-def test_ga_records_the_winners_and_replay_applies_them(tiny_model_dir, tmp_path, perturbation):
+@pytest.mark.parametrize("sigma_decay", [1.0, 0.5])
+def test_ga_records_the_winners_and_replay_applies_them(tiny_model_dir, tmp_path, perturbation, sigma_decay):
     trainer, changed = train_run(
-        tiny_model_dir, tmp_path / "run", perturbation, strategy="ga", population_size=6, max_steps=3
+        tiny_model_dir,
+        tmp_path / "run",
+        perturbation,
+        strategy="ga",
+        population_size=6,
+        max_steps=3,
+        sigma_decay=sigma_decay,
     )
     log = read_seed_log(tmp_path / "run" / LOG_NAME)
     assert all(record.selection and record.coefficients is None for record in log.records)

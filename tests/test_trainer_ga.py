@@ -60,6 +60,8 @@ def test_resume_is_bit_exact_and_restores_the_genome(tiny_model_dir, tmp_path):
         (dict(ga_min_improvement=-0.5), r"ga_min_improvement must be >= 0, got -0.5"),
         (dict(ga_min_improvement=float("inf")), r"ESConfig.ga_min_improvement must be finite"),
         (dict(ga_elite="yes"), r"ESConfig.ga_elite: expected true or false"),
+        # GA moves the weights by selection alone; a pull toward theta_0 would need the optimizer it does not use
+        (dict(anchor_decay=0.5), r"anchor_decay=0.5 .* strategy='ga' moves the weights by selection alone"),
     ],
 )
 def test_bad_ga_settings_are_named(tmp_path, overrides, message):
@@ -139,3 +141,18 @@ def test_ga_improves_held_out_accuracy_on_the_embedded_task(tmp_path):
     after = accuracy()
     assert len(trainer.strategy.genome) >= 10, "the parent was hardly ever replaced"
     assert after >= before + 0.03, f"GA did not improve held-out accuracy: {before:.3f} -> {after:.3f}"
+
+
+def test_sigma_decay_shrinks_the_mutation_scale_step_by_step(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = ga_trainer(tiny_model_dir, tmp_path, sigma_decay=0.5, max_steps=3)
+    seen, perturbed = [], trainer.strategy.perturbed
+
+    def record_sigma(step, members):
+        seen.append((step, trainer.perturbation_space.sigma))
+        return perturbed(step, members)
+
+    monkeypatch.setattr(trainer.strategy, "perturbed", record_sigma)
+    trainer.train()
+    assert sorted(set(seen)) == [(0, 0.1), (1, 0.05), (2, 0.025)]
+    logged = [entry["ga_sigma"] for entry in trainer.state.log_history if "ga_sigma" in entry]
+    assert logged and logged[-1] == 0.025

@@ -312,7 +312,8 @@ class ESConfig(GRPOConfig):
         metadata={
             "help": "Sigma schedule: the perturbation scale of step t is sigma * sigma_decay**t (1.0: constant; e.g. "
             "0.99 halves it in ~69 steps). Set from the step number when the members are drawn, so a resumed run "
-            "continues the schedule exactly. In (0, 1]; strategy='gaussian' only (CMA-ES adapts its own step size)."
+            "continues the schedule exactly. In (0, 1]; strategy='gaussian' and 'ga' (its mutation scale); CMA-ES "
+            "adapts its own step size."
         },
     )
     anchor_decay: float = field(
@@ -630,6 +631,12 @@ class ESConfig(GRPOConfig):
                         f"{name}={getattr(self, name)} acts on the Gaussian strategy's sigma and pseudo-gradient; "
                         f"strategy='cma' adapts its own step size and writes no gradient. Leave {name}={off}."
                     )
+        if self.strategy == "ga" and self.anchor_decay:
+            raise ValueError(
+                f"anchor_decay={self.anchor_decay} adds a pull toward the initial weights to the pseudo-gradient, but "
+                "strategy='ga' moves the weights by selection alone (no gradient, no optimizer step). Leave "
+                "anchor_decay=0, or use strategy='gaussian'."
+            )
         if self.log_frac_changed_completions and self.temperature != 0:
             raise ValueError(
                 f"log_frac_changed_completions compares greedy completions, but temperature={self.temperature} "

@@ -27,7 +27,6 @@ from .recipe_checks import check_recipe_types, load_yaml_strict
 
 VARIANTS = "variants"
 SECTIONS = ("es", "grpo", VARIANTS, "compare")
-BUILTIN = "builtin:"
 
 
 @dataclass

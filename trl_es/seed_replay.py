@@ -186,6 +186,7 @@ def replay_steps(model, log: SeedLog) -> int:
     for record in log.records:
         if record.state is not None:
             strategy.load_state_dict(record.state)
+        strategy.ask(record.step)  # the step's sigma (sigma_decay): a selected winner is added at that scale
         if record.skip:
             continue  # no signal that step: the optimizer found no gradient and stepped nothing
         if record.selection:

@@ -40,6 +40,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOConfig, GRPOTrainer
 
 from . import trl_compat
+from .builtin_models import resolve_model
 from .checkpoints import prepare_resume, save_es_settings
 from .config import ESConfig
 from .core import (
@@ -134,6 +135,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
 
     def __init__(self, model, reward_funcs=None, args: GRPOConfig | None = None, *grpo_args, **grpo_kwargs):
         args = self._es_config(model, args)
+        model = resolve_model(model)  # builtin:... -> its local folder, as every model-id argument accepts
         positional = dict(zip(("train_dataset", "eval_dataset"), grpo_args, strict=False))
         for name in ("train_dataset", "eval_dataset"):
             check_prompt_column(

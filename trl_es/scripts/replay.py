@@ -12,8 +12,8 @@ import argparse
 import logging
 import time
 
+from ..builtin_models import resolve_model
 from ..seed_replay import replay
-from .train import resolve_model
 
 
 logger = logging.getLogger(__name__)

@@ -12,23 +12,11 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, get_peft_config
 
-from ..recipes import BUILTIN, ESScriptArguments, parse_train_args
+from ..builtin_models import BUILTIN, resolve_model
+from ..recipes import ESScriptArguments, parse_train_args
 from ..rewards import resolve_reward_funcs
-from ..tasks import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR, arithmetic_dataset, hub_tasks
+from ..tasks import arithmetic_dataset, chat_arithmetic_dataset, hub_tasks
 from ..trainer import ESTrainer
-
-
-BUILTIN_MODELS = {"arithmetic-policy": ARITHMETIC_POLICY_DIR, "arithmetic-lora": ARITHMETIC_LORA_DIR}
-
-
-def resolve_model(name: str) -> str:
-    """A ``builtin:`` name -> the shipped folder; anything else (a local path or hub id) unchanged."""
-    if name.startswith(BUILTIN):
-        key = name[len(BUILTIN) :]
-        if key not in BUILTIN_MODELS:
-            raise ValueError(f"unknown built-in model {name!r}; available: {[BUILTIN + k for k in BUILTIN_MODELS]}")
-        return str(BUILTIN_MODELS[key])
-    return name
 
 
 def load_model(model_args: ModelConfig, script_args: ESScriptArguments, training_args):
@@ -73,13 +61,15 @@ def load_splits(script_args: ESScriptArguments):
         if key == "arithmetic":
             train = arithmetic_dataset("train", conversational=script_args.conversational)
             test = arithmetic_dataset("test", conversational=script_args.conversational)
+        elif key == "chat_arithmetic":  # always conversational: the task of builtin:smollm2-135m-instruct
+            train, test = chat_arithmetic_dataset("train"), chat_arithmetic_dataset("test")
         elif key in ("gsm8k", "countdown"):  # need the hub: GPU recipes
             data = getattr(hub_tasks, key)()
             train, test = data["train"], data["test"]
         else:
             raise ValueError(
                 f"unknown built-in dataset {name!r}; available: "
-                "['builtin:arithmetic', 'builtin:gsm8k' (hub), 'builtin:countdown' (hub)]"
+                "['builtin:arithmetic', 'builtin:chat_arithmetic', 'builtin:gsm8k' (hub), 'builtin:countdown' (hub)]"
             )
     else:
         try:

@@ -1,6 +1,7 @@
 """Built-in verifiable tasks and the tiny policies trained on them (the offline embedded default)."""
 
 from .arithmetic import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
+from .chat_arithmetic import chat_arithmetic_accuracy, chat_arithmetic_dataset
 from .hub_tasks import countdown_reward
 
 
@@ -9,5 +10,7 @@ __all__ = [
     "ARITHMETIC_POLICY_DIR",
     "arithmetic_accuracy",
     "arithmetic_dataset",
+    "chat_arithmetic_accuracy",
+    "chat_arithmetic_dataset",
     "countdown_reward",
 ]

@@ -34,15 +34,9 @@ def _all_problems() -> list[tuple[int, int]]:
     return problems
 
 
-def arithmetic_dataset(split: str = "train", size: int | None = None, conversational: bool = False) -> Dataset:
-    """Columns ``prompt`` (text, or a one-message conversation) and ``answer`` (the sum as a string).
-
-    Args:
-        split: ``"train"``, ``"test"`` (the held-out problems) or ``"validation"`` (the last ``VALIDATION_SIZE``
-            problems of ``train``, in ``train``'s order).
-        size: keep only the first ``size`` problems of the split (deterministic).
-        conversational: emit ``[{"role": "user", "content": "47+38="}]`` prompts instead of plain text.
-    """
+def arithmetic_problems(split: str = "train", size: int | None = None) -> list[tuple[int, int]]:
+    """The ``(a, b)`` pairs of a split: ``"train"``, ``"test"`` (the held-out problems) or ``"validation"`` (the
+    last ``VALIDATION_SIZE`` problems of ``train``, in ``train``'s order); ``size`` keeps the first ``size``."""
     problems = _all_problems()
     if split == "test":
         problems = problems[:HELD_OUT_SIZE]
@@ -56,6 +50,18 @@ def arithmetic_dataset(split: str = "train", size: int | None = None, conversati
         if size > len(problems):
             raise ValueError(f"split {split!r} has {len(problems)} problems, {size} requested")
         problems = problems[:size]
+    return problems
+
+
+def arithmetic_dataset(split: str = "train", size: int | None = None, conversational: bool = False) -> Dataset:
+    """Columns ``prompt`` (text, or a one-message conversation) and ``answer`` (the sum as a string).
+
+    Args:
+        split: ``"train"``, ``"test"`` or ``"validation"`` (see ``arithmetic_problems``).
+        size: keep only the first ``size`` problems of the split (deterministic).
+        conversational: emit ``[{"role": "user", "content": "47+38="}]`` prompts instead of plain text.
+    """
+    problems = arithmetic_problems(split, size)
     prompts = [f"{a}+{b}=" for a, b in problems]
     if conversational:
         prompts = [[{"role": "user", "content": p}] for p in prompts]

@@ -46,8 +46,14 @@ class Strategy(ABC):
     #: rate and schedule then do nothing, and the logs show :meth:`step_size_logs` instead of ``learning_rate``.
     uses_optimizer: bool = True
 
-    def __init__(self, space: PerturbationSpace):
+    def __init__(self, space: PerturbationSpace, sigma_decay: float = 1.0):
+        if not 0 < sigma_decay <= 1:
+            raise ValueError(f"sigma_decay must be in (0, 1], got {sigma_decay}")
         self.space = space
+        #: The perturbation scale's schedule, ``sigma_t = sigma * sigma_decay ** t``: set in ``ask(t)`` from the step
+        #: number alone, so a resumed run and a replay use the scale the uninterrupted run used at that step.
+        self.initial_sigma = space.sigma
+        self.sigma_decay = sigma_decay
         #: Set by the trainer when plain SGD lets the space apply the update itself (``ESConfig.inplace_update``):
         #: ``tell`` then writes no gradient and whoever steps applies ``coefficients`` with ``space.apply_update``.
         self.update_in_place = False
@@ -59,8 +65,14 @@ class Strategy(ABC):
     def member_groups(self) -> list[list[int]]:
         return self.space.member_groups()
 
-    def ask(self, step: int) -> None:  # noqa: B027 (an optional hook)
-        """Prepare the members of ``step`` (seeded strategies have nothing to prepare)."""
+    def sigma_at(self, step: int) -> float:
+        return self.initial_sigma * self.sigma_decay**step
+
+    def ask(self, step: int) -> None:
+        """Prepare the members of ``step``: the space perturbs by ``sigma_at(step)`` (seeded strategies have
+        nothing else to prepare)."""
+        if self.sigma_decay != 1.0:
+            self.space.sigma = self.sigma_at(step)
 
     def perturbed(self, step: int, members: Sequence[int]) -> contextlib.AbstractContextManager[None]:
         """Context in which the model acts as ``members``; the weights are exactly restored on exit."""

@@ -40,13 +40,17 @@ class GeneticAlgorithm(Strategy):
     elite: member 0 is the unperturbed parent, which survives unless a child beats it.
     min_improvement: how much a child's fitness must exceed the parent's to replace it (``elite`` only); ties always
         keep the parent.
+    sigma_decay: the mutation scale of step t is ``sigma * sigma_decay ** t`` (annealed mutations; 1.0: constant).
+        The winner is added with the scale it was scored at, so replay needs the schedule: the seed log records it.
     """
 
     selects_a_member = True
     uses_optimizer = False
 
-    def __init__(self, space: PerturbationSpace, elite: bool = True, min_improvement: float = 0.0):
-        super().__init__(space)
+    def __init__(
+        self, space: PerturbationSpace, elite: bool = True, min_improvement: float = 0.0, sigma_decay: float = 1.0
+    ):
+        super().__init__(space, sigma_decay)
         if type(space).apply_member is PerturbationSpace.apply_member:
             raise ValueError(
                 f"strategy='ga' sets the weights to the winning member, which {type(space).__name__} cannot do (no "
@@ -70,7 +74,7 @@ class GeneticAlgorithm(Strategy):
 
     @classmethod
     def from_config(cls, space: PerturbationSpace, args) -> "GeneticAlgorithm":
-        return cls(space, args.ga_elite, args.ga_min_improvement)
+        return cls(space, args.ga_elite, args.ga_min_improvement, getattr(args, "sigma_decay", 1.0))
 
     def perturbed(self, step: int, members: Sequence[int]):
         if self.elite and list(members) == [PARENT]:

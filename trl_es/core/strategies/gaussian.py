@@ -4,10 +4,8 @@
 schedule and weight decay act on it as on any gradient. Each member is a seed: nothing but the shaped fitness is
 needed to rebuild the step.
 
-``sigma_decay`` shrinks the perturbation scale geometrically, ``sigma_t = sigma * sigma_decay ** t``. It is set in
-``ask(t)`` from the step number alone, so a resumed run (which starts at its checkpoint's step) uses the same scale
-as the uninterrupted run, and the coefficients ``tell`` returns already carry ``1 / sigma_t`` (replay needs no
-schedule).
+``sigma_decay`` shrinks the perturbation scale geometrically, ``sigma_t = sigma * sigma_decay ** t`` (the base
+strategy's schedule, set in ``ask(t)``); the coefficients ``tell`` returns already carry ``1 / sigma_t``.
 """
 
 import torch
@@ -28,23 +26,12 @@ class GaussianES(Strategy):
     supports_update_in_place = True
 
     def __init__(self, space: PerturbationSpace, fitness_shaping: str = "centered_rank", sigma_decay: float = 1.0):
-        super().__init__(space)
-        if not 0 < sigma_decay <= 1:
-            raise ValueError(f"sigma_decay must be in (0, 1], got {sigma_decay}")
+        super().__init__(space, sigma_decay)
         self.fitness_shaping = fitness_shaping
-        self.sigma_decay = sigma_decay
-        self.initial_sigma = space.sigma
 
     @classmethod
     def from_config(cls, space: PerturbationSpace, args) -> "GaussianES":
         return cls(space, args.fitness_shaping, getattr(args, "sigma_decay", 1.0))
-
-    def sigma_at(self, step: int) -> float:
-        return self.initial_sigma * self.sigma_decay**step
-
-    def ask(self, step: int) -> None:
-        if self.sigma_decay != 1.0:
-            self.space.sigma = self.sigma_at(step)
 
     def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
         shaped = shape_fitness(fitness, self.fitness_shaping)

