@@ -67,3 +67,39 @@ def test_grpo_reads_the_reference_fields_we_hide_only_while_it_is_built(tiny_mod
 def test_rollout_with_tool_mask_has_no_mask_without_tools(trainer):
     prompt_ids, completion_ids, tool_mask, completions = trl_compat.rollout_with_tool_mask(trainer, ["1+2="])
     assert len(prompt_ids) == len(completion_ids) == len(completions) == 1 and tool_mask is None
+
+
+def test_every_private_trainer_method_we_override_is_guarded():
+    from transformers import Trainer
+
+    from trl_es.compare.arm import RolloutCounter
+    from trl_es.update_step import UpdateStepMixin
+
+    def overridden(cls):
+        return {
+            name
+            for name, value in vars(cls).items()
+            if name.startswith("_") and not name.startswith("__") and callable(value)
+            and any(hasattr(base, name) for base in (GRPOTrainer, Trainer))
+        }  # fmt: skip
+
+    ours = overridden(ESTrainer) | overridden(UpdateStepMixin) | overridden(RolloutCounter)
+    guarded = set(trl_compat.OVERRIDDEN_TRAINER_METHODS)
+    assert ours and ours <= guarded, ours - guarded
+
+
+def test_no_module_but_trl_compat_reaches_into_trainer_privates():
+    import pathlib
+    import re
+
+    package = pathlib.Path(trl_compat.__file__).parent
+    private = re.compile(r"\._metrics\b|\._save_checkpoint\(|\._generate\(|\._calculate_rewards\(|from trl\.trainer")
+    offenders = []
+    for path in package.rglob("*.py"):
+        if path.name == "trl_compat.py":
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            # super() calls inside an override are the override itself (guarded above)
+            if private.search(line) and "super()." not in line:
+                offenders.append(f"{path.relative_to(package)}:{number}: {line.strip()}")
+    assert not offenders, offenders

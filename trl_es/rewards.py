@@ -35,7 +35,8 @@ from collections.abc import Mapping, Set
 import numpy as np
 import torch
 from torch import nn
-from trl.trainer.utils import is_async_callable
+
+from .trl_compat import is_async_callable
 
 
 logger = logging.getLogger(__name__)

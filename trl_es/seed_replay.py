@@ -14,6 +14,7 @@ from types import SimpleNamespace
 
 import torch
 
+from . import trl_compat
 from .config import ESConfig
 from .core import Anchor, plain_sgd_problem, sgd_hyperparameters
 from .search import build_search
@@ -74,11 +75,9 @@ def check_replayable(log: SeedLog) -> None:
 def load_base_model(path: str, log: SeedLog, device: str | torch.device | None = None):
     """The model the run started from: ``path`` loaded as the trainer loads it (dtype from the log), with the
     log's adapter for PEFT runs; raises if its weights hash differs from the log's."""
-    from trl.trainer.utils import create_model_from_path
-
     header = log.header
     device = torch.device(device or header["model"]["device"])
-    model = create_model_from_path(path, dtype=header["model"]["dtype"], device_map=None).to(device)
+    model = trl_compat.create_model_from_path(path, dtype=header["model"]["dtype"], device_map=None).to(device)
     peft = header.get("peft")
     if peft:
         from peft import PeftConfig, get_peft_model

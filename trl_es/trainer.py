@@ -310,7 +310,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
             self._before_update()
             self.perturbation_space.step_optimizer()
             self._after_update()
-        self._metrics["train"]["step_time"].append(time.perf_counter() - start)
+        trl_compat.metrics(self, "train")["step_time"].append(time.perf_counter() - start)
         return loss
 
     def _es_step(self, rows: list[dict[str, Any]]) -> torch.Tensor:
@@ -324,8 +324,8 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         comm_bytes += member_comm_bytes
         rewards = self._combine_reward_funcs(results.rewards_per_func)  # (members, prompts)
         fitness = member_fitness(rewards, normalize_per_prompt=self.args.normalize_per_prompt)
-        fitness = self.router_balance.penalize(fitness, self.accelerator, self._metrics["train"])
-        fitness = self.reference_kl.penalize(fitness, self.accelerator, self._metrics["train"])
+        fitness = self.router_balance.penalize(fitness, self.accelerator, trl_compat.metrics(self, "train"))
+        fitness = self.reference_kl.penalize(fitness, self.accelerator, trl_compat.metrics(self, "train"))
         invalid = self._check_fitness(step, fitness)
         if invalid.all():
             # No signal: the optimizer finds no gradient and leaves the weights as they are; the run goes on.
@@ -338,7 +338,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
             if self.strategy.selects_a_member:
                 self._log_selection(step, update)
             if self.anchor is not None:
-                self._metrics["train"]["es/anchor_distance"].append(
+                trl_compat.metrics(self, "train")["es/anchor_distance"].append(
                     self.anchor.add_pull(self.perturbation_space.named_tensors())
                 )
             self.last_strategy_update = (step, update)
@@ -349,7 +349,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
     def _log_selection(self, step: int, update) -> None:
         """GA: whether the parent survived (``es/ga_parent_kept``), and one warning when it has survived
         ``GA_STALL_GENERATIONS`` generations in a row: no child beats it, so the weights stand still."""
-        self._metrics["train"]["es/ga_parent_kept"].append(float(update.winner is None))
+        trl_compat.metrics(self, "train")["es/ga_parent_kept"].append(float(update.winner is None))
         if self.strategy.generations_parent_kept(step) == GA_STALL_GENERATIONS:
             warnings.warn(
                 f"strategy='ga': the parent has been kept for {GA_STALL_GENERATIONS} generations in a row (step "
@@ -468,7 +468,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         members' completions that differ from them (``es/frac_changed_completions``)."""
         reset_seeds = [derive_seed(self.args.seed, "reset", step, i) for i in range(len(batch.rows))]
         prompts = trl_compat.prepare_rollouts(self, batch.rows, reset_seeds)
-        metrics = self._metrics["train"]
+        metrics = trl_compat.metrics(self, "train")
         logged = {key: len(values) for key, values in metrics.items()}
         trl_compat.force_weight_sync(self)  # vLLM may still hold another model's weights
         with torch.no_grad():
@@ -532,7 +532,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
 
     def _log_reward_metrics(self, mode: str, rewards_per_func: torch.Tensor) -> float:
         """Log the reward metrics GRPO logs; returns the logged ``reward``."""
-        metrics = self._metrics[mode]
+        metrics = trl_compat.metrics(self, mode)
         flat = rewards_per_func.reshape(-1, rewards_per_func.shape[-1])
         for index, name in enumerate(self.reward_func_names):
             metrics[f"rewards/{name}/mean"].append(_nanmean(flat[:, index]))
@@ -553,7 +553,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
 
     def _log_step(self, batch, results, rewards, fitness, invalid, shaped, comm_bytes: int) -> float:
         """Log the step's metrics; returns the logged ``reward``."""
-        metrics = self._metrics["train"]
+        metrics = trl_compat.metrics(self, "train")
         reward = self._log_reward_metrics("train", results.rewards_per_func)
         valid_fitness = fitness[~invalid]
         metrics["es/fitness_std"].append(_nanstd(valid_fitness))
@@ -611,8 +611,9 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         self._eval_batches += 1
         with torch.no_grad(), self._seeded_sampling(seed):
             prompt_ids, completion_ids, tool_mask, completions = trl_compat.rollout_with_tool_mask(self, prompts)
-        self.router_balance.log_eval(prompt_ids, completion_ids, self.accelerator, self._metrics["eval"])
-        self.reference_kl.log_eval(prompt_ids, completion_ids, tool_mask, self.accelerator, self._metrics["eval"])
+        eval_metrics = trl_compat.metrics(self, "eval")
+        self.router_balance.log_eval(prompt_ids, completion_ids, self.accelerator, eval_metrics)
+        self.reference_kl.log_eval(prompt_ids, completion_ids, tool_mask, self.accelerator, eval_metrics)
         rewards_per_func = trl_compat.calculate_rewards(self, rows, prompts, completions, completion_ids).cpu()
         reward = self._log_reward_metrics("eval", rewards_per_func)
         trl_compat.take_extra_logs(self)

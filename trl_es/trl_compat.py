@@ -36,12 +36,18 @@ REQUIRED_ATTRIBUTES = {
     "_multi_environment": "whether rows pick their environment by an `environment` column",
     "environments": "the per-rollout environment instances `_calculate_rewards` passes to reward functions",
     "rollout_func": "a user rollout function replacing GRPO's generation, or None",
+    "_metrics": "{'train' | 'eval': {metric name: values}}, averaged and logged by GRPO's `log`",
     "aux_loss_enabled": "whether GRPO would add the MoE router load-balancing loss",
     "router_aux_loss_coef": "the weight of that loss",
 }
-# transformers.Trainer methods ESTrainer overrides; were one renamed, the override would silently stop acting.
+# Private GRPOTrainer / transformers.Trainer methods that trl_es overrides or calls; were one renamed, an override
+# would silently stop acting. tests/test_trl_compat.py checks that every private method ESTrainer (and the compare
+# harness's trainers) override is listed here.
 OVERRIDDEN_TRAINER_METHODS = {
     "_get_grad_norm": "the gradient norm Trainer logs, which reads p.grad (none with the in-place update)",
+    "_save_checkpoint": "ES state, seed log and settings saved next to each checkpoint; Ctrl-C saves through it",
+    "_load_from_checkpoint": "ES state (strategy, reference, anchor) and a finite-weights check on resume",
+    "_generate": "the compare harness counts the rollouts and tokens every training-time generation produced",
 }
 # Only there when `environment_factory` is given.
 REQUIRED_ENVIRONMENT_ATTRIBUTES = {
@@ -82,6 +88,35 @@ def check_trl_internals(trainer) -> None:
             f"ESTrainer needs GRPOTrainer internals that trl {trl.__version__} does not have: {missing}. "
             "trl_es is tested with trl 1.16; pin `trl>=1.16,<2` or update trl_es/trl_compat.py."
         )
+
+
+def metrics(trainer, mode: str):
+    """``{metric name: values}`` that GRPO's ``log`` averages and reports for ``mode`` ('train' or 'eval')."""
+    return trainer._metrics[mode]
+
+
+def save_checkpoint(trainer) -> None:
+    """Save a resumable checkpoint of the current step, as Trainer does at a ``save_steps`` boundary."""
+    trainer._save_checkpoint(trainer.model, trial=None)
+
+
+def completion_ids_of(generate_output) -> list:
+    """The completion token ids in what ``GRPOTrainer._generate`` returns."""
+    return generate_output[GENERATE_COMPLETION_IDS]
+
+
+def is_async_callable(func) -> bool:
+    """Whether GRPO awaits ``func`` as a reward function (a coroutine function, or an object whose ``__call__`` is)."""
+    from trl.trainer.utils import is_async_callable as check
+
+    return check(func)
+
+
+def create_model_from_path(path: str, **kwargs):
+    """A model loaded the way GRPOTrainer loads a model id (dtype, device map and init kwargs)."""
+    from trl.trainer.utils import create_model_from_path as create
+
+    return create(path, **kwargs)
 
 
 @contextlib.contextmanager

@@ -13,13 +13,14 @@ The Trainer's optimizer steps the evolved tensors; hooks registered on it in ``c
 
 A mixin, so these methods override ``Trainer``'s (``create_optimizer``, ``_get_grad_norm``) while the ES step itself
 stays in ``trainer.py``. It expects the trainer's ``perturbation_space``, ``strategy``, ``perturbation_name``,
-``last_strategy_update``, ``args``, ``state``, ``control``, ``accelerator`` and ``_metrics``.
+``last_strategy_update``, ``args``, ``state``, ``control`` and ``accelerator`` (metrics through ``trl_compat``).
 """
 
 import logging
 
 import torch
 
+from . import trl_compat
 from .core import plain_sgd_problem, sgd_hyperparameters
 from .guards import DeferredInterrupt, beyond_overflow_bound, nonfinite, overflow_bound, sampling_overflow_named
 
@@ -179,7 +180,7 @@ class UpdateStepMixin:
         if self._inplace_grad_sq is not None:
             # What Trainer logs as grad_norm on the p.grad path: the norm of the pseudo-gradient before weight decay.
             grad_sq = space.sum_over_processes(torch.tensor([self._inplace_grad_sq], dtype=torch.float64))
-            self._metrics["train"]["grad_norm"].append(float(grad_sq[0]) ** 0.5)
+            trl_compat.metrics(self, "train")["grad_norm"].append(float(grad_sq[0]) ** 0.5)
             self._inplace_grad_sq = None
         if self._weights_before_update is None:
             return
@@ -189,7 +190,7 @@ class UpdateStepMixin:
             sums[1] += before.double().square().sum()
         self._weights_before_update = None
         update_norm, weight_norm = (float(x) ** 0.5 for x in space.sum_over_processes(sums))
-        metrics = self._metrics["train"]
+        metrics = trl_compat.metrics(self, "train")
         metrics["es/update_norm"].append(update_norm)
         metrics["es/update_to_weight_ratio"].append(update_norm / max(weight_norm, 1e-12))
         if update_norm > weight_norm and not self._warned_large_update:

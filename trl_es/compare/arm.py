@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from trl import GRPOTrainer, get_peft_config
 
+from .. import trl_compat
 from ..evaluation import greedy_accuracy
 from ..scripts.train import load_model, load_reward_funcs, load_splits
 from ..trainer import ESTrainer
@@ -44,7 +45,7 @@ class RolloutCounter:
     def _generate(self, prompts):
         output = super()._generate(prompts)
         if self.model.training:  # evaluation-time generation is not part of the budget
-            completion_ids = output[1]
+            completion_ids = trl_compat.completion_ids_of(output)
             self.rollouts += len(completion_ids)
             self.tokens_generated += sum(len(ids) for ids in completion_ids)
         return output

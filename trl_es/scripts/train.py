@@ -12,6 +12,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 from trl import ModelConfig, get_peft_config
 
+from .. import trl_compat
 from ..builtin_models import BUILTIN, resolve_model
 from ..recipes import ESScriptArguments, parse_train_args
 from ..rewards import resolve_reward_funcs
@@ -174,7 +175,7 @@ def save_interrupted(trainer) -> str:
     step = trainer.state.global_step
     trainer.accelerator.print(f"\ninterrupted: saving the weights after ES step {step} ...")
     trainer.model.zero_grad(set_to_none=True)  # a half-written pseudo-gradient must not reach the checkpoint
-    trainer._save_checkpoint(trainer.model, trial=None)
+    trl_compat.save_checkpoint(trainer)
     trainer.save_model(trainer.args.output_dir)
     folder = os.path.join(trainer.args.output_dir, f"checkpoint-{step}")
     trainer.accelerator.print(
