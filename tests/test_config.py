@@ -417,3 +417,27 @@ def test_every_grpo_field_set_to_a_non_default_value_is_honoured_or_warned(tmp_p
     else:
         assert field.name in HONOURED_GRPO_FIELDS
         assert getattr(converted, field.name) == getattr(grpo, field.name)
+
+
+def test_every_es_field_has_a_row_in_the_field_table():
+    """A new ESConfig field cannot be forgotten in the trajectory, seed-log, finiteness or strategy checks: it must be
+    given roles in config_fields.FIELD_ROLES, or be listed as having none."""
+    import dataclasses
+
+    from trl import GRPOConfig
+
+    from trl_es.config_fields import FIELD_ROLES, NO_ROLE_FIELDS
+
+    grpo = {f.name for f in dataclasses.fields(GRPOConfig)}
+    es_fields = {f.name for f in dataclasses.fields(ESConfig) if f.name not in grpo}
+    assert es_fields - set(FIELD_ROLES) == set(NO_ROLE_FIELDS)
+    assert not set(NO_ROLE_FIELDS) & set(FIELD_ROLES)
+    assert set(FIELD_ROLES) <= es_fields | grpo  # no row for a field that does not exist
+
+
+def test_a_strategy_field_set_for_another_strategy_is_named():
+    with pytest.raises(ValueError, match=r"ga_elite=False is read by strategy 'ga' only"):
+        ESConfig("out", ga_elite=False, bf16=False)
+    with pytest.raises(ValueError, match=r"sigma_decay=0.5 is read by strategy 'gaussian' and 'ga' only"):
+        ESConfig("out", strategy="cma", perturbation="svd", sigma_decay=0.5, bf16=False)
+    assert ESConfig("out", strategy="ga", sigma_decay=0.5, bf16=False).sigma_decay == 0.5

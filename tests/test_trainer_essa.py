@@ -66,7 +66,13 @@ def test_cma_resume_is_bit_identical(tiny_model_dir, tmp_path):
 
 
 def test_gaussian_es_over_singular_values_steps_them_with_the_optimizer(tiny_model_dir, tmp_path):
-    trainer = essa_trainer(tiny_model_dir, tmp_path, strategy="gaussian", population_size=4, sigma=0.05)
+    from trl_es import ESConfig
+
+    # cma_sigma0 back at its default: a CMA-ES setting given to the Gaussian strategy is refused by name
+    default_sigma0 = ESConfig.__dataclass_fields__["cma_sigma0"].default
+    trainer = essa_trainer(
+        tiny_model_dir, tmp_path, strategy="gaussian", population_size=4, sigma=0.05, cma_sigma0=default_sigma0
+    )
     start = trainer.perturbation_space.get_vector().clone()
     trainer.train()
     assert trainer.optimizer.param_groups[0]["params"][0] is trainer.perturbation_space.named_tensors()[0][1]

@@ -61,7 +61,8 @@ def test_resume_is_bit_exact_and_restores_the_genome(tiny_model_dir, tmp_path):
         (dict(ga_min_improvement=float("inf")), r"ESConfig.ga_min_improvement must be finite"),
         (dict(ga_elite="yes"), r"ESConfig.ga_elite: expected true or false"),
         # GA moves the weights by selection alone; a pull toward theta_0 would need the optimizer it does not use
-        (dict(anchor_decay=0.5), r"anchor_decay=0.5 .* strategy='ga' moves the weights by selection alone"),
+        (dict(anchor_decay=0.5), r"anchor_decay=0.5 is read by strategy 'gaussian' only .* GA write no gradient"),
+        (dict(cma_sigma0=0.5), r"cma_sigma0=0.5 is read by strategy 'cma' only"),
     ],
 )
 def test_bad_ga_settings_are_named(tmp_path, overrides, message):

@@ -154,7 +154,7 @@ def test_drift_fields_are_validated_by_name():
         ESConfig("out", sigma_decay=0.0, bf16=False)
     with pytest.raises(ValueError, match="anchor_decay must be finite and >= 0"):
         ESConfig("out", anchor_decay=-1.0, bf16=False)
-    with pytest.raises(ValueError, match="anchor_decay=0.1 acts on the Gaussian strategy"):
+    with pytest.raises(ValueError, match="anchor_decay=0.1 is read by strategy 'gaussian' only"):
         ESConfig("out", strategy="cma", perturbation="svd", anchor_decay=0.1, bf16=False)
     with pytest.raises(ValueError, match="log_frac_changed_completions compares greedy completions"):
         ESConfig("out", log_frac_changed_completions=True, temperature=1.0, bf16=False)

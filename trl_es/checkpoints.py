@@ -33,6 +33,8 @@ import zipfile
 
 import torch
 
+from . import config_fields
+
 
 logger = logging.getLogger(__name__)
 
@@ -42,40 +44,10 @@ OPTIMIZER_NAME = "optimizer.pt"
 _CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 _FORMAT = 1
 
-# Settings that define the ES trajectory: what noise step t draws (seed, population_size, antithetic, perturbation and
-# its rank and target modules, sigma), how rewards become update weights (fitness_shaping, normalize_per_prompt), and
-# which optimizer applies the update (optim: its state in the checkpoint only fits the same optimizer). Knobs that
-# change memory or logging but not the trajectory under greedy decoding (population_batch_size, perturbation_restore,
-# log_update_norm) are left out so that a resume on smaller hardware stays possible; learning_rate is left out because
-# the restored scheduler sets it anyway.
-TRAJECTORY_FIELDS = (
-    "population_size",
-    "sigma",
-    "antithetic",
-    "seed",
-    "perturbation",
-    "perturbation_rank",
-    "perturbation_target_modules",
-    "noise_generator",
-    "fitness_shaping",
-    "normalize_per_prompt",
-    "optim",
-    "strategy",
-    "svd_fraction",
-    "cma_sigma0",
-    "cma_diagonal",
-    "ga_elite",
-    "ga_min_improvement",
-    # the KL penalty on the fitness and how its reference moves
-    "beta",
-    "sync_ref_model",
-    "ref_model_sync_steps",
-    "ref_model_mixup_alpha",
-    # which member completes which prompts, the step's sigma, and the pull toward the initial weights
-    "prompt_groups",
-    "sigma_decay",
-    "anchor_decay",
-)
+# Settings that define the ES trajectory (config_fields.FIELD_ROLES): what noise step t draws, how rewards become
+# update weights, which optimizer applies the update. Knobs that change memory or logging but not the trajectory under
+# greedy decoding are left out so that a resume on smaller hardware stays possible.
+TRAJECTORY_FIELDS = config_fields.TRAJECTORY_FIELDS
 
 # Model weights in the forms Trainer.save_model writes (full model, sharded, PEFT adapter).
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")

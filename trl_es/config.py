@@ -16,6 +16,17 @@ from dataclasses import dataclass, field
 import torch
 from trl import GRPOConfig
 
+from .config_fields import (
+    ES_TAKES_OVER_WHEN_DEFAULT,
+    FINITE_FIELDS,
+    GENERATION_REUSE_FIELDS,
+    HONOURED_GRPO_FIELDS,
+    IGNORED_GRPO_FIELDS,
+    NOT_CONVERTED,
+    REUSE_REASON,
+    STRATEGY_FIELDS,
+    strategy_field_problem,
+)
 from .core import (
     FITNESS_SHAPINGS,
     LOW_RANK_KERNELS,
@@ -27,82 +38,20 @@ from .core import (
 from .recipe_checks import check_recipe_types, load_yaml_strict, type_problem
 
 
-__all__ = ["ESConfig", "check_recipe_types", "load_yaml_strict"]
+__all__ = [
+    "ESConfig",
+    "FINITE_FIELDS",
+    "HONOURED_GRPO_FIELDS",
+    "IGNORED_GRPO_FIELDS",
+    "check_recipe_types",
+    "load_yaml_strict",
+]
 
 
 logger = logging.getLogger(__name__)
 
 PERTURBATIONS = ("auto", "full", "lora", "low_rank", "svd")
-# Every field GRPOConfig adds to TrainingArguments is either honoured under ES (the first tuple) or ignored with a
-# reason (the dict; named in one warning when set). tests/test_config.py enumerates GRPOConfig, so a field a new TRL
-# release adds fails a test until it is sorted into one of the two.
-HONOURED_GRPO_FIELDS = (
-    # model loading and data, through GRPOTrainer's own __init__ and sampler
-    "model_init_kwargs", "trust_remote_code", "cast_lm_head_to_fp32", "disable_dropout", "shuffle_dataset",
-    # generation, through GRPO's generation backends (transformers, paged / continuous batching, vLLM, tools)
-    "num_generations", "num_generations_eval", "max_completion_length", "ds3_gather_for_generation",
-    "pad_to_multiple_of", "temperature", "top_p", "top_k", "min_p",
-    "generation_kwargs", "chat_template_kwargs", "repetition_penalty", "cache_implementation",
-    "use_transformers_continuous_batching", "transformers_continuous_batching_config", "use_transformers_paged",
-    "max_tool_calling_iterations", "use_vllm", "vllm_mode", "vllm_model_impl", "vllm_enable_sleep_mode",
-    "vllm_structured_outputs_regex", "vllm_server_base_url", "vllm_server_host", "vllm_server_port",
-    "vllm_server_timeout", "vllm_group_port", "vllm_gpu_memory_utilization", "vllm_max_model_length",
-    "vllm_tensor_parallel_size",
-    # rewards and steps: K ES steps per generation batch; combination of several reward functions
-    "num_iterations", "reward_weights", "multi_objective_aggregation", "router_aux_loss_coef",
-    # KL to a reference policy: a fitness penalty (trl_es.reference), the reference synced as in TR-DPO
-    "beta", "sync_ref_model", "ref_model_mixup_alpha", "ref_model_sync_steps",
-    # logging
-    "log_completions", "log_multimodal", "num_completions_to_print", "log_unique_prompts", "log_completions_hub_repo",
-)  # fmt: skip
-_LOSS = "shapes GRPO's policy-gradient loss; ES has no loss"
-# GRPO reuses one generation for several optimizer steps; ES generates afresh for every member of every step, so each
-# ES step takes the rows a GRPO optimizer step trains on (prompts of its own) and the pair follows the accumulation.
-GENERATION_REUSE_FIELDS = ("steps_per_generation", "generation_batch_size")
-_REUSE = (
-    "ES generates afresh every step, so there is no generation to reuse: each ES step takes its own prompts, as each "
-    "GRPO optimizer step does (steps_per_generation follows gradient_accumulation_steps)"
-)
-_IS = "corrects vLLM sampling for a policy-gradient loss; ES scores completions as they are"
-IGNORED_GRPO_FIELDS = {
-    **dict.fromkeys(GENERATION_REUSE_FIELDS, _REUSE),
-    "use_bias_correction_kl": (
-        "ES measures each member's KL on the member's own completions (importance ratio 1) and takes no gradient of "
-        "it, so the correction changes nothing"
-    ),
-    **dict.fromkeys(
-        (
-            "loss_type", "epsilon", "epsilon_high", "delta", "scale_rewards", "importance_sampling_level",
-            "mask_truncated_completions", "top_entropy_quantile", "off_policy_mask_threshold", "sapo_temperature_neg",
-            "sapo_temperature_pos", "vespo_k_pos", "vespo_lambda_pos", "vespo_k_neg", "vespo_lambda_neg",
-            "entropy_coef", "use_adaptive_entropy", "entropy_coef_min", "entropy_coef_max", "entropy_coef_delta",
-            "entropy_target",
-        ),
-        _LOSS,
-    ),
-    **dict.fromkeys(
-        (
-            "vllm_importance_sampling_correction", "vllm_importance_sampling_mode", "vllm_importance_sampling_cap",
-            "vllm_importance_sampling_clip_max", "vllm_importance_sampling_clip_min",
-        ),
-        _IS,
-    ),
-}  # fmt: skip
 _GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
-# Optimisation settings a GRPOConfig carries for a policy gradient: left at GRPO's defaults (AdamW at 1e-6, clipping
-# at 1.0, dropout on), they take ES's (SGD at Qiu et al.'s step for the run's sigma, no clipping, dropout off); values
-# the user set are kept. Data and decoding fields always keep the script's values: a value set equal to GRPO's default
-# (per_device_train_batch_size=8 is common) cannot be told apart from an unset one, and must not change the data.
-ES_TAKES_OVER_WHEN_DEFAULT = ("learning_rate", "optim", "max_grad_norm", "disable_dropout")
-# Never carried over: ES runs no backward pass, so activation checkpointing (GRPO's default, set through the
-# deprecated alias gradient_checkpointing) would only slow generation.
-NOT_CONVERTED = ("gradient_checkpointing", "activation_checkpointing")
-# A non-finite value in these reaches the weights: NaN sigma or learning rate turns every weight into NaN after one
-# step, inf clips nothing or everything.
-FINITE_FIELDS = (
-    "sigma", "learning_rate", "weight_decay", "max_grad_norm", "temperature", "beta", "ref_model_mixup_alpha",
-    "ga_min_improvement", "sigma_decay", "anchor_decay",
-)  # fmt: skip
 
 
 def derived_learning_rate(sigma: float, population_size: int, fitness_shaping: str, optim) -> float:
@@ -483,7 +432,7 @@ class ESConfig(GRPOConfig):
                 f"{self.generation_batch_size} rows (per_device_train_batch_size x processes x "
                 f"gradient_accumulation_steps): not whole prompts of num_generations={self.num_generations}."
             )
-        return [f"steps_per_generation={spg!r} (generation_batch_size={batch!r}): {_REUSE}"]
+        return [f"steps_per_generation={spg!r} (generation_batch_size={batch!r}): {REUSE_REASON}"]
 
     def _check_es_field_types(self):
         """Every field ESConfig declares holds a value of its annotated type, named if not.
@@ -624,19 +573,12 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"sigma_decay must be in (0, 1] (1 = constant sigma), got {self.sigma_decay}.")
         if not 0 <= self.anchor_decay < float("inf"):
             raise ValueError(f"anchor_decay must be finite and >= 0 (0 = off), got {self.anchor_decay}.")
-        if self.strategy == "cma":
-            for name, off in (("sigma_decay", 1.0), ("anchor_decay", 0.0)):
-                if getattr(self, name) != off:
-                    raise ValueError(
-                        f"{name}={getattr(self, name)} acts on the Gaussian strategy's sigma and pseudo-gradient; "
-                        f"strategy='cma' adapts its own step size and writes no gradient. Leave {name}={off}."
-                    )
-        if self.strategy == "ga" and self.anchor_decay:
-            raise ValueError(
-                f"anchor_decay={self.anchor_decay} adds a pull toward the initial weights to the pseudo-gradient, but "
-                "strategy='ga' moves the weights by selection alone (no gradient, no optimizer step). Leave "
-                "anchor_decay=0, or use strategy='gaussian'."
-            )
+        # Fields only some strategies read (config_fields.FIELD_ROLES): set for another, they would do nothing.
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name in STRATEGY_FIELDS:
+            problem = strategy_field_problem(name, getattr(self, name), defaults[name], self.strategy)
+            if problem:
+                raise ValueError(problem)
         if self.log_frac_changed_completions and self.temperature != 0:
             raise ValueError(
                 f"log_frac_changed_completions compares greedy completions, but temperature={self.temperature} "

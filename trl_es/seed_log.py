@@ -61,29 +61,17 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
+from .config_fields import SEED_LOG_FIELDS
+
 
 logger = logging.getLogger(__name__)
 
 LOG_NAME = "es_seed_log.jsonl"
 FORMAT = "trl-es seed log"
 VERSION = 1
-# ESConfig fields that decide the members' noise and the update; `perturbation` is recorded resolved (never "auto").
-ES_SETTINGS = (
-    "seed",
-    "population_size",
-    "antithetic",
-    "sigma",
-    "perturbation_rank",
-    "perturbation_target_modules",
-    "perturbation_restore",
-    "noise_generator",
-    "strategy",
-    "fitness_shaping",
-    "normalize_per_prompt",
-    "prompt_groups",
-    "sigma_decay",
-    "anchor_decay",
-)
+# ESConfig fields that decide the members' noise and the update (config_fields.FIELD_ROLES); `perturbation` is
+# recorded resolved (never "auto").
+ES_SETTINGS = SEED_LOG_FIELDS
 # Header parts a resumed run must share with its checkpoint's log, or the continued log would not replay.
 RESUME_MUST_MATCH = ("es", "optimizer", "evolved")
 # Param-group keys that are not hyperparameters: the tensors, the per-step lr, and the scheduler's bookkeeping.

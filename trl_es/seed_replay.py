@@ -16,6 +16,7 @@ import torch
 
 from . import trl_compat
 from .config import ESConfig
+from .config_fields import REPLAY_DEFAULTS
 from .core import Anchor, plain_sgd_problem, sgd_hyperparameters
 from .search import build_search
 from .seed_log import (
@@ -35,7 +36,7 @@ logger = logging.getLogger(__name__)
 REPLAYABLE_STRATEGIES = ("gaussian", "ga")
 REPLAYABLE_SPACES = ("full", "lora", "low_rank")
 # What a log written before a setting existed implies for it (the behaviour of the time).
-ES_SETTING_DEFAULTS = {"prompt_groups": 1, "sigma_decay": 1.0, "anchor_decay": 0.0, "noise_generator": "torch"}
+ES_SETTING_DEFAULTS = REPLAY_DEFAULTS
 # Chunk size that makes every tensor one chunk: the noise of seed logs written before chunks existed.
 WHOLE_TENSOR_NOISE = 2**62
 
