@@ -195,17 +195,10 @@ def test_frac_changed_completions_is_logged_and_costs_one_generation(tiny_model_
 
 def test_anchor_decay_is_refused_by_name_under_zero3(tiny_model):
     """The anchor is a whole copy of the initial weights on every process; ZeRO-3 shards them."""
-    from types import SimpleNamespace
-
     from trl_es.core import MemberNoise
-    from trl_es.search import build_space
+    from trl_es.search import Launch, build_space
 
-    plugin = SimpleNamespace(deepspeed_config={"zero_optimization": {"stage": 3}})
-    trainer = SimpleNamespace(
-        args=ESConfig("out", anchor_decay=0.1, perturbation="full", bf16=False),
-        model=tiny_model,
-        is_deepspeed_enabled=True,
-        accelerator=SimpleNamespace(state=SimpleNamespace(deepspeed_plugin=plugin), num_processes=1),
-    )
+    args = ESConfig("out", anchor_decay=0.1, perturbation="full", bf16=False)
+    launch = Launch(deepspeed_config={"zero_optimization": {"stage": 3}})
     with pytest.raises(ValueError, match="anchor_decay=0.1 needs a copy of the initial weights.*ZeRO-3"):
-        build_space(trainer, MemberNoise(0, 4))
+        build_space(tiny_model, args, MemberNoise(0, 4), launch)

@@ -1,11 +1,14 @@
 """From a model and an ``ESConfig`` to the search: which perturbation space, which strategy.
 
-The trainer calls :func:`build_search` once; every choice that depends on the model (PEFT adapters or not, which
-Linear layers) or on the launcher (DeepSpeed ZeRO-3 shards) is made here, so the training step never branches on
-them.
+The trainer calls :func:`build_search` once, and so does replay; every choice that depends on the model (PEFT
+adapters or not, which Linear layers) or on the launch (processes, DeepSpeed ZeRO-3 shards) is made here, so the
+training step never branches on them. The inputs are explicit: the model, the settings and a :class:`Launch`.
 """
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from accelerate.utils import is_peft_model
@@ -18,9 +21,30 @@ from .integrations.deepspeed import ZeRO3Space, check_zero3_trainer
 logger = logging.getLogger(__name__)
 
 
-def build_search(trainer) -> tuple[PerturbationSpace, Strategy]:
-    """The perturbation space and strategy for ``trainer.model`` under ``trainer.args``."""
-    args = trainer.args
+@dataclass(frozen=True)
+class Launch:
+    """How the run is launched, as far as the search cares (the default: one process, no DeepSpeed)."""
+
+    num_processes: int = 1
+    #: the DeepSpeed config when DeepSpeed is enabled (ZeRO-3 shards the weights each process perturbs), else None
+    deepspeed_config: dict | None = None
+    #: returns the DeepSpeed engine, which exists only once ``train()`` has prepared the model
+    deepspeed_engine: Callable[[], Any] | None = None
+
+    @classmethod
+    def of_trainer(cls, trainer) -> "Launch":
+        if not trainer.is_deepspeed_enabled:
+            return cls(num_processes=trainer.accelerator.num_processes)
+        return cls(
+            num_processes=trainer.accelerator.num_processes,
+            deepspeed_config=trainer.accelerator.state.deepspeed_plugin.deepspeed_config,
+            deepspeed_engine=lambda: trainer.deepspeed,
+        )
+
+
+def build_search(model, args, launch: Launch = Launch()) -> tuple[PerturbationSpace, Strategy]:
+    """The perturbation space and strategy for ``model`` under ``args`` (an ``ESConfig``, or any object with its
+    fields: replay passes the settings its seed log recorded)."""
     # CMA-ES draws its own candidates: mirrored pairs are a Gaussian-ES device.
     antithetic = args.antithetic and args.strategy != "cma"
     # The chunk size defines the noise of tensors above it; replay passes the one its seed log recorded.
@@ -31,9 +55,9 @@ def build_search(trainer) -> tuple[PerturbationSpace, Strategy]:
         getattr(args, "noise_chunk", NOISE_CHUNK),
         generator=getattr(args, "noise_generator", "torch"),
     )
-    space = build_space(trainer, noise)
+    space = build_space(model, args, noise, launch)
     if noise.counter_based:
-        _warn_if_philox_runs_on_torch_ops(trainer.model)
+        _warn_if_philox_runs_on_torch_ops(model)
     strategy = STRATEGIES[args.strategy].from_config(space, args)
     return space, strategy
 
@@ -51,8 +75,7 @@ def _warn_if_philox_runs_on_torch_ops(model) -> None:
         )
 
 
-def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
-    args, model = trainer.args, trainer.model
+def build_space(model, args, noise: MemberNoise, launch: Launch = Launch()) -> PerturbationSpace:
     requested = args.perturbation
     peft = is_peft_model(model)
     if requested != "low_rank" and args.low_rank_kernel != "auto":
@@ -71,8 +94,9 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
             "perturbation='lora' evolves PEFT adapter weights, but the model has none. Pass a `peft_config` "
             "(or a PeftModel), or use perturbation='full'."
         )
-    if trainer.is_deepspeed_enabled:
-        for warning in check_zero3_trainer(trainer.accelerator.state.deepspeed_plugin.deepspeed_config, requested):
+    deepspeed = launch.deepspeed_config is not None
+    if deepspeed:
+        for warning in check_zero3_trainer(launch.deepspeed_config, requested):
             logger.warning(warning)
         if getattr(args, "anchor_decay", 0.0):
             # The anchor is a copy of the whole evolved tensors on every process; ZeRO-3 exists not to hold them.
@@ -82,7 +106,7 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
                 "plain DDP."
             )
     if requested == "svd":
-        if trainer.is_deepspeed_enabled:
+        if deepspeed:
             raise ValueError(
                 "perturbation='svd' decomposes whole weight matrices; it does not run under DeepSpeed ZeRO-3 (use "
                 "plain DDP: the singular values are small enough to live on every process)."
@@ -103,8 +127,7 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
             args.sigma,
             rank=args.perturbation_rank,
             # default: one batched generate per process, the population split evenly over processes
-            members_per_forward=args.population_batch_size
-            or max(1, noise.population_size // trainer.accelerator.num_processes),
+            members_per_forward=args.population_batch_size or max(1, noise.population_size // launch.num_processes),
             kernel=args.low_rank_kernel,
         )
     if args.population_batch_size is not None:
@@ -117,11 +140,9 @@ def build_space(trainer, noise: MemberNoise) -> PerturbationSpace:
     named = [(name, param) for name, param in model.named_parameters() if param.requires_grad]
     if not named:
         raise ValueError("The model has no trainable parameters (requires_grad=True) to evolve.")
-    if trainer.is_deepspeed_enabled:
+    if deepspeed:
         # The engine exists only once train() has prepared the model; the space asks for it when it needs it.
-        return ZeRO3Space(
-            named, noise, args.sigma, engine=lambda: trainer.deepspeed, restore=args.perturbation_restore
-        )
+        return ZeRO3Space(named, noise, args.sigma, engine=launch.deepspeed_engine, restore=args.perturbation_restore)
     return InPlaceSpace(named, noise, args.sigma, restore=args.perturbation_restore)
 
 

@@ -117,18 +117,15 @@ def build_replay_search(model, log: SeedLog):
     # say what each step did, so those settings only have to build the strategy. A setting a log written before it
     # existed lacks takes the behaviour of the time (ES_SETTING_DEFAULTS).
     defaults = {f.name: f.default for f in dataclasses.fields(ESConfig) if f.default is not dataclasses.MISSING}
-    args = SimpleNamespace(**defaults)
-    vars(args).update(
+    settings = SimpleNamespace(**defaults)
+    vars(settings).update(
         {name: es[name] if name in es else ES_SETTING_DEFAULTS[name] for name in ES_SETTINGS},
         perturbation=es["perturbation"],
     )
-    args.population_batch_size = None  # how members share a forward; replay runs no forward
+    settings.population_batch_size = None  # how members share a forward; replay runs no forward
     # A log without noise_chunk predates chunked noise: each tensor's noise was one draw, i.e. a single chunk.
-    args.noise_chunk = es.get("noise_chunk", WHOLE_TENSOR_NOISE)
-    setup = SimpleNamespace(
-        args=args, model=model, is_deepspeed_enabled=False, accelerator=SimpleNamespace(num_processes=1)
-    )
-    space, strategy = build_search(setup)
+    settings.noise_chunk = es.get("noise_chunk", WHOLE_TENSOR_NOISE)
+    space, strategy = build_search(model, settings)  # one process, no DeepSpeed: the weights are whole here
     names = [name for name, _ in space.named_tensors()]
     if names != log.header["evolved"]:
         recorded = log.header["evolved"]

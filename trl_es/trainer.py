@@ -60,7 +60,7 @@ from .integrations.deepspeed import init_deepspeed_comm
 from .reference import ReferenceKL, ReferenceModelAttribute
 from .rewards import wrap_reward_funcs
 from .router_balance import RouterBalance
-from .search import build_search, space_name
+from .search import Launch, build_search, space_name
 from .seed_log import SeedLogCallback
 from .update_step import UpdateStepMixin
 
@@ -175,7 +175,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         # Greedy rollouts of a repeated row are copies only when nothing outside the model (tools, environments, a
         # rollout function) takes part; otherwise the repeats are real samples and are all generated.
         self._drop_repeats = self._greedy and trl_compat.rollouts_depend_only_on_rows(self)
-        self.perturbation_space, self.strategy = build_search(self)
+        self.perturbation_space, self.strategy = build_search(self.model, args, Launch.of_trainer(self))
         self.perturbation_name = space_name(self.perturbation_space, self.model)
         # theta_0 for anchor_decay: the evolved tensors as the run starts (a resume loads the checkpoint's copy).
         self.anchor = (
