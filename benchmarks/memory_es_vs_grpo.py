@@ -20,6 +20,10 @@ restore while a member generates, the update-norm snapshot during the update: ne
 ``inplace_update`` (what each ES variant resolved to), ``load_average``.
 
     python benchmarks/memory_es_vs_grpo.py [--json OUT.json]
+    python benchmarks/memory_es_vs_grpo.py --model builtin:smollm2-135m-instruct   # a real pretrained model
+
+``--model`` measures a given model (a local folder or a ``builtin:`` name) instead of the random-init one; its chat
+template is not used (the prompts are the embedded task's plain text, the same for every variant).
 """
 
 import argparse
@@ -41,15 +45,32 @@ def reward_length(completions, **kwargs):
     return [float(len(c)) for c in completions]
 
 
-def run_variant(variant: str) -> dict:
+def load(model_name: str | None):
+    """(model, tokenizer): ``model_name`` (a folder or ``builtin:`` name) in fp32, or the random-init ~101M one."""
     import torch
 
-    from trl_es.tasks import arithmetic_dataset
     from trl_es.tasks.build_policy import build_model, build_tokenizer
 
+    if model_name:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from trl_es.builtin_models import resolve_model
+
+        folder = resolve_model(model_name)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), tokenizer
     tokenizer = build_tokenizer()
     model = build_model(tokenizer, hidden_size=HIDDEN, num_layers=LAYERS, intermediate_size=INTERMEDIATE, seed=0)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def run_variant(variant: str, model_name: str | None = None) -> dict:
+    import torch
+
+    from trl_es.tasks import arithmetic_dataset
+
+    model, tokenizer = load(model_name)
     parameters = sum(p.numel() for p in model.parameters())
     dataset = arithmetic_dataset("train", size=PROMPTS * STEPS * 4)
     common = dict(
@@ -110,18 +131,18 @@ def run_variant(variant: str) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the measurements and ratios to this file")
+    parser.add_argument("--model", help="a local model folder or builtin: name (default: a random-init ~101M model)")
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # child process mode
     args = parser.parse_args()
     if args.variant:
-        print(json.dumps(run_variant(args.variant)))
+        print(json.dumps(run_variant(args.variant, args.model)))
         return
     load_start = os.getloadavg()
     print(f"load average at start: {' '.join(f'{x:.2f}' for x in load_start)}")
     results = {}
     for variant in VARIANTS:  # one at a time: two jobs on two cores disturb each other
-        output = subprocess.run(
-            [sys.executable, __file__, "--variant", variant], capture_output=True, text=True, check=False
-        )
+        command = [sys.executable, __file__, "--variant", variant, *(["--model", args.model] if args.model else [])]
+        output = subprocess.run(command, capture_output=True, text=True, check=False)
         if output.returncode != 0:
             sys.exit(f"{variant} failed:\n{output.stderr[-3000:]}")
         results[variant] = json.loads(output.stdout.strip().splitlines()[-1])
@@ -132,6 +153,7 @@ def main() -> None:
     floor = results["inference"]["peak_rss_mb"]
     grpo = results["grpo"]["peak_rss_mb"]
     summary = {
+        "model": args.model or f"random-init Qwen2-style (hidden {HIDDEN}, {LAYERS} layers)",
         "parameters": results["es"]["parameters"],
         "weights_mb": round(weights, 1),
         "peak_rss_mb": {v: round(r["peak_rss_mb"], 1) for v, r in results.items()},

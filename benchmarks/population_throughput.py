@@ -46,6 +46,10 @@ quickstart model at top level and for a ~25M-parameter model of the same family 
 ``load_average`` (start, end) of the run.
 
     python benchmarks/population_throughput.py --json outputs/population_throughput.json
+    python benchmarks/population_throughput.py --model builtin:smollm2-135m-instruct --skip_larger   # a real model
+
+``--model`` (a local folder or a ``builtin:`` name) measures that model in place of the quickstart policy (prompts:
+the embedded task's plain text, without a chat template).
 """
 
 import argparse
@@ -58,6 +62,7 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from trl_es.builtin_models import resolve_model
 from trl_es.core import InPlaceSpace, LowRankSpace, MemberNoise, cpu_kernel, philox, pseudo_gradient_coefficients
 from trl_es.tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset
 from trl_es.tasks.build_policy import build_model, build_tokenizer
@@ -406,16 +411,20 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--full_rows", type=int, default=128, help="rows of one member's generation pass (full)")
     parser.add_argument("--skip_larger", action="store_true")
+    parser.add_argument("--model", help="a local model folder or builtin: name instead of the quickstart policy")
     args = parser.parse_args()
     torch.manual_seed(0)
     load_start = os.getloadavg()
     print(f"load average at start: {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}")
 
-    tokenizer = AutoTokenizer.from_pretrained(ARITHMETIC_POLICY_DIR)
-    model = AutoModelForCausalLM.from_pretrained(ARITHMETIC_POLICY_DIR, dtype=torch.float32).eval()
+    folder = resolve_model(args.model) if args.model else ARITHMETIC_POLICY_DIR
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.padding_side = "left"  # a decoder-only batch pads on the left (a no-op for the quickstart tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     settings = (args.members, args.prompts, args.new_tokens, args.rank, args.repeats, args.full_rows)
     result = measure(model, tokenizer, *settings)
-    report("quickstart policy", result)
+    result["model"] = args.model or "builtin:arithmetic-policy"
+    report(args.model or "quickstart policy", result)
     if not args.skip_larger:
         tokenizer = build_tokenizer()
         larger = build_model(tokenizer, hidden_size=512, num_layers=8, intermediate_size=1408).eval()
