@@ -78,21 +78,26 @@ def smollm2_policy(rung: str, cache: Path) -> Path:
     return Path(resolve_model("builtin:smollm2-135m-instruct"))
 
 
-def select_ladder() -> Ladder:
-    derived = tuple(
-        DerivedArm(name, base, ((RUNG, (*settings, *SELECT_BUDGET[base])),))
-        for name, (base, settings) in SELECT_POINTS.items()
-    )
+def phase_ladder(base_seconds: float, eval_points: int, seeds, plain_arms, derived_arms) -> Ladder:
+    """A phase: the one-rung ladder on the recipe, its arms with or without settings of their own."""
     return Ladder(
         recipe=str(RECIPE),
         budget_rollouts=BUDGET_ROLLOUTS,
-        base_seconds=SELECT_SECONDS,
-        eval_points=1,
+        base_seconds=base_seconds,
+        eval_points=eval_points,
         rungs=(RUNG,),
-        seeds=(42,),
-        arms=(),
-        derived_arms=derived,
+        seeds=tuple(seeds),
+        arms=tuple(plain_arms),
+        derived_arms=tuple(derived_arms),
     )
+
+
+def select_ladder() -> Ladder:
+    derived = [
+        DerivedArm(name, base, ((RUNG, (*settings, *SELECT_BUDGET[base])),))
+        for name, (base, settings) in SELECT_POINTS.items()
+    ]
+    return phase_ladder(SELECT_SECONDS, 1, (42,), (), derived)
 
 
 def selected(select_results: Path) -> dict[str, dict] | None:
@@ -121,16 +126,9 @@ def measure_ladder(choice: dict[str, dict]) -> Ladder:
     """ES and GRPO at their selected points. A chosen point other than the recipe's own is the arm's overrides, part
     of every unit's command and result file (the units keep the plain names ``es`` and ``grpo`` either way)."""
     own = {base: tuple(choice[base]["overrides"]) for base in ("es", "grpo")}
-    return Ladder(
-        recipe=str(RECIPE),
-        budget_rollouts=BUDGET_ROLLOUTS,
-        base_seconds=MEASURE_SECONDS,
-        eval_points=4,
-        rungs=(RUNG,),
-        seeds=(42, 43, 44),
-        arms=tuple(base for base in own if not own[base]),
-        derived_arms=tuple(DerivedArm(base, base, ((RUNG, own[base]),)) for base in own if own[base]),
-    )
+    plain = [base for base in own if not own[base]]
+    derived = [DerivedArm(base, base, ((RUNG, own[base]),)) for base in own if own[base]]
+    return phase_ladder(MEASURE_SECONDS, 4, (42, 43, 44), plain, derived)
 
 
 def status(ladder: Ladder, store: RungStore) -> None:
