@@ -354,3 +354,10 @@ def test_ctrl_c_during_the_update_finishes_the_step_so_the_weights_match_global_
     expected = uninterrupted.model.state_dict()
     for name, tensor in load_file(tmp_path / "saved" / "model.safetensors").items():
         assert torch.equal(tensor, expected[name]), f"{name}: the saved weights are not those of step 2"
+
+
+def test_vllm_with_a_space_the_engine_cannot_see_is_refused_by_name(tiny_model_dir, tmp_path):
+    # low_rank's members live in forward hooks on the trainer's model: a vLLM engine would generate every member as
+    # the unperturbed model. Refused before any engine (or vLLM import) is involved.
+    with pytest.raises(ValueError, match=r"use_vllm=True with perturbation='low_rank'.*forward hooks"):
+        make_trainer(tiny_model_dir, tmp_path, length_reward, use_vllm=True, perturbation="low_rank")

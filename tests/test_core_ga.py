@@ -5,7 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-from trl_es.core import STRATEGIES, InPlaceSpace, LowRankSpace, MemberNoise
+from trl_es.core import STRATEGIES, InPlaceSpace, LowRankSpace, MemberNoise, UpdateKind
+from trl_es.core.apply import apply_update
 from trl_es.core.strategies import GeneticAlgorithm
 from trl_es.core.svd import SVDSpace
 
@@ -54,14 +55,20 @@ def test_the_winner_becomes_the_weights_bit_identically_and_joins_the_genome():
     parent = weights(params)
     with strategy.perturbed(4, [0]):  # the parent is scored as it is
         assert all(torch.equal(a, b) for a, b in zip(weights(params), parent))
+    unchanged = weights(params)
     update = strategy.tell(4, torch.tensor([0.0, 0.1, 0.2, 0.9, 0.3, 0.4]))
-    assert update.winner == 3 and update.coefficients is None and update.shaped.shape == (6,)
+    assert update.kind is UpdateKind.SELECTION and update.winner == 3 and update.coefficients is None
+    assert update.shaped.shape == (6,)
+    assert all(torch.equal(a, b) for a, b in zip(weights(params), unchanged)), "tell leaves the weights alone"
+    apply_update(space, 4, update)
     assert all(torch.equal(a, b) for a, b in zip(weights(params), scored)), "not the weights member 3 was scored with"
     assert not any(torch.equal(a, b) for a, b in zip(weights(params), parent))
     assert strategy.genome == [(4, 3)]
     # the parent kept: nothing moves, the genome does not grow
     before = weights(params)
-    assert strategy.tell(5, torch.tensor([1.0, 0.1, 0.2, 0.9, 0.3, 0.4])).winner is None
+    kept = strategy.tell(5, torch.tensor([1.0, 0.1, 0.2, 0.9, 0.3, 0.4]))
+    assert kept.winner is None
+    apply_update(space, 5, kept)
     assert all(torch.equal(a, b) for a, b in zip(weights(params), before)) and strategy.genome == [(4, 3)]
 
 
@@ -80,7 +87,7 @@ def test_elitism_climbs_a_toy_objective_monotonically():
             with strategy.perturbed(step, [member]):
                 fitness[member] = objective()
         parents.append(float(fitness[0]))
-        strategy.tell(step, fitness)
+        apply_update(space, step, strategy.tell(step, fitness))
     assert all(b >= a for a, b in zip(parents, parents[1:])), "elitism: the parent never gets worse"
     assert objective() > start + 1.0 and len(strategy.genome) > 10
 
@@ -106,7 +113,7 @@ def test_singular_value_space_applies_the_scored_member_bit_identically():
     strategy = GeneticAlgorithm(space)
     with strategy.perturbed(2, [1]):
         scored = [p.detach().clone() for p in model.parameters()]
-    strategy.tell(2, torch.tensor([0.0, 1.0, 0.5, 0.2]))
+    apply_update(space, 2, strategy.tell(2, torch.tensor([0.0, 1.0, 0.5, 0.2])))
     assert all(torch.equal(a, b.detach()) for a, b in zip(scored, model.parameters()))
 
 

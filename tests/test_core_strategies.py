@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from trl_es.core import STRATEGIES, GaussianES, InPlaceSpace, MemberNoise, shape_fitness
+from trl_es.core import STRATEGIES, GaussianES, InPlaceSpace, MemberNoise, UpdateKind, shape_fitness
 
 
 def make_space(restore="copy", population=4, chunk_size=2**20):
@@ -13,13 +13,17 @@ def make_space(restore="copy", population=4, chunk_size=2**20):
     return InPlaceSpace(params, noise, sigma=0.1, restore=restore), params
 
 
-def test_gaussian_tell_writes_the_pseudo_gradient_by_hand():
+def test_gaussian_update_is_the_pseudo_gradient_by_hand():
     space, params = make_space()
     strategy = STRATEGIES["gaussian"](space, fitness_shaping="centered_rank")
     fitness = torch.tensor([1.0, 0.0, 3.0, 2.0])
+    before = [param.detach().clone() for _, param in params]
     update = strategy.tell(0, fitness)
     shaped = shape_fitness(fitness, "centered_rank")
-    assert torch.equal(update.shaped, shaped)
+    assert update.kind is UpdateKind.GRADIENT and torch.equal(update.shaped, shaped)
+    # tell leaves the weights and their gradients alone: core.apply.apply_update makes the update
+    assert all(param.grad is None and torch.equal(param, b) for (_, param), b in zip(params, before))
+    space.write_gradients(0, update.coefficients)
     for name, param in params:
         # antithetic: direction k = member 2k with +, member 2k+1 with -; g = -(1 / (N sigma)) sum_i f_i eps_i
         expected = torch.zeros(3, 2)

@@ -77,7 +77,7 @@ def no_signal(completions, **kwargs):
 def test_a_kept_parent_is_logged_and_a_long_stall_is_named(tiny_model_dir, tmp_path):
     from conftest import snapshot
 
-    from trl_es.trainer import GA_STALL_GENERATIONS
+    from trl_es.step_logs import GA_STALL_GENERATIONS
 
     trainer = ESTrainer(
         tiny_model_dir,

@@ -1,5 +1,7 @@
 """The in-place update (ESConfig.inplace_update): plain SGD applied from the seeds, with no p.grad, trains the very
-same weights as the p.grad path, while the optimizer steps nothing, the LR schedule advances and the metrics stay."""
+same weights as the p.grad path, while the optimizer keeps no state, the LR schedule advances and the metrics stay.
+Either way the update is made in the ES step (core.apply.apply_update), so the Trainer's optimizer step finds no
+gradient."""
 
 import pytest
 import torch
@@ -11,7 +13,7 @@ from trl_es.tasks import arithmetic_dataset
 
 
 class WatchOptimizerStep(TrainerCallback):
-    """Records, at every optimizer step, which evolved tensors hold a gradient and whether the optimizer kept state."""
+    """Records, at every Trainer optimizer step, which evolved tensors hold a gradient and the optimizer's state."""
 
     def __init__(self):
         self.trainer = None
@@ -56,11 +58,12 @@ def run(model_dir, output_dir, perturbation, inplace_update, **overrides):
 def test_inplace_update_trains_bit_identical_weights(tiny_model_dir, tmp_path, perturbation, weight_decay):
     inplace, before, watch = run(tiny_model_dir, tmp_path / "a", perturbation, None, weight_decay=weight_decay)
     grad, _, grad_watch = run(tiny_model_dir, tmp_path / "b", perturbation, False, weight_decay=weight_decay)
-    assert inplace._inplace_update and inplace.strategy.update_in_place  # auto: plain SGD, max_grad_norm=0
-    assert not grad._inplace_update and not grad.strategy.update_in_place
-    # the optimizer stepped (3 times) but found no gradient, kept no state; the p.grad path had gradients
-    assert watch.grads_seen == [[], [], []] and watch.state_sizes == [0, 0, 0]
-    assert all(grad_watch.grads_seen)
+    assert inplace._inplace_update  # auto: plain SGD, max_grad_norm=0
+    assert not grad._inplace_update
+    # the Trainer's optimizer stepped (3 times) but found no gradient: both paths updated within the ES step, and
+    # neither left optimizer state (plain SGD)
+    assert watch.grads_seen == grad_watch.grads_seen == [[], [], []]
+    assert watch.state_sizes == grad_watch.state_sizes == [0, 0, 0]
     moved = [n for n, p in inplace.model.named_parameters() if not torch.equal(p.detach(), before[n])]
     assert moved, "the run must move the weights, or the comparison proves nothing"
     for (name, p), (_, q) in zip(inplace.model.named_parameters(), grad.model.named_parameters(), strict=True):
@@ -100,7 +103,7 @@ def test_auto_falls_back_to_p_grad_when_the_optimizer_needs_it(tiny_model_dir, t
     )
     with caplog.at_level(logging.INFO, logger="trl_es.update_step"):
         trainer.create_optimizer()
-    assert not trainer._inplace_update and not trainer.strategy.update_in_place
+    assert not trainer._inplace_update
     if reason:
         assert "written to p.grad for the optimizer" in caplog.text and reason in caplog.text
 

@@ -94,34 +94,27 @@ def test_anchor_decay_pulls_toward_the_initial_weights(tiny_model_dir, tmp_path,
     """Step 1 starts at theta_0 (no pull); from step 2 on the gradient holds anchor_decay * (theta - theta_0)."""
     trainer = make_trainer(tiny_model_dir, tmp_path, anchor_decay=0.5, max_steps=3)
     initial = snapshot(trainer.model)
-    grads = []
-    original = trainer.strategy.tell
-
-    def tell_then_record(step, fitness):
-        update = original(step, fitness)
-        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters()})
-        return update
-
     pulls = []
     add_pull = trainer.anchor.add_pull
 
     def recording_pull(named):
+        # core.apply.apply_update adds the pull after the space wrote the ES pseudo-gradient, before clipping
         weights = {n: t.detach().clone() for n, t in named}
+        es_grads = {n: t.grad.clone() for n, t in named}
         distance = add_pull(named)
-        pulls.append((weights, {n: t.grad.clone() for n, t in named}, distance))
+        pulls.append((weights, es_grads, {n: t.grad.clone() for n, t in named}, distance))
         return distance
 
-    monkeypatch.setattr(trainer.strategy, "tell", tell_then_record)
     monkeypatch.setattr(trainer.anchor, "add_pull", recording_pull)
     trainer.train()
     assert len(pulls) == 3
-    for es_grads, (weights, total, distance) in zip(grads, pulls, strict=True):
+    for weights, es_grads, total, distance in pulls:
         squared = 0.0
         for name, weight in weights.items():
             torch.testing.assert_close(total[name], es_grads[name] + 0.5 * (weight - initial[name]))
             squared += float((weight - initial[name]).double().square().sum())
         assert distance == pytest.approx(squared**0.5)
-    assert pulls[0][2] == 0.0 and pulls[2][2] > 0
+    assert pulls[0][3] == 0.0 and pulls[2][3] > 0
     logged = [log["es/anchor_distance"] for log in trainer.state.log_history if "es/anchor_distance" in log]
     assert len(logged) == 3
 

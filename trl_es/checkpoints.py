@@ -391,6 +391,45 @@ def check_optimizer_state(folder: str, optimizer) -> None:
 # ---------------------------------------------------------------------------------------------- resume
 
 
+ES_STATE_NAME = "es_state.pt"  # a checkpoint's search state beyond the weights, when there is any
+
+
+def save_search_state(folder: str, parts: dict) -> None:
+    """Save ``{"strategy", "space", "reference", "anchor"}``'s ``state_dict()``s (``anchor``: None without
+    anchor_decay) to ``folder/es_state.pt``, when any of them holds something."""
+    state = {name: part.state_dict() for name, part in parts.items() if part is not None}
+    if any(state.values()):
+        torch.save(state, os.path.join(folder, ES_STATE_NAME))
+
+
+def load_search_state(folder: str, parts: dict, args, perturbation: str) -> None:
+    """Load what :func:`save_search_state` wrote into ``parts``; raises, naming what is missing, when the run needs
+    state the checkpoint does not hold."""
+    path = os.path.join(folder, ES_STATE_NAME)
+    anchor = parts.get("anchor")
+    if os.path.isfile(path):
+        state = torch.load(path, weights_only=True)
+        for name in ("space", "strategy", "reference"):
+            parts[name].load_state_dict(state.get(name, {}))
+        if anchor is not None:
+            if "anchor" not in state:
+                raise ValueError(
+                    f"{folder} holds no anchor (the initial weights anchor_decay pulls toward): it was trained "
+                    "without anchor_decay; resume with anchor_decay=0 or start a new run."
+                )
+            anchor.load_state_dict(state["anchor"])
+    elif anchor is not None:
+        raise ValueError(
+            f"{folder} has no {ES_STATE_NAME} with the anchor (initial weights) that anchor_decay={args.anchor_decay} "
+            "pulls toward: it was trained without anchor_decay."
+        )
+    elif any(parts[name].state_dict() for name in ("strategy", "space", "reference")):
+        raise ValueError(
+            f"{folder} has no {ES_STATE_NAME}, but strategy={args.strategy!r} with perturbation={perturbation!r} "
+            "needs it to resume (the search state is not in the weights)."
+        )
+
+
 def prepare_resume(resume_from_checkpoint, args, perturbation: str | None = None) -> str | None:
     """The checkpoint folder to resume from, checked: what ``ESTrainer.train`` should hand to ``Trainer.train``.
 

@@ -25,6 +25,7 @@ from .config_fields import (
     NOT_CONVERTED,
     REUSE_REASON,
     STRATEGY_FIELDS,
+    inplace_update_problem,
     strategy_field_problem,
 )
 from .core import (
@@ -533,25 +534,9 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"cma_sigma0 must be finite and > 0, got {self.cma_sigma0}.")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
-        if self.inplace_update:
-            # What a config alone can tell; the optimizer actually built is checked when training starts.
-            if self.max_grad_norm:
-                raise ValueError(
-                    "inplace_update=True applies the update without a gradient, so "
-                    f"max_grad_norm={self.max_grad_norm} could not clip it; set max_grad_norm=0, or "
-                    "inplace_update=None (auto) to write p.grad when clipping."
-                )
-            if self.anchor_decay:
-                raise ValueError(
-                    f"inplace_update=True applies the update without a gradient, but anchor_decay={self.anchor_decay} "
-                    "adds its pull to the gradient; set anchor_decay=0, or inplace_update=None (auto)."
-                )
-            if str(self.optim) != "sgd":
-                raise ValueError(
-                    "inplace_update=True needs optim='sgd' (plain SGD, no optimizer state), got "
-                    f"optim={str(self.optim)!r}; "
-                    "set inplace_update=None (auto) to use the p.grad path with other optimizers."
-                )
+        problem = inplace_update_problem(self) if self.inplace_update else None
+        if problem:  # what a config alone can tell; the optimizer actually built is checked when training starts
+            raise ValueError(problem)
         self._check_drift_and_group_fields()
 
     def _check_drift_and_group_fields(self):

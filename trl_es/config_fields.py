@@ -172,3 +172,24 @@ ES_TAKES_OVER_WHEN_DEFAULT = ("learning_rate", "optim", "max_grad_norm", "disabl
 # Never carried over: ES runs no backward pass, so activation checkpointing (GRPO's default, set through the
 # deprecated alias gradient_checkpointing) would only slow generation.
 NOT_CONVERTED = ("gradient_checkpointing", "activation_checkpointing")
+
+
+def inplace_update_problem(args) -> str | None:
+    """Why ``inplace_update=True`` cannot hold for these settings, as far as the config alone tells (the optimizer
+    actually built is checked when training starts), or None."""
+    if args.max_grad_norm:
+        return (
+            f"inplace_update=True applies the update without a gradient, so max_grad_norm={args.max_grad_norm} could "
+            "not clip it; set max_grad_norm=0, or inplace_update=None (auto) to write p.grad when clipping."
+        )
+    if args.anchor_decay:
+        return (
+            f"inplace_update=True applies the update without a gradient, but anchor_decay={args.anchor_decay} adds "
+            "its pull to the gradient; set anchor_decay=0, or inplace_update=None (auto)."
+        )
+    if str(args.optim) != "sgd":
+        return (
+            f"inplace_update=True needs optim='sgd' (plain SGD, no optimizer state), got optim={str(args.optim)!r}; "
+            "set inplace_update=None (auto) to use the p.grad path with other optimizers."
+        )
+    return None

@@ -15,7 +15,7 @@ Format (JSON lines, UTF-8):
   (``evolved``),
   for PEFT runs the adapter config and the initial adapter weights (``peft``; PEFT draws the initial adapter from the
   global RNG of whichever process built the model, so no recorded seed reproduces it), and ``base_weights_hash``.
-* then one record per optimizer step, written once the step is done::
+* then one record per ES step, written once its update is made::
 
       {"step":7,"lr":0.0004,"c":"<base64>"}
 
@@ -62,6 +62,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from .config_fields import SEED_LOG_FIELDS
+from .core import UpdateKind
 
 
 logger = logging.getLogger(__name__)
@@ -239,20 +240,17 @@ def build_header(trainer, optimizer: torch.optim.Optimizer, with_base: bool = Tr
 
 
 class SeedLogCallback(TrainerCallback):
-    """Writes ``trainer``'s seed log: the header when training starts, a record after every optimizer step, the
-    log's prefix into every checkpoint folder.
+    """Writes ``trainer``'s seed log: the header when training starts, a record after every ES step's update (the
+    trainer calls :meth:`record`), the log's prefix into every checkpoint folder.
 
-    The step's coefficients come from ``trainer.last_strategy_update`` (``(step, StrategyUpdate)``, set by the ES
-    step); the learning rate is read in the optimizer's step pre-hook, i.e. what the optimizer steps with, before the
-    scheduler moves it. ``resume_from`` is the ``resume_from_checkpoint`` passed to ``train``.
+    The learning rate recorded is the optimizer's when the update was made, before the scheduler moves it.
+    ``resume_from`` is the ``resume_from_checkpoint`` passed to ``train``.
     """
 
     def __init__(self, trainer):
         self.trainer = trainer
         self.resume_from = None
         self.path: str | None = None  # None: this process writes no log
-        self._hooks = []
-        self._pending: dict | None = None
         self._last_step: int | None = None
         self._last_state = _dumps({})
 
@@ -288,10 +286,6 @@ class SeedLogCallback(TrainerCallback):
         self.path = os.path.join(args.output_dir, LOG_NAME)
         with open(self.path, "w") as file:  # a new run (or a resumed one) replaces a log left in output_dir
             file.write("".join(line + "\n" for line in lines))
-        self._hooks = [
-            optimizer.register_step_pre_hook(self._before_step),
-            optimizer.register_step_post_hook(self._after_step),
-        ]
 
     def _checkpoint_prefix(self, args, global_step: int, header: dict) -> "SeedLog | None":
         """The log of the checkpoint this run resumes from, if it can be continued."""
@@ -331,47 +325,36 @@ class SeedLogCallback(TrainerCallback):
             return None
         return log
 
-    # ------------------------------------------------------------------ every optimizer step
+    # ------------------------------------------------------------------ every ES step
 
-    def _before_step(self, optimizer, *_):
-        step, update = self.trainer.last_strategy_update or (None, None)
-        global_step = self.trainer.state.global_step
-        if step == global_step and step != self._last_step and update is None:
-            # A step without signal (every reward None): no gradient, so the optimizer left every tensor alone.
-            lrs = [float(group["lr"]) for group in optimizer.param_groups]
-            self._pending = {"step": step, "lr": lrs[0] if len(set(lrs)) == 1 else lrs, "skip": True}
+    def record(self, step: int, update) -> None:
+        """Append the record of ES step ``step``, whose update (``StrategyUpdate``; None for a step without signal,
+        which made none) ESTrainer has just applied, with the learning rates it was applied with. One write per
+        record, appended right away: a killed run leaves at most its last line cut short."""
+        if self.path is None:
             return
-        if update is None or step != global_step or step == self._last_step:
-            raise RuntimeError(
-                f"seed log: the optimizer steps at global step {global_step}, but the last ES update is for step "
-                f"{step}{' (already logged)' if step == self._last_step else ''}; ESTrainer must set "
-                "`last_strategy_update` in every ES step."
-            )
-        lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        if step == self._last_step:
+            raise RuntimeError(f"seed log: ES step {step} is already logged")
+        lrs = [float(group["lr"]) for group in _torch_optimizer(self.trainer.optimizer).param_groups]
         record = {"step": step, "lr": lrs[0] if len(set(lrs)) == 1 else lrs}
-        coefficients = update.coefficients
-        if coefficients is None and self.trainer.strategy.selects_a_member:
+        if update is None:
+            record["skip"] = True  # no signal (every reward None): the weights were left alone
+        elif update.kind is UpdateKind.SELECTION:
             record["c"], record["winner"] = None, update.winner  # replay applies the winner's perturbation
-        elif coefficients is None:
+        elif update.coefficients is None:
             record["c"] = None  # the strategy set the tensors itself: replay will refuse this step, by name
         else:
-            record["c"] = encode_tensor(coefficients)
-            if coefficients.dtype != torch.float32:
-                record["dtype"] = _dtype_name(coefficients.dtype)
-        strategy_state = _dumps(_jsonable(self.trainer.strategy.seed_log_state(), "strategy state"))
-        if strategy_state != self._last_state:
-            record["state"] = json.loads(strategy_state)
-            self._last_state = strategy_state
-        self._pending = record
-
-    def _after_step(self, optimizer, *_):
-        record, self._pending = self._pending, None
-        if record is None or self.path is None:
-            return
-        # One write per record, appended right away: a killed run leaves at most its last line cut short.
+            record["c"] = encode_tensor(update.coefficients)
+            if update.coefficients.dtype != torch.float32:
+                record["dtype"] = _dtype_name(update.coefficients.dtype)
+        if update is not None:
+            strategy_state = _dumps(_jsonable(self.trainer.strategy.seed_log_state(), "strategy state"))
+            if strategy_state != self._last_state:
+                record["state"] = json.loads(strategy_state)
+                self._last_state = strategy_state
         with open(self.path, "a") as file:
             file.write(_dumps(record) + "\n")
-        self._last_step = record["step"]
+        self._last_step = step
 
     # ------------------------------------------------------------------ checkpoints, end
 
@@ -388,9 +371,7 @@ class SeedLogCallback(TrainerCallback):
         self._stop()
 
     def _stop(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks, self._pending, self.path = [], None, None
+        self.path = None
 
 
 # ---------------------------------------------------------------------------------------------- reading

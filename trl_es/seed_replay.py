@@ -17,7 +17,8 @@ import torch
 from . import trl_compat
 from .config import ESConfig
 from .config_fields import REPLAY_DEFAULTS
-from .core import Anchor, plain_sgd_problem, sgd_hyperparameters
+from .core import Anchor, StrategyUpdate, UpdateKind, plain_sgd_problem
+from .core.apply import GradientStep, apply_update
 from .search import build_search
 from .seed_log import (
     ES_SETTINGS,
@@ -165,48 +166,38 @@ def replay_steps(model, log: SeedLog) -> int:
     check_replayable(log)
     space, strategy = build_replay_search(model, log)
     optimizer, recorded_groups = build_replay_optimizer(space, log)
-    max_grad_norm = log.header["optimizer"]["max_grad_norm"]
-    # anchor_decay pulls toward the run's initial tensors: the base model's, before the first replayed step.
-    anchor_decay = log.header["es"].get("anchor_decay", 0.0)
-    tensors = [tensor for _, tensor in space.named_tensors()]
-    anchor = Anchor(tensors, anchor_decay) if anchor_decay else None
-    # Plain SGD: apply each step straight from the seeds (no p.grad buffer), bit-identical to the optimizer's step,
-    # whichever of the two ways the run took (ESConfig.inplace_update).
-    in_place = (
-        space.supports_apply_update
-        and strategy.supports_update_in_place
-        and not (max_grad_norm and max_grad_norm > 0)
-        and anchor is None
-        and plain_sgd_problem(optimizer, tensors) is None
-    )
-    device = tensors[0].device
+    gradient = replay_gradient_step(model, space, optimizer, log)
+    device = space.named_tensors()[0][1].device
     for record in log.records:
         if record.state is not None:
             strategy.load_state_dict(record.state)
         strategy.ask(record.step)  # the step's sigma (sigma_decay): a selected winner is added at that scale
         if record.skip:
-            continue  # no signal that step: the optimizer found no gradient and stepped nothing
+            continue  # no signal that step: the run made no update
         if record.selection:
-            # The run's optimizer had no gradient to step: the weights moved only by the winner's perturbation.
-            if record.winner is not None:
-                space.apply_member(record.step, record.winner)
-            continue
-        for group, number in zip(optimizer.param_groups, recorded_groups):
-            group["lr"] = record.lr[number]
-        if in_place:
-            space.apply_update(record.step, record.coefficients.to(device), *sgd_hyperparameters(optimizer, tensors))
-            space.after_update()
-            continue
-        space.write_gradients(record.step, record.coefficients.to(device))
-        if anchor is not None:  # as ESTrainer adds it: after the strategy's gradient, before clipping
-            anchor.add_pull(space.named_tensors())
-        if max_grad_norm and max_grad_norm > 0:
-            # What Trainer does between the ES step and the optimizer step (accelerate's clip_grad_norm_).
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()), max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        space.after_update()
+            update = StrategyUpdate(UpdateKind.SELECTION, winner=record.winner)
+        else:
+            update = StrategyUpdate(UpdateKind.GRADIENT, coefficients=record.coefficients.to(device))
+            for group, number in zip(optimizer.param_groups, recorded_groups):
+                group["lr"] = record.lr[number]
+        apply_update(space, record.step, update, gradient)  # as ESTrainer applies its strategy's update
     return len(log.records)
+
+
+def replay_gradient_step(model, space, optimizer, log: SeedLog) -> GradientStep:
+    """How the run stepped its pseudo-gradients: the log's optimizer, clipping and anchor. Plain SGD is applied
+    straight from the seeds (no p.grad buffer), bit-identical to the optimizer's step, whichever of the two ways the
+    run took (ESConfig.inplace_update)."""
+    max_grad_norm = log.header["optimizer"]["max_grad_norm"] or 0.0
+    # anchor_decay pulls toward the run's initial tensors: the base model's, before the first replayed step.
+    anchor_decay = log.header["es"].get("anchor_decay", 0.0)
+    tensors = [tensor for _, tensor in space.named_tensors()]
+    anchor = Anchor(tensors, anchor_decay) if anchor_decay else None
+    if space.supports_apply_update and not max_grad_norm > 0 and anchor is None:
+        if plain_sgd_problem(optimizer, tensors) is None:
+            return GradientStep(optimizer, in_place=True)
+    clip = list(model.parameters()) if space.tensors_are_model_parameters else None
+    return GradientStep(optimizer, anchor=anchor, max_grad_norm=max(max_grad_norm, 0.0), clip_parameters=clip)
 
 
 def replay(model_path: str, seed_log: str, device: str | torch.device | None = None):

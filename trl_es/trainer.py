@@ -13,14 +13,14 @@ Data path of one step (``_es_step``)::
       -> completions (GRPO's generation, one seeded call per member group, weights restored after each)
       -> rewards (GRPO's reward code)           shape (members, prompts, reward functions)
       -> fitness (core.fitness)                 one value per member
-      -> strategy.tell: shaped fitness -> pseudo-gradient in t.grad (core.strategies)
-      -> + anchor_decay * (theta - theta_0) in t.grad (core.anchor; when anchor_decay > 0)
-      -> the Trainer's optimizer and LR scheduler step, then space.after_update()
+      -> strategy.tell: shaped fitness -> the step's update (core.strategies: a pseudo-gradient, a selected member
+         or new values)
+      -> core.apply.apply_update, the one update path (replay's too): a pseudo-gradient is written to t.grad, the
+         anchor's pull added (anchor_decay), clipped and stepped by the Trainer's torch optimizer, or with plain SGD
+         (ESConfig.inplace_update) applied straight from the seeds; then space.after_update()
 
-With plain SGD (``ESConfig.inplace_update``) no t.grad is written: at the optimizer step the space applies SGD's
-update straight from the seeds (``space.apply_update``), the optimizer finds no gradient and steps nothing, and the
-LR scheduler advances as usual. What runs around the optimizer step (that, the guards that keep the weights right,
-the update metrics) is ``update_step.UpdateStepMixin``.
+The update is made inside ``training_step``, within the guards of ``update_step.UpdateStepMixin``; the Trainer's own
+optimizer step then finds no gradient, and its LR scheduler advances as usual.
 """
 
 import contextlib
@@ -29,7 +29,6 @@ import math
 import os
 import pickle
 import time
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,10 +40,11 @@ from trl import GRPOConfig, GRPOTrainer
 
 from . import trl_compat
 from .builtin_models import resolve_model
-from .checkpoints import prepare_resume, save_es_settings
+from .checkpoints import load_search_state, prepare_resume, save_es_settings, save_search_state
 from .config import ESConfig
 from .core import (
     Anchor,
+    UpdateKind,
     combine_reward_functions,
     derive_seed,
     distinct_rows,
@@ -52,34 +52,21 @@ from .core import (
     member_rows,
     place_scores,
     plan_rounds,
-    seen_mask,
 )
 from .core.layout import check_population_split
 from .data_checks import ContextCheck, check_prompt_column, warn_if_smaller_than_one_step
 from .integrations.deepspeed import init_deepspeed_comm
+from .integrations.vllm_engine import engine_build_options, engine_members_of
 from .reference import ReferenceKL, ReferenceModelAttribute
 from .rewards import wrap_reward_funcs
 from .router_balance import RouterBalance
 from .search import Launch, build_search, space_name
 from .seed_log import SeedLogCallback
+from .step_logs import StepLogsMixin
 from .update_step import UpdateStepMixin
 
 
 logger = logging.getLogger(__name__)
-
-# GA: generations in a row the parent may survive before a warning says the weights are standing still.
-GA_STALL_GENERATIONS = 10
-ES_STATE_NAME = "es_state.pt"  # a checkpoint's strategy and space state, when they have one
-
-
-def _nanstd(values: torch.Tensor) -> float:
-    valid = values[~torch.isnan(values)]
-    return float(valid.std(unbiased=False)) if valid.numel() > 1 else 0.0
-
-
-def _nanmean(values: torch.Tensor) -> float:
-    valid = values[~torch.isnan(values)]
-    return float(valid.mean()) if valid.numel() else float("nan")
 
 
 @dataclass
@@ -101,7 +88,7 @@ class MemberResults:
     frac_changed: float | None = None  # es/frac_changed_completions, when log_frac_changed_completions
 
 
-class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
+class ESTrainer(UpdateStepMixin, StepLogsMixin, ReferenceModelAttribute, GRPOTrainer):
     """Train a language model by evolution strategies, with the constructor and data contract of ``GRPOTrainer``.
 
     Use it exactly like [`~trl.GRPOTrainer`] (every argument is passed through). ``args`` may be an [`ESConfig`] or a
@@ -146,7 +133,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         arrived_with_adapter = not isinstance(model, str) and is_peft_model(model)
         try:
             # ES keeps its own reference (trl_es.reference); GRPO would load a second model for beta > 0.
-            with trl_compat.grpo_builds_no_reference(args):
+            with trl_compat.grpo_builds_no_reference(args), engine_build_options(model, args):
                 super().__init__(model, reward_funcs, args, *grpo_args, **grpo_kwargs)
         except OSError as error:
             if isinstance(model, str) and not os.path.isdir(model):
@@ -177,6 +164,8 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         self._drop_repeats = self._greedy and trl_compat.rollouts_depend_only_on_rows(self)
         self.perturbation_space, self.strategy = build_search(self.model, args, Launch.of_trainer(self))
         self.perturbation_name = space_name(self.perturbation_space, self.model)
+        # vLLM colocated: members built inside the engine from their seeds (else GRPO pushes each member's weights)
+        self.engine_members = engine_members_of(self) if args.use_vllm else None
         # theta_0 for anchor_decay: the evolved tensors as the run starts (a resume loads the checkpoint's copy).
         self.anchor = (
             Anchor(self.perturbation_space.local_tensors(), args.anchor_decay) if args.anchor_decay > 0 else None
@@ -198,9 +187,6 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         self._es_micro_step = 0
         self._eval_batches = 0
         self._init_update_step()
-        # (step, StrategyUpdate) of the last ES step, (step, None) when it had no signal and made no update; the
-        # seed log records it.
-        self.last_strategy_update = None
         self.seed_log = SeedLogCallback(self)
         self.add_callback(self.seed_log)
 
@@ -254,44 +240,23 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
             folder = os.path.join(
                 self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
             )
-            state = {
-                "strategy": self.strategy.state_dict(),
-                "space": self.perturbation_space.state_dict(),
-                "reference": self.reference_kl.state_dict(),
-            }
-            if self.anchor is not None:
-                state["anchor"] = self.anchor.state_dict()
-            # e.g. CMA-ES's search distribution, the SVD space's decomposition, a synced reference, the anchor
-            if any(state.values()):
-                torch.save(state, os.path.join(folder, ES_STATE_NAME))
+            save_search_state(folder, self._search_parts())
             # Written last: a checkpoint with es_settings.json was saved whole.
             save_es_settings(folder, self.args, self.perturbation_name)
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, ES_STATE_NAME)
-        if os.path.isfile(path):
-            state = torch.load(path, weights_only=True)
-            self.perturbation_space.load_state_dict(state["space"])
-            self.strategy.load_state_dict(state["strategy"])
-            self.reference_kl.load_state_dict(state.get("reference", {}))
-            if self.anchor is not None:
-                if "anchor" not in state:
-                    raise ValueError(
-                        f"{resume_from_checkpoint} holds no anchor (the initial weights anchor_decay pulls toward): "
-                        "it was trained without anchor_decay; resume with anchor_decay=0 or start a new run."
-                    )
-                self.anchor.load_state_dict(state["anchor"])
-        elif self.anchor is not None:
-            raise ValueError(
-                f"{resume_from_checkpoint} has no {ES_STATE_NAME} with the anchor (initial weights) that "
-                f"anchor_decay={self.args.anchor_decay} pulls toward: it was trained without anchor_decay."
-            )
-        elif self.strategy.state_dict() or self.perturbation_space.state_dict() or self.reference_kl.state_dict():
-            raise ValueError(
-                f"{resume_from_checkpoint} has no {ES_STATE_NAME}, but strategy={self.args.strategy!r} with "
-                f"perturbation={self.perturbation_name!r} needs it to resume (the search state is not in the weights)."
-            )
+        load_search_state(resume_from_checkpoint, self._search_parts(), self.args, self.perturbation_name)
+
+    def _search_parts(self) -> dict:
+        """What holds search state beyond the weights: CMA-ES's distribution, the SVD space's decomposition, a
+        synced reference, the anchor (None without anchor_decay)."""
+        return {
+            "strategy": self.strategy,
+            "space": self.perturbation_space,
+            "reference": self.reference_kl,
+            "anchor": self.anchor,
+        }
 
     # ------------------------------------------------------------------ the ES step
 
@@ -305,11 +270,6 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         start = time.perf_counter()
         model.train()
         loss = self._es_step(inputs)
-        if self.perturbation_space.steps_own_optimizer and self.accelerator.sync_gradients:
-            # The Trainer's optimizer.step() is a no-op here (DeepSpeed): the space's engine applies the update.
-            self._before_update()
-            self.perturbation_space.step_optimizer()
-            self._after_update()
         trl_compat.metrics(self, "train")["step_time"].append(time.perf_counter() - start)
         return loss
 
@@ -319,7 +279,7 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         batch = self._step_prompts(rows)
         self.strategy.ask(step)
         # Closed before the update: an in-place space keeps one clean copy of the weights across the members in it.
-        with self.perturbation_space.population(step):
+        with self.perturbation_space.population(step), self._engine_population():
             results, member_comm_bytes = self._evaluate_members(step, batch)
         comm_bytes += member_comm_bytes
         rewards = self._combine_reward_funcs(results.rewards_per_func)  # (members, prompts)
@@ -328,46 +288,19 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         fitness = self.reference_kl.penalize(fitness, self.accelerator, trl_compat.metrics(self, "train"))
         invalid = self._check_fitness(step, fitness)
         if invalid.all():
-            # No signal: the optimizer finds no gradient and leaves the weights as they are; the run goes on.
-            self.last_strategy_update = (step, None)
+            # No signal: no update, the weights stay as they are; the run goes on.
+            self._grad_norm = 0.0
+            self.seed_log.record(step, None)
             reward = self._log_step(batch, results, rewards, fitness, invalid, torch.zeros_like(fitness), comm_bytes)
         else:
-            # Before tell: strategies that set the tensors themselves (CMA-ES, GA) move them inside it.
-            self._snapshot_weights()
             update = self.strategy.tell(step, fitness)
-            if self.strategy.selects_a_member:
+            self._apply_strategy_update(step, update)  # the one update path (core.apply), inside its guards
+            if update.kind is UpdateKind.SELECTION:
                 self._log_selection(step, update)
-            if self.anchor is not None:
-                trl_compat.metrics(self, "train")["es/anchor_distance"].append(
-                    self.anchor.add_pull(self.perturbation_space.named_tensors())
-                )
-            self.last_strategy_update = (step, update)
+            self.seed_log.record(step, update)
             reward = self._log_step(batch, results, rewards, fitness, invalid, update.shaped, comm_bytes)
         # The loss Trainer logs: minus the logged reward (the members' mean weighted reward, as GRPO logs it).
         return torch.tensor(-reward, device=self.accelerator.device)
-
-    def _log_selection(self, step: int, update) -> None:
-        """GA: whether the parent survived (``es/ga_parent_kept``), and one warning when it has survived
-        ``GA_STALL_GENERATIONS`` generations in a row: no child beats it, so the weights stand still."""
-        trl_compat.metrics(self, "train")["es/ga_parent_kept"].append(float(update.winner is None))
-        if self.strategy.generations_parent_kept(step) == GA_STALL_GENERATIONS:
-            warnings.warn(
-                f"strategy='ga': the parent has been kept for {GA_STALL_GENERATIONS} generations in a row (step "
-                f"{step}): none of the {self.strategy.population_size - 1} children beat it by more than "
-                f"ga_min_improvement={self.args.ga_min_improvement:g}, so the weights have not changed. Usually the "
-                f"children are too few or sigma={self.perturbation_space.sigma:g} is too small to change a greedy "
-                "completion (too large and every child is worse): raise population_size, or tune sigma with "
-                "log_frac_changed_completions.",
-                UserWarning,
-                stacklevel=2,
-            )
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        # CMA-ES and GA move the weights themselves: the optimizer's learning rate is not what they use.
-        if "learning_rate" in logs and not self.strategy.uses_optimizer:
-            del logs["learning_rate"]
-            logs.update(self.strategy.step_size_logs())
-        super().log(logs, start_time)
 
     @property
     def _multi_process(self) -> bool:
@@ -430,10 +363,9 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
             block_prompts = trl_compat.prepare_rollouts(self, block_rows, reset_seeds)
             with (
                 self._sampling_overflow(step, members),  # first in, last out: names a failure once restored
-                self.strategy.perturbed(step, members),
+                self._as_members(step, members),
                 self._seeded_sampling(space.noise.sampling_seed(step, members[0])),
             ):
-                trl_compat.force_weight_sync(self)
                 prompt_ids, completion_ids, tool_mask, completions = trl_compat.rollout_with_tool_mask(
                     self, block_prompts
                 )
@@ -456,12 +388,39 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
                 logs = _pool_member_logs(gather_object([logs]), members)
             for member, (texts, extras) in logs.items():
                 results.completions[member], results.extra_logs[member] = texts, extras
-        trl_compat.force_weight_sync(self)  # vLLM still holds the last member's weights
+        if self.engine_members is None:
+            trl_compat.force_weight_sync(self)  # vLLM still holds the last member's weights
         if reference is not None:
             if self._multi_process:  # each process compared its own members (or its share of the rows)
                 changed = self.accelerator.reduce(changed.to(self.accelerator.device), reduction="sum").cpu()
             results.frac_changed = float(changed[0] / changed[1]) if changed[1] else math.nan
         return results, comm_bytes
+
+    @contextlib.contextmanager
+    def _as_members(self, step: int, members):
+        """What generation runs as while ``members`` generate: the trainer's model perturbed (pushed to vLLM, if any,
+        by GRPO's weight sync), or the members built inside the vLLM engine, with the trainer's model perturbed too
+        only when something reads it (KL to the reference, router balance)."""
+        if self.engine_members is None:
+            trl_compat.force_weight_sync(self)
+            with self.strategy.perturbed(step, members):
+                yield
+            return
+        with contextlib.ExitStack() as stack:
+            if self.reference_kl.enabled or self.router_balance.enabled:
+                stack.enter_context(self.strategy.perturbed(step, members))
+            stack.enter_context(self.engine_members.perturbed(step, members, self.perturbation_space.sigma))
+            yield
+
+    @contextlib.contextmanager
+    def _engine_population(self):
+        """Around a step's members served inside the vLLM engine: the step's weights pushed once first."""
+        if self.engine_members is None:
+            yield
+            return
+        trl_compat.sync_vllm_weights(self)
+        with self.engine_members.population():
+            yield
 
     def _reference_completion_ids(self, step: int, batch: StepPrompts) -> list[list[int]]:
         """The unperturbed model's greedy completions of every row of the step (one extra generation), to count the
@@ -529,73 +488,6 @@ class ESTrainer(UpdateStepMixin, ReferenceModelAttribute, GRPOTrainer):
         """One reward per completion from every function's, as GRPO's ``multi_objective_aggregation`` says."""
         aggregation = aggregation or self.args.multi_objective_aggregation
         return combine_reward_functions(rewards_per_func, self.reward_weights, aggregation)
-
-    def _log_reward_metrics(self, mode: str, rewards_per_func: torch.Tensor) -> float:
-        """Log the reward metrics GRPO logs; returns the logged ``reward``."""
-        metrics = trl_compat.metrics(self, mode)
-        flat = rewards_per_func.reshape(-1, rewards_per_func.shape[-1])
-        for index, name in enumerate(self.reward_func_names):
-            metrics[f"rewards/{name}/mean"].append(_nanmean(flat[:, index]))
-            metrics[f"rewards/{name}/std"].append(_nanstd(flat[:, index]))
-        # GRPO logs the weighted sum of the raw rewards under either multi_objective_aggregation (what
-        # normalize_then_sum normalises is its advantage, not the logged reward, which would be ~0 by construction).
-        rewards = self._combine_reward_funcs(flat, "sum_then_normalize").reshape(-1)
-        reward = _nanmean(rewards)
-        metrics["reward"].append(reward)
-        metrics["reward_std"].append(_nanstd(rewards))
-        # What reward functions sent through `log_metric`, averaged over processes as GRPO does.
-        device = self.accelerator.device
-        for name, values in sorted(trl_compat.take_logged_metrics(self).items()):
-            local = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=device)
-            total, count = self.accelerator.gather(local).view(-1, 2).sum(dim=0).tolist()
-            metrics[name].append(total / max(count, 1))
-        return reward
-
-    def _log_step(self, batch, results, rewards, fitness, invalid, shaped, comm_bytes: int) -> float:
-        """Log the step's metrics; returns the logged ``reward``."""
-        metrics = trl_compat.metrics(self, "train")
-        reward = self._log_reward_metrics("train", results.rewards_per_func)
-        valid_fitness = fitness[~invalid]
-        metrics["es/fitness_std"].append(_nanstd(valid_fitness))
-        metrics["es/best_member_reward"].append(float(valid_fitness.max()) if valid_fitness.numel() else math.nan)
-        metrics["es/worst_member_reward"].append(float(valid_fitness.min()) if valid_fitness.numel() else math.nan)
-        metrics["es/invalid_members"].append(float(invalid.sum()))
-        metrics["es/search_dim"].append(float(self.perturbation_space.num_parameters()))
-        if self._multi_process:
-            metrics["es/comm_bytes"].append(float(comm_bytes))
-        if results.frac_changed is not None:
-            metrics["es/frac_changed_completions"].append(results.frac_changed)
-        if self.args.sigma_decay != 1.0:
-            metrics["es/sigma"].append(float(self.perturbation_space.sigma))
-        # Prompts on which every member that completed them scored the same carry no ES signal (an unscorable
-        # completion counts as 0 here).
-        seen = seen_mask(*rewards.shape, self.args.prompt_groups)
-        values = torch.nan_to_num(rewards, nan=0.0)
-        highest = torch.where(seen, values, -math.inf).amax(dim=0)
-        lowest = torch.where(seen, values, math.inf).amin(dim=0)
-        metrics["es/frac_prompts_no_signal"].append(float((highest == lowest).float().mean()))
-        if self.log_completions:
-            self._log_best_member(batch, results, fitness, shaped)
-        return reward
-
-    def _log_best_member(self, batch: StepPrompts, results: MemberResults, fitness, shaped) -> None:
-        """Feed GRPO's completion log with the best member's rows (of those this process saw); advantage = its
-        shaped fitness."""
-        scores = torch.nan_to_num(fitness, nan=-math.inf).tolist()
-        best = max(results.completions, key=lambda member: scores[member])
-        rows = results.member_rows[best]  # its prompt group's rows
-        rewards = {
-            name: results.rewards_per_func[best, rows.start : rows.stop, index].tolist()
-            for index, name in enumerate(self.reward_func_names)
-        }
-        trl_compat.log_completions(
-            self,
-            batch.prompts[rows.start : rows.stop],
-            results.completions[best],
-            rewards,
-            [float(shaped[best])] * len(rows),
-            results.extra_logs[best],
-        )
 
     # ------------------------------------------------------------------ evaluation: the unperturbed model
 

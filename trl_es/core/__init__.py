@@ -12,6 +12,7 @@ can be read and tested without a language model. Files, in the order data flows 
 * ``update.py``     shaped fitness -> per-direction pseudo-gradient coefficients
 * ``anchor.py``     drift control: the pull toward the initial weights added to the pseudo-gradient
 * ``strategies/``   ask / tell: how a search uses the above (``gaussian.py``: seeded Gaussian ES)
+* ``apply.py``      the strategy's update made on the tensors: the one update path of the trainer and replay
 """
 
 from .anchor import Anchor
@@ -40,7 +41,7 @@ from .layout import (
 from .low_rank import LowRankSpace
 from .noise import NOISE_CHUNK, NOISE_GENERATORS, MemberNoise, derive_seed
 from .spaces import RESTORE_MODES, InPlaceSpace, PerturbationSpace
-from .strategies import STRATEGIES, GaussianES, Strategy, StrategyUpdate
+from .strategies import STRATEGIES, GaussianES, Strategy, StrategyUpdate, UpdateKind
 from .update import plain_sgd_problem, pseudo_gradient_coefficients, qiu_learning_rate, sgd_hyperparameters
 
 
@@ -63,6 +64,7 @@ __all__ = [
     "Round",
     "Strategy",
     "StrategyUpdate",
+    "UpdateKind",
     "check_population_split",
     "combine_reward_functions",
     "derive_seed",

@@ -48,6 +48,8 @@ class PerturbationSpace(ABC):
     tensors_are_model_parameters: bool = True
     #: True when :meth:`apply_update` can take the place of ``write_gradients`` + a plain-SGD optimizer step.
     supports_apply_update: bool = False
+    #: True when :meth:`apply_member` can make one member's perturbation permanent (what selection strategies need).
+    applies_members: bool = False
 
     def __init__(self, noise: MemberNoise, sigma: float):
         if not 0 < sigma < float("inf"):
@@ -153,6 +155,7 @@ class InPlaceSpace(PerturbationSpace):
     """
 
     supports_apply_update = True
+    applies_members = True
 
     def __init__(
         self,

@@ -149,6 +149,7 @@ class SVDSpace(PerturbationSpace):
 
     members_per_forward = 1
     tensors_are_model_parameters = False  # the singular values are the space's own tensors
+    applies_members = True
 
     def __init__(
         self,

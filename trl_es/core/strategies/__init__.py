@@ -4,7 +4,7 @@ A strategy is one small file with a subclass of :class:`Strategy`; it talks to t
 :class:`~trl_es.core.spaces.PerturbationSpace`.
 """
 
-from .base import Strategy, StrategyUpdate
+from .base import Strategy, StrategyUpdate, UpdateKind
 from .cma import CMAStrategy
 from .ga import GeneticAlgorithm
 from .gaussian import GaussianES
@@ -13,4 +13,4 @@ from .gaussian import GaussianES
 # name -> class; each builds itself from an ESConfig-like object with ``from_config(space, args)``.
 STRATEGIES = {"gaussian": GaussianES, "cma": CMAStrategy, "ga": GeneticAlgorithm}
 
-__all__ = ["STRATEGIES", "CMAStrategy", "GaussianES", "GeneticAlgorithm", "Strategy", "StrategyUpdate"]
+__all__ = ["STRATEGIES", "CMAStrategy", "GaussianES", "GeneticAlgorithm", "Strategy", "StrategyUpdate", "UpdateKind"]

@@ -4,47 +4,58 @@ import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import Enum
 
 import torch
 
 from ..spaces import PerturbationSpace
 
 
+class UpdateKind(str, Enum):
+    """How a strategy's result moves the evolved tensors; ``trl_es.core.apply.apply_update`` is the one place that
+    acts on it, for the trainer and for replay alike."""
+
+    #: ``coefficients`` c_k of the seeded directions: an optimizer steps the pseudo-gradient ``sum_k c_k eps_k``
+    #: (or, with plain SGD, the space applies that step straight from the seeds). Gaussian ES.
+    GRADIENT = "gradient"
+    #: ``winner``: one member's perturbation is made permanent, ``theta += sigma * eps_winner`` (None: the parent
+    #: stays). The genetic algorithm.
+    SELECTION = "selection"
+    #: ``values``: the evolved tensors become this vector (``space.set_vector``). CMA-ES's mean.
+    SET = "set"
+
+
 @dataclass
 class StrategyUpdate:
-    """What a strategy did with one step's fitness, for logging and for the seed log.
+    """What a strategy made of one step's fitness: the update to apply, and what the logs and the seed log show.
 
     Attributes:
-        shaped: the weight each member received, ``(population,)``.
-        coefficients: the per-direction coefficients written as ``t.grad = sum_k c_k eps_k(t)`` for the optimizer
-            to step (or, with ``update_in_place``, left for ``space.apply_update``); ``None`` when the strategy set
-            the evolved tensors itself.
-        winner: for strategies that select (``Strategy.selects_a_member``, e.g. GA): the member whose perturbation
-            was added to the evolved tensors (``theta += sigma * eps_winner``), or ``None`` when the parent was kept.
+        kind: which of the fields below carries the update (see :class:`UpdateKind`).
+        shaped: the weight each member received, ``(population,)`` (None in an update rebuilt from a seed log).
+        coefficients: ``GRADIENT``: the per-direction coefficients of ``t.grad = sum_k c_k eps_k(t)``.
+        winner: ``SELECTION``: the member whose perturbation becomes permanent, or ``None`` when the parent is kept.
+        values: ``SET``: the new values of the evolved vector.
     """
 
-    shaped: torch.Tensor
-    coefficients: torch.Tensor | None
+    kind: UpdateKind
+    shaped: torch.Tensor | None = None
+    coefficients: torch.Tensor | None = None
     winner: int | None = None
+    values: torch.Tensor | None = None
 
 
 class Strategy(ABC):
-    """Decides the members of a step and how their fitness moves the evolved tensors of a space.
+    """Decides the members of a step and what their fitness does to the evolved tensors of a space.
 
     One ES step calls, in order: ``ask(step)``; for every group of ``member_groups()``, ``perturbed(step, group)``
     around the group's generation; ``tell(step, fitness)`` with one raw fitness per member (higher is better, NaN
-    for a member with no scorable completion). Then the Trainer's optimizer steps ``space.named_tensors()`` from the
-    gradients ``tell`` wrote, and ``space.after_update()`` runs.
+    for a member with no scorable completion), which returns a :class:`StrategyUpdate` and leaves the weights alone.
+    ``trl_es.core.apply.apply_update`` then applies it (the trainer and replay both call it).
     """
 
-    #: True for strategies whose update is one member's perturbation made permanent (``StrategyUpdate.winner``);
-    #: the seed log then records the winner of every step, and replay applies it through the space.
-    selects_a_member: bool = False
-    #: True when ``tell`` can leave ``t.grad`` alone and return coefficients for ``space.apply_update`` instead.
-    supports_update_in_place: bool = False
-    #: False for strategies that set the evolved tensors themselves (CMA-ES, GA): the Trainer's optimizer, learning
-    #: rate and schedule then do nothing, and the logs show :meth:`step_size_logs` instead of ``learning_rate``.
-    uses_optimizer: bool = True
+    #: What ``tell`` returns (see :class:`UpdateKind`). Only ``GRADIENT`` strategies use the Trainer's optimizer,
+    #: learning rate and schedule; the others log :meth:`step_size_logs` instead of ``learning_rate``.
+    update_kind: UpdateKind = UpdateKind.GRADIENT
 
     def __init__(self, space: PerturbationSpace, sigma_decay: float = 1.0):
         if not 0 < sigma_decay <= 1:
@@ -54,9 +65,6 @@ class Strategy(ABC):
         #: number alone, so a resumed run and a replay use the scale the uninterrupted run used at that step.
         self.initial_sigma = space.sigma
         self.sigma_decay = sigma_decay
-        #: Set by the trainer when plain SGD lets the space apply the update itself (``ESConfig.inplace_update``):
-        #: ``tell`` then writes no gradient and whoever steps applies ``coefficients`` with ``space.apply_update``.
-        self.update_in_place = False
 
     @property
     def population_size(self) -> int:
@@ -80,7 +88,7 @@ class Strategy(ABC):
 
     @abstractmethod
     def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
-        """Turn one raw fitness per member into an update of the space's tensors."""
+        """Turn one raw fitness per member into the step's update (applied by ``core.apply.apply_update``)."""
 
     @classmethod
     @abstractmethod
@@ -88,7 +96,7 @@ class Strategy(ABC):
         """Build from an ``ESConfig`` (read as plain attributes: the core imports no config class)."""
 
     def step_size_logs(self) -> dict[str, float]:
-        """The step size the strategy really moves by, for the logs of a strategy that uses no optimizer."""
+        """The step size the strategy really moves by, for the logs of a strategy that is not ``GRADIENT``."""
         return {}
 
     def state_dict(self) -> dict:

@@ -3,7 +3,8 @@
 Each step asks ``cmaes`` (through :class:`~trl_es.core.cma.CMAESearch`, seeded by (seed, generation) so every
 process asks the same candidates) for ``population_size`` points; member ``i`` is evaluated with the space's
 evolved tensors set to candidate ``i``; the fitness goes back to the library, and the search mean becomes the
-evolved tensors. No gradient is written, so the Trainer's optimizer has nothing to step: CMA-ES is its own optimizer.
+evolved tensors (a ``SET`` update, applied by ``core.apply.apply_update``). No gradient is written, so the
+Trainer's optimizer has nothing to step: CMA-ES is its own optimizer.
 
 It needs a space that is a short vector (``get_vector`` / ``set_vector`` / ``split_vector`` / ``perturbed_by``): the
 singular values of the ``svd`` space (ESSA), hundreds to a few thousand numbers.
@@ -16,7 +17,7 @@ import torch
 from ..cma import CMAESearch
 from ..fitness import centered_rank
 from ..spaces import PerturbationSpace
-from .base import Strategy, StrategyUpdate
+from .base import Strategy, StrategyUpdate, UpdateKind
 
 
 VECTOR_METHODS = ("get_vector", "set_vector", "split_vector", "perturbed_by")
@@ -58,7 +59,7 @@ class CMAStrategy(Strategy):
         )
         self._candidates: torch.Tensor | None = None
 
-    uses_optimizer = False
+    update_kind = UpdateKind.SET
 
     def step_size_logs(self) -> dict[str, float]:
         return {"cma_sigma": self.search.sigma}  # CMA-ES adapts it every generation, starting from sigma0
@@ -82,8 +83,7 @@ class CMAStrategy(Strategy):
         floor = float(fitness[valid].min()) - 1.0 if valid.any() else 0.0
         filled = torch.where(valid, fitness, torch.full_like(fitness, floor))
         self.search.tell(self._candidates, filled)
-        self.space.set_vector(self.search.mean.to(torch.float32))
-        return StrategyUpdate(shaped=centered_rank(filled), coefficients=None)
+        return StrategyUpdate(UpdateKind.SET, centered_rank(filled), values=self.search.mean.to(torch.float32))
 
     def state_dict(self) -> dict:
         return {"search": self.search.state_dict()}

@@ -2,10 +2,10 @@
 
 Every step mutates the current parent ``theta`` into ``population_size`` seeded children ``theta + sigma * eps_i``
 (the space's noise, so member ``i`` is the seed ``(step, i)``), scores them on the step's prompts and keeps the best:
-truncation selection with a truncation size of one. The weights become the winner, ``theta += sigma * eps_winner``,
-added by the space with the same expression it perturbed with, so the new parent is bit-identical to the child that
-was scored. No gradient is written: the Trainer's optimizer has nothing to step (``learning_rate``, ``optim`` and
-``weight_decay`` are unused).
+truncation selection with a truncation size of one. The weights become the winner, ``theta += sigma * eps_winner``
+(a ``SELECTION`` update, which ``core.apply.apply_update`` makes through the space with the same expression it
+perturbed with, so the new parent is bit-identical to the child that was scored). No gradient is written: the
+Trainer's optimizer has nothing to step (``learning_rate``, ``optim`` and ``weight_decay`` are unused).
 
 Elitism (``elite=True``, the default): member 0 is the parent itself, evaluated with zero perturbation on the same
 prompts as its children, and it survives unless a child beats it by more than ``min_improvement``. Under greedy
@@ -27,7 +27,7 @@ import torch
 
 from ..fitness import centered_rank
 from ..spaces import PerturbationSpace
-from .base import Strategy, StrategyUpdate
+from .base import Strategy, StrategyUpdate, UpdateKind
 
 
 PARENT = 0  # with elitism, the member that is the unperturbed parent
@@ -44,14 +44,13 @@ class GeneticAlgorithm(Strategy):
         The winner is added with the scale it was scored at, so replay needs the schedule: the seed log records it.
     """
 
-    selects_a_member = True
-    uses_optimizer = False
+    update_kind = UpdateKind.SELECTION
 
     def __init__(
         self, space: PerturbationSpace, elite: bool = True, min_improvement: float = 0.0, sigma_decay: float = 1.0
     ):
         super().__init__(space, sigma_decay)
-        if type(space).apply_member is PerturbationSpace.apply_member:
+        if not space.applies_members:
             raise ValueError(
                 f"strategy='ga' sets the weights to the winning member, which {type(space).__name__} cannot do (no "
                 "`apply_member`); use perturbation='full', 'lora' or 'svd'."
@@ -109,10 +108,9 @@ class GeneticAlgorithm(Strategy):
             raise ValueError(f"expected {self.population_size} fitness values, got shape {tuple(fitness.shape)}")
         winner = self.select(fitness)
         if winner is not None:
-            self.space.apply_member(step, winner)
             self.genome.append((step, winner))
         # The shaped fitness only feeds logging (the completion table's advantage column).
-        return StrategyUpdate(shaped=centered_rank(fitness), coefficients=None, winner=winner)
+        return StrategyUpdate(UpdateKind.SELECTION, centered_rank(fitness), winner=winner)
 
     def state_dict(self) -> dict:
         return {"genome": [list(gene) for gene in self.genome]}
