@@ -39,10 +39,10 @@ from trl_es.compare.ladder import (  # noqa: E402
     DerivedArm,
     Ladder,
     RungStore,
-    _write_atomic,
     estimate_seconds,
     resume,
     units,
+    write_json_atomic,
 )
 from trl_es.compare.ladder_aggregate import load_units, write_aggregate  # noqa: E402
 
@@ -150,7 +150,7 @@ def status(ladder: Ladder, store: RungStore) -> None:
 def write_selection(results: Path) -> dict | None:
     choice = selected(results / "select")
     if choice is not None:
-        _write_atomic(results / "selected.json", choice)
+        write_json_atomic(results / "selected.json", choice)
     return choice
 
 

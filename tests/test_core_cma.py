@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from trl_es.core.cma import CMAESearch
 from trl_es.core.noise import MemberNoise
+from trl_es.core.strategies.cma import CMAESearch
 from trl_es.core.svd import SVDSpace, svd_target_modules
 
 

@@ -92,11 +92,11 @@ def weights_hash(named_parameters) -> str:
     return "blake2b-256:" + digest.hexdigest()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _dtype(name: str) -> torch.dtype:
+def dtype_from_name(name: str) -> torch.dtype:
     dtype = getattr(torch, str(name), None)
     if not isinstance(dtype, torch.dtype):
         raise ValueError(f"unknown dtype {name!r}")
@@ -116,7 +116,7 @@ def decode_tensor(text: str, dtype: torch.dtype, shape) -> torch.Tensor:
         raise ValueError(f"not valid base64 ({error})") from error
     expected = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     if len(raw) != expected:
-        raise ValueError(f"{len(raw)} bytes where {expected} ({_dtype_name(dtype)}, shape {list(shape)}) belong")
+        raise ValueError(f"{len(raw)} bytes where {expected} ({dtype_name(dtype)}, shape {list(shape)}) belong")
     return torch.frombuffer(bytearray(raw), dtype=dtype).reshape(shape) if raw else torch.empty(shape, dtype=dtype)
 
 
@@ -127,7 +127,7 @@ def _jsonable(value, where: str):
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, torch.Tensor):
-        return {"tensor": _dtype_name(value.dtype), "shape": list(value.shape), "data": encode_tensor(value)}
+        return {"tensor": dtype_name(value.dtype), "shape": list(value.shape), "data": encode_tensor(value)}
     if isinstance(value, (list, tuple)):
         return [_jsonable(item, f"{where}[{index}]") for index, item in enumerate(value)]
     if isinstance(value, (set, frozenset)):
@@ -140,14 +140,14 @@ def _jsonable(value, where: str):
 def _from_jsonable(value):
     if isinstance(value, dict):
         if set(value) == {"tensor", "shape", "data"}:
-            return decode_tensor(value["data"], _dtype(value["tensor"]), value["shape"])
+            return decode_tensor(value["data"], dtype_from_name(value["tensor"]), value["shape"])
         return {key: _from_jsonable(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_from_jsonable(item) for item in value]
     return value
 
 
-def _hyperparameters(recorded: dict) -> dict:
+def decode_hyperparameters(recorded: dict) -> dict:
     # JSON has no tuples; torch optimizers take betas and the like as tuples.
     return {key: tuple(value) if isinstance(value, list) else value for key, value in recorded.items()}
 
@@ -218,7 +218,7 @@ def build_header(trainer, optimizer: torch.optim.Optimizer, with_base: bool = Tr
         "evolved": [name for name, _ in evolved],
         "model": {
             "name_or_path": getattr(base.config, "_name_or_path", None),
-            "dtype": _dtype_name(base.dtype),
+            "dtype": dtype_name(base.dtype),
             "device": first.device.type,
             "num_processes": trainer.accelerator.num_processes,
         },
@@ -233,7 +233,7 @@ def build_header(trainer, optimizer: torch.optim.Optimizer, with_base: bool = Tr
         header["base_weights_hash"] = weights_hash(model.named_parameters())
         if is_peft_model(model):
             header["peft"]["initial_adapter"] = {
-                name: {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "data": encode_tensor(t)}
+                name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data": encode_tensor(t)}
                 for name, t in evolved
             }
     return header
@@ -346,7 +346,7 @@ class SeedLogCallback(TrainerCallback):
         else:
             record["c"] = encode_tensor(update.coefficients)
             if update.coefficients.dtype != torch.float32:
-                record["dtype"] = _dtype_name(update.coefficients.dtype)
+                record["dtype"] = dtype_name(update.coefficients.dtype)
         if update is not None:
             strategy_state = _dumps(_jsonable(self.trainer.strategy.seed_log_state(), "strategy state"))
             if strategy_state != self._last_state:
@@ -468,7 +468,7 @@ def _parse_record(raw: bytes, header: dict, expected_step: int) -> SeedRecord:
         raise ValueError(f"'lr' must be a number or {groups} numbers (one per param group), got {record['lr']!r}")
     coefficients = None
     if record["c"] is not None:
-        dtype = _dtype(record.get("dtype", "float32"))
+        dtype = dtype_from_name(record.get("dtype", "float32"))
         try:
             coefficients = decode_tensor(record["c"], dtype, (header["es"]["num_directions"],))
         except ValueError as error:

@@ -23,10 +23,10 @@ from .search import build_search
 from .seed_log import (
     ES_SETTINGS,
     SeedLog,
-    _dtype,
-    _dtype_name,
-    _hyperparameters,
+    decode_hyperparameters,
     decode_tensor,
+    dtype_from_name,
+    dtype_name,
     read_seed_log,
     weights_hash,
 )
@@ -93,11 +93,11 @@ def load_base_model(path: str, log: SeedLog, device: str | torch.device | None =
                         f"{log.path}: adapter tensor {name!r} of the log is not in the adapter built from its peft "
                         f"config on {path}"
                     )
-                value = decode_tensor(entry["data"], _dtype(entry["dtype"]), entry["shape"])
+                value = decode_tensor(entry["data"], dtype_from_name(entry["dtype"]), entry["shape"])
                 if value.dtype != params[name].dtype or value.shape != params[name].shape:
                     raise ValueError(
                         f"{log.path}: adapter tensor {name!r} is {entry['dtype']} {entry['shape']} in the log but "
-                        f"{_dtype_name(params[name].dtype)} {list(params[name].shape)} on {path}"
+                        f"{dtype_name(params[name].dtype)} {list(params[name].shape)} on {path}"
                     )
                 params[name].copy_(value)
     found, expected = weights_hash(model.named_parameters()), header["base_weights_hash"]
@@ -154,10 +154,10 @@ def build_replay_optimizer(space, log: SeedLog) -> tuple[torch.optim.Optimizer, 
         if group["tensors"]:
             params = [tensors[position] for position in group["tensors"]]
             # lr: a placeholder, every step sets the one it recorded
-            groups.append({"params": params, **_hyperparameters(group["hyperparameters"]), "lr": 0.0})
+            groups.append({"params": params, **decode_hyperparameters(group["hyperparameters"]), "lr": 0.0})
             recorded.append(number)
     accepted = inspect.signature(cls.__init__).parameters
-    defaults = {key: value for key, value in _hyperparameters(spec["defaults"]).items() if key in accepted}
+    defaults = {key: value for key, value in decode_hyperparameters(spec["defaults"]).items() if key in accepted}
     return cls(groups, **defaults), recorded
 
 

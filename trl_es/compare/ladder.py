@@ -175,7 +175,7 @@ class RungStore:
 
     def save(self) -> None:
         self.results.mkdir(parents=True, exist_ok=True)
-        _write_atomic(self.results / "rungs.json", self.records)
+        write_json_atomic(self.results / "rungs.json", self.records)
 
     def known_mismatch(self, rung: str, kind: dict | None = None) -> dict | None:
         """The last recorded rebuild of ``rung`` on machine kind ``kind`` (default: this one) that gave other
@@ -278,7 +278,7 @@ def build_policy(rung: str, cache: Path) -> Path:
     return folder
 
 
-def _write_atomic(path: Path, data: dict) -> None:
+def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON so that a reader (or a crash) never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp")
@@ -353,7 +353,7 @@ def run_unit(unit: Unit, ladder: Ladder, store: RungStore, work: Path, deadline:
         "git_commit": _git_commit(),
         "command": [Path(command[0]).name, *command[1:]],
     }
-    _write_atomic(unit.result_path(store.results), result)
+    write_json_atomic(unit.result_path(store.results), result)
     print(f"== unit {unit.name} finished in {result['duration_s']:.0f} s: final held-out accuracy "
           f"{runs[0]['final_eval_accuracy']:.3f}", flush=True)  # fmt: skip
     return "finished"

@@ -11,8 +11,8 @@ import math
 import time
 from pathlib import Path
 
-from .ladder import DerivedArm, _write_atomic
-from .report import _mean, _spread, summarize
+from .ladder import DerivedArm, write_json_atomic
+from .report import mean_or_nan, spread_or_nan, summarize
 
 
 def load_units(results: Path) -> list[dict]:
@@ -27,7 +27,7 @@ def _gap(entry: dict, arm: str, reference: str = "grpo") -> float | None:
 
 def _final(arm_runs: list[dict]) -> dict:
     values = [r["final_eval_accuracy"] for r in arm_runs]
-    return {"mean": _mean(values), "std": _spread(values)}
+    return {"mean": mean_or_nan(values), "std": spread_or_nan(values)}
 
 
 def _against_derived(arm: DerivedArm, rung: str, done: list[dict]) -> dict:
@@ -105,11 +105,11 @@ def aggregate(
             "equal_rollouts": summary.get("equal_rollouts"),
             "arms": {
                 arm: {
-                    "start_accuracy": _mean([r["eval_accuracy"][0] for r in arm_runs]),
+                    "start_accuracy": mean_or_nan([r["eval_accuracy"][0] for r in arm_runs]),
                     "final_accuracy": _final(arm_runs),
-                    "train_seconds": _mean([r["train_seconds"] for r in arm_runs]),
-                    "rollouts": _mean([r["rollouts_total"] for r in arm_runs]),
-                    "peak_rss_mb": _mean([r["peak_rss_mb"] for r in arm_runs]),
+                    "train_seconds": mean_or_nan([r["train_seconds"] for r in arm_runs]),
+                    "rollouts": mean_or_nan([r["rollouts_total"] for r in arm_runs]),
+                    "peak_rss_mb": mean_or_nan([r["peak_rss_mb"] for r in arm_runs]),
                     "stopped_by": sorted({r["stopped_by"] for r in arm_runs}),
                 }
                 for arm, arm_runs in runs.items()
@@ -233,7 +233,7 @@ def write_aggregate(
 ) -> list[dict]:
     """``OUTPUT.json`` / ``.md`` / ``.png`` (the figure only once some rung has a gap) from the unit files."""
     entries = aggregate(results, rung_order, derived_arms)
-    _write_atomic(
+    write_json_atomic(
         output.with_suffix(".json"),
         {"rungs": entries, "generated_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
     )

@@ -38,12 +38,12 @@ def accuracy_at(run: dict, axis: str, x: float) -> float:
     return best
 
 
-def _mean(values: list[float]) -> float:
+def mean_or_nan(values: list[float]) -> float:
     values = [v for v in values if v is not None and not math.isnan(v)]
     return statistics.fmean(values) if values else math.nan
 
 
-def _spread(values: list[float]) -> float:
+def spread_or_nan(values: list[float]) -> float:
     return statistics.pstdev(values) if len(values) > 1 else 0.0
 
 
@@ -59,7 +59,7 @@ def choose_grid_point(grid_runs: dict[str, list[dict]]):
             "a grid is chosen on the validation split, but some runs have no validation accuracy "
             "(set compare.validation_size)"
         )
-    scored = {key: _mean([r[SELECTION_METRIC] for r in runs]) for key, runs in finished.items()}
+    scored = {key: mean_or_nan([r[SELECTION_METRIC] for r in runs]) for key, runs in finished.items()}
     scored = {key: score for key, score in scored.items() if not math.isnan(score)}
     return max(scored, key=scored.get) if scored else None
 
@@ -81,8 +81,8 @@ def build_arm(
         "selected": (points or {}).get(best, {}) if best is not None else None,
         "learning_rate": runs[0]["learning_rate"] if runs else None,
         "runs": runs,
-        "mean_final_eval_accuracy": _mean([r["final_eval_accuracy"] for r in runs]),
-        "mean_final_validation_accuracy": _mean([r.get(SELECTION_METRIC) for r in runs]),
+        "mean_final_eval_accuracy": mean_or_nan([r["final_eval_accuracy"] for r in runs]),
+        "mean_final_validation_accuracy": mean_or_nan([r.get(SELECTION_METRIC) for r in runs]),
         "errors": errors,
     }
     if variant is not None:
@@ -91,7 +91,7 @@ def build_arm(
         arm["grid"] = [
             {
                 "point": (points or {}).get(key, {}),
-                "mean_final_validation_accuracy": _mean([r.get(SELECTION_METRIC) for r in rs]),
+                "mean_final_validation_accuracy": mean_or_nan([r.get(SELECTION_METRIC) for r in rs]),
                 "seeds": len(rs),
             }
             for key, rs in grid_runs.items()
@@ -110,19 +110,19 @@ def summarize(arms: dict[str, dict]) -> dict:
         summary[key] = {"at": point}
         for name, arm in ready.items():
             values = [accuracy_at(run, axis, point) for run in arm["runs"]]
-            summary[key][name] = {"mean": _mean(values), "std": _spread(values)}
+            summary[key][name] = {"mean": mean_or_nan(values), "std": spread_or_nan(values)}
     for name, arm in ready.items():
         runs = arm["runs"]
         summary[name] = {
-            "start_accuracy": _mean([r["eval_accuracy"][0] for r in runs]),
-            "final_accuracy": _mean([r["final_eval_accuracy"] for r in runs]),
-            "final_accuracy_std": _spread([r["final_eval_accuracy"] for r in runs]),
-            "final_validation_accuracy": _mean([r.get(SELECTION_METRIC) for r in runs]),
-            "peak_rss_mb": _mean([r["peak_rss_mb"] for r in runs]),
-            "mean_step_s": _mean([r["mean_step_s"] for r in runs]),
-            "rollouts": _mean([r["rollouts_total"] for r in runs]),
-            "tokens_generated": _mean([r["tokens_generated"] for r in runs]),
-            "train_seconds": _mean([r["train_seconds"] for r in runs]),
+            "start_accuracy": mean_or_nan([r["eval_accuracy"][0] for r in runs]),
+            "final_accuracy": mean_or_nan([r["final_eval_accuracy"] for r in runs]),
+            "final_accuracy_std": spread_or_nan([r["final_eval_accuracy"] for r in runs]),
+            "final_validation_accuracy": mean_or_nan([r.get(SELECTION_METRIC) for r in runs]),
+            "peak_rss_mb": mean_or_nan([r["peak_rss_mb"] for r in runs]),
+            "mean_step_s": mean_or_nan([r["mean_step_s"] for r in runs]),
+            "rollouts": mean_or_nan([r["rollouts_total"] for r in runs]),
+            "tokens_generated": mean_or_nan([r["tokens_generated"] for r in runs]),
+            "train_seconds": mean_or_nan([r["train_seconds"] for r in runs]),
             "busy_runs": sum(bool(r.get("machine", {}).get("busy")) for r in runs),
         }
     if "es" in summary and "grpo" in summary:

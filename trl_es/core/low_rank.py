@@ -37,7 +37,7 @@ from torch.nn import functional as F
 
 from . import cpu_kernel
 from .noise import MemberNoise
-from .spaces import PerturbationSpace, _check_finite, _per_tensor, _sgd_step
+from .spaces import PerturbationSpace, check_finite_gradient, per_tensor_values, sgd_step
 
 
 #: Sibling ``nn.Linear`` names that models feed the same input (attention q/k/v, gated-MLP gate/up); layers of one such
@@ -193,15 +193,15 @@ class LowRankSpace(PerturbationSpace):
     def apply_update(self, step, coefficients, lr, weight_decay=0.0) -> float:
         # One layer's pseudo-gradient at a time (a weight-sized temporary; row blocks of the matmul could round
         # differently from the whole product, and the update must equal write_gradients + SGD bit for bit).
-        lrs = _per_tensor(lr, len(self.named_linears), "lr")
-        decays = _per_tensor(weight_decay, len(self.named_linears), "weight_decay")
+        lrs = per_tensor_values(lr, len(self.named_linears), "lr")
+        decays = per_tensor_values(weight_decay, len(self.named_linears), "weight_decay")
         grad_sq = 0.0
         with torch.no_grad():
             for (name, module), lr_, decay in zip(self.named_linears, lrs, decays, strict=True):
                 grad = self._pseudo_gradient(step, name, module.weight, coefficients)
-                _check_finite(grad, f"{name}.weight", coefficients.tolist())
+                check_finite_gradient(grad, f"{name}.weight", coefficients.tolist())
                 grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
-                _sgd_step(module.weight, grad, lr_, decay)
+                sgd_step(module.weight, grad, lr_, decay)
                 del grad
         self._factor_cache.clear()
         return grad_sq

@@ -301,8 +301,8 @@ class InPlaceSpace(PerturbationSpace):
                 self._store_gradient(param, grad)
 
     def apply_update(self, step, coefficients, lr, weight_decay=0.0) -> float:
-        lrs = _per_tensor(lr, len(self.named_params), "lr")
-        decays = _per_tensor(weight_decay, len(self.named_params), "weight_decay")
+        lrs = per_tensor_values(lr, len(self.named_params), "lr")
+        decays = per_tensor_values(weight_decay, len(self.named_params), "weight_decay")
         coefficients = coefficients.tolist()
         grad_sq = 0.0
         with torch.no_grad():
@@ -313,13 +313,13 @@ class InPlaceSpace(PerturbationSpace):
                     for span in spans:
                         grad = torch.zeros(span.count, dtype=torch.float32, device=local.device)
                         self._pseudo_gradient(grad, step, name, numel, span, coefficients)
-                        _check_finite(grad, name, coefficients)
+                        check_finite_gradient(grad, name, coefficients)
                         if local.dtype != torch.float32:
                             grad = grad.to(local.dtype)  # what _store_gradient hands the optimizer
                         # fp32 norm (as Trainer's grad_norm): a float64 one would copy the chunk at twice its size
                         grad_sq += float(torch.linalg.vector_norm(grad, dtype=torch.float32)) ** 2
                         target = flat.narrow(0, span.slice_offset, span.count)
-                        _sgd_step(target, grad, lr_, decay)
+                        sgd_step(target, grad, lr_, decay)
                         del grad
         return grad_sq
 
@@ -349,7 +349,7 @@ class _CleanCopy:
         self.marks = self._marks(tensors)
 
 
-def _sgd_step(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float) -> None:
+def sgd_step(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: float) -> None:
     """``torch.optim.SGD``'s update with momentum 0 (``_single_tensor_sgd``), same ops in the same order and dtype,
     so the result is bit-identical: ``grad = grad + weight_decay * param`` (L2, coupled), ``param -= lr * grad``.
     ``grad`` is a temporary and is overwritten."""
@@ -358,7 +358,7 @@ def _sgd_step(param: torch.Tensor, grad: torch.Tensor, lr: float, weight_decay: 
     param.add_(grad, alpha=-lr)
 
 
-def _check_finite(grad: torch.Tensor, name: str, coefficients) -> None:
+def check_finite_gradient(grad: torch.Tensor, name: str, coefficients) -> None:
     """Refuse a non-finite pseudo-gradient before it reaches the weights (what the trainer checks in p.grad)."""
     if not bool(torch.isfinite(grad).all()):
         raise FloatingPointError(
@@ -367,7 +367,7 @@ def _check_finite(grad: torch.Tensor, name: str, coefficients) -> None:
         )
 
 
-def _per_tensor(value, count: int, what: str) -> list[float]:
+def per_tensor_values(value, count: int, what: str) -> list[float]:
     if isinstance(value, (int, float)):
         return [float(value)] * count
     values = [float(v) for v in value]

