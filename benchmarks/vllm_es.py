@@ -23,13 +23,10 @@ import statistics
 import time
 from pathlib import Path
 
+from trl_es.integrations.vllm_engine import use_cpu_engine_environment
 
-for key, value in {
-    "VLLM_TARGET_DEVICE": "cpu",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-}.items():
-    os.environ.setdefault(key, value)
+
+use_cpu_engine_environment()  # before vLLM is imported
 
 
 def cpu_model() -> str:

@@ -7,28 +7,21 @@ Skipped where vLLM is not installed; `.ci/run`'s vLLM lane runs them in a second
 engine per backend for the module (SmolLM2-135M-Instruct, fp32, 2 threads: ~30 s to start)."""
 
 import gc
-import os
 
+import pytest
+import torch
 
-for key, value in {
-    "VLLM_TARGET_DEVICE": "cpu",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",  # the engine in this process: collective_rpc passes objects by reference
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-}.items():
-    os.environ.setdefault(key, value)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-
-pytest.importorskip("vllm")
-
-from trl_es.builtin_models import resolve_model  # noqa: E402
-from trl_es.integrations.vllm_engine import (  # noqa: E402
+from trl_es.builtin_models import resolve_model
+from trl_es.integrations.vllm_engine import (
     EngineMembers,
     engine_fix_load_weights,
     install_cpu_weight_hook,
+    use_cpu_engine_environment,
 )
+
+
+use_cpu_engine_environment()  # before vLLM is imported
+pytest.importorskip("vllm")
 
 
 MODEL = "builtin:smollm2-135m-instruct"

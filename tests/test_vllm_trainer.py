@@ -4,18 +4,13 @@ runs on the same engine fix. Skipped where vLLM is not installed (`.ci/run`'s vL
 
 import os
 
+import pytest
+import torch
 
-for key, value in {
-    "VLLM_TARGET_DEVICE": "cpu",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "VLLM_CPU_KVCACHE_SPACE": "2",
-}.items():
-    os.environ.setdefault(key, value)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+from trl_es.integrations.vllm_engine import use_cpu_engine_environment
 
 
+use_cpu_engine_environment()  # before vLLM is imported
 pytest.importorskip("vllm")
 
 from trl_es import ESConfig, ESTrainer  # noqa: E402

@@ -27,16 +27,30 @@ Engine-side state lives on the vLLM model object (``_trl_es``); worker functions
 """
 
 import contextlib
+import os
 from collections.abc import Sequence
 
 import torch
 
 
 STATE = "_trl_es"
+#: How this project runs vLLM's CPU build in-process (so that ``collective_rpc`` passes objects by reference), with
+#: 2 GiB of KV cache: the defaults :func:`use_cpu_engine_environment` sets.
+CPU_ENGINE_ENVIRONMENT = {
+    "VLLM_TARGET_DEVICE": "cpu",
+    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+    "VLLM_CPU_KVCACHE_SPACE": "2",
+}
 _ORIGINAL_DISPATCH = {}  # "dispatch" -> vLLM's dispatch_cpu_unquantized_gemm, once the hook is installed
 
 
 # ---------------------------------------------------------------------------------------------- the CPU hook
+
+
+def use_cpu_engine_environment() -> None:
+    """Set :data:`CPU_ENGINE_ENVIRONMENT` where the environment does not say otherwise; before vLLM is imported."""
+    for key, value in CPU_ENGINE_ENVIRONMENT.items():
+        os.environ.setdefault(key, value)
 
 
 def install_cpu_weight_hook(pack: bool = True) -> None:
@@ -401,4 +415,5 @@ __all__ = [
     "fix_weight_push",
     "hf_blocks",
     "install_cpu_weight_hook",
+    "use_cpu_engine_environment",
 ]
