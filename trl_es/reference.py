@@ -294,9 +294,9 @@ class ReferenceKL(TrainerCallback):
         return self._reference_model or None
 
     @classmethod
-    def from_trainer(cls, trainer, arrived_with_adapter: bool) -> "ReferenceKL":
-        args, space = trainer.args, trainer.perturbation_space
-        tokenizer = getattr(trainer.processing_class, "tokenizer", trainer.processing_class)
+    def build(cls, model, space, args, pad_token_id: int, arrived_with_adapter: bool) -> "ReferenceKL":
+        """The KL penalty ``args`` asks for (``beta``, ``sync_ref_model``) on ``model``, whose ``space`` evolves;
+        ``arrived_with_adapter``: the model came with a PEFT adapter (its reference is then a copy of it)."""
         reference = None
         if args.beta > 0:
             if space.ranks_share_members or space.steps_own_optimizer:
@@ -304,7 +304,7 @@ class ReferenceKL(TrainerCallback):
                     f"beta={args.beta} needs a reference policy, which ESTrainer does not keep under DeepSpeed ZeRO-3 "
                     f"({type(space).__name__}) yet. Set beta=0.0, or launch without DeepSpeed."
                 )
-            reference = build_reference(trainer.model, space, args.sync_ref_model, arrived_with_adapter)
+            reference = build_reference(model, space, args.sync_ref_model, arrived_with_adapter)
             logger.info(
                 "KL penalty beta=%g against %s%s.",
                 args.beta,
@@ -317,11 +317,11 @@ class ReferenceKL(TrainerCallback):
                 else "",
             )
         return cls(
-            trainer.model,
+            model,
             reference,
             args.beta,
             space.noise.population_size,
-            tokenizer.pad_token_id,
+            pad_token_id,
             args.temperature,
             sync=args.sync_ref_model,
         )

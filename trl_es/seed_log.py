@@ -180,10 +180,18 @@ def _versions() -> dict:
     return versions
 
 
-def build_header(trainer, optimizer: torch.optim.Optimizer, with_base: bool = True) -> dict:
-    """The header of ``trainer``'s log. ``with_base=False`` skips what only the untrained model can give (the base
-    hash, the initial adapter): a resumed run takes those from its checkpoint's log."""
-    args, space, model = trainer.args, trainer.perturbation_space, trainer.model
+def build_header(
+    model,
+    space,
+    args,
+    optimizer: torch.optim.Optimizer,
+    perturbation: str,
+    num_processes: int,
+    with_base: bool = True,
+) -> dict:
+    """The header of the log of a run that evolves ``space``'s tensors of ``model`` with ``args``, stepped by
+    ``optimizer`` over ``num_processes`` processes. ``with_base=False`` skips what only the untrained model can give
+    (the base hash, the initial adapter): a resumed run takes those from its checkpoint's log."""
     evolved = space.named_tensors()
     index = {id(tensor): position for position, (_, tensor) in enumerate(evolved)}
     groups = []
@@ -205,7 +213,7 @@ def build_header(trainer, optimizer: torch.optim.Optimizer, with_base: bool = Tr
         "version": VERSION,
         "es": {
             **{name: _jsonable(getattr(args, name), name) for name in ES_SETTINGS},
-            "perturbation": trainer.perturbation_name,
+            "perturbation": perturbation,
             "num_directions": space.noise.num_directions,
             "noise_chunk": space.noise.chunk_size,
         },
@@ -220,7 +228,7 @@ def build_header(trainer, optimizer: torch.optim.Optimizer, with_base: bool = Tr
             "name_or_path": getattr(base.config, "_name_or_path", None),
             "dtype": dtype_name(base.dtype),
             "device": first.device.type,
-            "num_processes": trainer.accelerator.num_processes,
+            "num_processes": num_processes,
         },
         "versions": _versions(),
     }
@@ -271,7 +279,15 @@ class SeedLogCallback(TrainerCallback):
             return
         optimizer = _torch_optimizer(trainer.optimizer)
         try:
-            header = build_header(trainer, optimizer, with_base=state.global_step == 0)
+            header = build_header(
+                trainer.model,
+                trainer.perturbation_space,
+                args,
+                optimizer,
+                trainer.perturbation_name,
+                trainer.accelerator.num_processes,
+                with_base=state.global_step == 0,
+            )
         except (TypeError, ValueError) as error:
             logger.warning("No seed log for this run (%s): %s", LOG_NAME, error)
             return

@@ -175,14 +175,17 @@ class ESTrainer(UpdateStepMixin, StepLogsMixin, ReferenceModelAttribute, GRPOTra
             self.accelerator.num_processes,
             self.perturbation_space.ranks_share_members,
         )
+        pad_token_id = getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id
         self.router_balance = RouterBalance(
             self.model,
             trl_compat.router_aux_loss_coef(self),
             self.strategy.population_size,
             self.perturbation_space.members_per_forward,
-            getattr(self.processing_class, "tokenizer", self.processing_class).pad_token_id,
+            pad_token_id,
         )
-        self.reference_kl = ReferenceKL.from_trainer(self, arrived_with_adapter)
+        self.reference_kl = ReferenceKL.build(
+            self.model, self.perturbation_space, args, pad_token_id, arrived_with_adapter
+        )
         self.add_callback(self.reference_kl)  # syncs the reference on GRPO's schedule (sync_ref_model)
         self._es_micro_step = 0
         self._eval_batches = 0
