@@ -62,7 +62,7 @@ class ShardSpace(InPlaceSpace):
     """ZeRO3Space's view without DeepSpeed: each parameter is this rank's flat shard of a tensor of ``full_shape``."""
 
     def __init__(self, shards, noise, rank, world):
-        super().__init__([(name, shard) for name, shard, _ in shards], noise, sigma=1e-3, restore="subtract")
+        super().__init__([(name, shard) for name, shard, _ in shards], noise, restore="subtract")
         self.full_shapes = {id(shard): shape for _, shard, shape in shards}
         self.rank, self.world = rank, world
 
@@ -122,7 +122,7 @@ def timings(repeats: int) -> dict:
     for _ in range(repeats):
         for key, space in spaces.items():  # interleaved: the machine's noise hits every variant alike
             start = time.perf_counter()
-            with space.perturbed(0, [0]):
+            with space.perturbed(0, [0], 1e-3):
                 pass
             perturb[key].append(time.perf_counter() - start)
             start = time.perf_counter()
@@ -130,7 +130,7 @@ def timings(repeats: int) -> dict:
             update[key].append(time.perf_counter() - start)
     for key, space in spaces.items():
         tracker = NoiseTracker(space)
-        with space.perturbed(1, [0]):
+        with space.perturbed(1, [0], 1e-3):
             drawn[key] = tracker.drawn
     result = {}
     for definition in DEFINITIONS:
@@ -156,7 +156,7 @@ def memory_child(definition: str) -> dict:
     with open("/proc/self/clear_refs", "w") as file:
         file.write("5")
     baseline = _status_kb("VmRSS")
-    with space.perturbed(0, [0]):
+    with space.perturbed(0, [0], 1e-3):
         pass
     space.apply_update(0, torch.linspace(-1.0, 1.0, DIRECTIONS), lr=1e-3)
     peak = _status_kb("VmHWM")

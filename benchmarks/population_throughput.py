@@ -122,10 +122,10 @@ class PopulationStep:
         prompts = list(arithmetic_dataset("train", size=prompts_per_member)["prompt"])
         self.one = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
         self.everyone = tokenizer(prompts * members, return_tensors="pt", padding=True).to(model.device)
-        self.noise = MemberNoise(0, members)
+        self.noise, self.sigma = MemberNoise(0, members), sigma
         self.fitness = torch.linspace(-0.5, 0.5, members)
-        self.low_rank = LowRankSpace(linears(model), self.noise, sigma=sigma, rank=rank)
-        self.full = InPlaceSpace(list(model.named_parameters()), self.noise, sigma=sigma)
+        self.low_rank = LowRankSpace(linears(model), self.noise, rank=rank)
+        self.full = InPlaceSpace(list(model.named_parameters()), self.noise)
 
     def plain(self):
         generate(self.model, self.everyone, self.new_tokens, self.pad)
@@ -135,11 +135,11 @@ class PopulationStep:
         given) collects the seconds of each part."""
         space = space or self.low_rank
         start = time.perf_counter()
-        with space.perturbed(0, list(range(self.members))):
+        with space.perturbed(0, list(range(self.members)), self.sigma):
             patched = time.perf_counter()
             generate(self.model, self.everyone, self.new_tokens, self.pad)
             generated = time.perf_counter()
-        space.write_gradients(0, pseudo_gradient_coefficients(self.fitness, space.noise, space.sigma))
+        space.write_gradients(0, pseudo_gradient_coefficients(self.fitness, space.noise, self.sigma))
         if breakdown is not None:
             breakdown["factors_and_patch"].append(patched - start)
             breakdown["generate"].append(generated - patched)
@@ -151,9 +151,9 @@ class PopulationStep:
         space = space or self.full
         with space.population(0):
             for member in range(self.members):
-                with space.perturbed(0, [member]):
+                with space.perturbed(0, [member], self.sigma):
                     generate(self.model, self.one, self.new_tokens, self.pad)
-        space.write_gradients(0, pseudo_gradient_coefficients(self.fitness, space.noise, space.sigma))
+        space.write_gradients(0, pseudo_gradient_coefficients(self.fitness, space.noise, self.sigma))
 
 
 def kernel_milliseconds(model, step, times: int = 3) -> float:
@@ -177,7 +177,7 @@ def kernel_milliseconds(model, step, times: int = 3) -> float:
         with torch.no_grad():
             for _ in range(times):
                 spent[0] = 0.0
-                with step.low_rank.perturbed(0, list(range(step.members))):
+                with step.low_rank.perturbed(0, list(range(step.members)), step.sigma):
                     generate(model, step.everyone, step.new_tokens, step.pad)
                 runs.append(spent[0] * 1e3)
     finally:
@@ -214,13 +214,13 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         list(arithmetic_dataset("train", size=full_rows)["prompt"]), return_tensors="pt", padding=True
     )
     low_rank, full, pad = step.low_rank, step.full, step.pad
-    on_torch_ops = LowRankSpace(linears(model), step.noise, sigma=1e-3, rank=rank, kernel="torch")
-    shared = LowRankSpace(linears(model), step.noise, sigma=1e-3, rank=rank, share_inputs=True)
-    full_subtract = InPlaceSpace(list(model.named_parameters()), step.noise, sigma=1e-3, restore="subtract")
+    on_torch_ops = LowRankSpace(linears(model), step.noise, rank=rank, kernel="torch")
+    shared = LowRankSpace(linears(model), step.noise, rank=rank, share_inputs=True)
+    full_subtract = InPlaceSpace(list(model.named_parameters()), step.noise, restore="subtract")
     # the same spaces on counter-based noise (MemberNoise(generator="philox"): compiled, parallel, fused with the add)
     philox_noise = MemberNoise(0, members, generator="philox")
-    full_philox = InPlaceSpace(list(model.named_parameters()), philox_noise, sigma=1e-3)
-    full_philox_subtract = InPlaceSpace(list(model.named_parameters()), philox_noise, sigma=1e-3, restore="subtract")
+    full_philox = InPlaceSpace(list(model.named_parameters()), philox_noise)
+    full_philox_subtract = InPlaceSpace(list(model.named_parameters()), philox_noise, restore="subtract")
     breakdown = {"factors_and_patch": [], "generate": [], "update": []}
 
     def noise_draw(space):  # one member's noise for every parameter, drawn chunk by chunk and dropped: the RNG's share
@@ -233,7 +233,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
 
     def perturb_restore(space):
         def run():
-            with space.perturbed(0, [1]):
+            with space.perturbed(0, [1], step.sigma):
                 pass
 
         return run
@@ -244,7 +244,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
         def run():
             with space.population(0):
                 for member in range(members):
-                    with space.perturbed(0, [member]):
+                    with space.perturbed(0, [member], step.sigma):
                         pass
 
         return run
@@ -282,7 +282,7 @@ def measure(model, tokenizer, members, prompts_per_member, new_tokens, rank, rep
     kernel_ms = kernel_milliseconds(model, step) if low_rank.uses_compiled_kernel else None
 
     def low_rank_generate():
-        with low_rank.perturbed(0, list(range(members))):
+        with low_rank.perturbed(0, list(range(members)), step.sigma):
             generate(model, step.everyone, new_tokens, pad)
 
     with torch.no_grad():

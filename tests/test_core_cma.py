@@ -104,7 +104,7 @@ def test_cma_over_singular_values_fits_a_target_model():
     """The loop the trainer will run: candidates are explicit vectors, scored inside ``perturbed_by``."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 4))
-    space = SVDSpace(svd_target_modules(model), MemberNoise(0, 2), sigma=0.1, svd_fraction=1.0)
+    space = SVDSpace(svd_target_modules(model), MemberNoise(0, 2), svd_fraction=1.0)
     start = space.get_vector()
     # A target reachable in this space: the same singular vectors with other singular values.
     space.set_vector(start * torch.linspace(0.5, 1.5, space.search_dim))

@@ -20,8 +20,8 @@ def layers(bias: bool, dtype=torch.float32):
 
 def batched_output(model, kernel, rank, x, members=(0, 1, 2, 3, 4, 5)):
     linears = [(name, m) for name, m in model.named_children() if isinstance(m, nn.Linear)]
-    space = LowRankSpace(linears, MemberNoise(3, 6), sigma=0.1, rank=rank, kernel=kernel)
-    with torch.no_grad(), space.perturbed(step=1, members=list(members)):
+    space = LowRankSpace(linears, MemberNoise(3, 6), rank=rank, kernel=kernel)
+    with torch.no_grad(), space.perturbed(step=1, members=list(members), sigma=0.1):
         return model(x)
 
 
@@ -31,7 +31,7 @@ def batched_output(model, kernel, rank, x, members=(0, 1, 2, 3, 4, 5)):
 def test_compiled_equals_torch_ops(rank, bias):
     model = layers(bias)
     x = torch.randn(6 * 4, 5, 24)  # 6 members x 4 rows, 5 tokens
-    assert LowRankSpace([("0", model[0])], MemberNoise(3, 6), sigma=0.1, kernel="compiled").uses_compiled_kernel
+    assert LowRankSpace([("0", model[0])], MemberNoise(3, 6), kernel="compiled").uses_compiled_kernel
     compiled = batched_output(model, "compiled", rank, x)
     reference = batched_output(model, "torch", rank, x)
     torch.testing.assert_close(compiled, reference, rtol=1e-5, atol=1e-6)
@@ -95,7 +95,7 @@ def test_without_a_compiler_auto_falls_back_and_compiled_raises(no_compiler, cap
     with caplog.at_level(logging.INFO, logger="trl_es.core.cpu_kernel"):
         fallback = batched_output(model, "auto", 1, x)
     assert "compiled CPU kernel is unavailable" in caplog.text
-    assert not LowRankSpace([("0", model[0])], MemberNoise(3, 6), sigma=0.1, kernel="auto").uses_compiled_kernel
+    assert not LowRankSpace([("0", model[0])], MemberNoise(3, 6), kernel="auto").uses_compiled_kernel
     torch.testing.assert_close(fallback, batched_output(model, "torch", 1, x), rtol=0, atol=0)
     with pytest.raises(KernelUnavailable, match=r"kernel='compiled'.*trl-es-cc.*kernel='auto'"):
         batched_output(model, "compiled", 1, x)

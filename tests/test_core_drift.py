@@ -35,23 +35,26 @@ def test_anchor_state_round_trips_and_a_mismatch_is_named():
 
 def test_sigma_decay_sets_the_steps_sigma_from_the_step_number_alone():
     weight = torch.nn.Parameter(torch.zeros(4))
-    space = InPlaceSpace([("w", weight)], MemberNoise(0, 4), sigma=0.1)
-    strategy = GaussianES(space, sigma_decay=0.5)
-    strategy.ask(3)
-    assert space.sigma == pytest.approx(0.1 * 0.5**3)
-    strategy.ask(0)  # a resumed run asks for its own step: no history is involved
-    assert space.sigma == pytest.approx(0.1)
-    constant = GaussianES(InPlaceSpace([("w", weight)], MemberNoise(0, 4), sigma=0.1))
-    constant.ask(7)
-    assert constant.space.sigma == 0.1
+    space = InPlaceSpace([("w", weight)], MemberNoise(0, 4))
+    strategy = GaussianES(space, 0.1, sigma_decay=0.5)
+    assert strategy.sigma_at(3) == pytest.approx(0.1 * 0.5**3)
+    assert strategy.sigma_at(0) == pytest.approx(0.1)  # a resumed run asks for its own step: no history is involved
+    assert not hasattr(space, "sigma"), "the strategy owns the scale; the space is handed it with each perturbation"
+    with torch.no_grad(), strategy.perturbed(3, [0]):  # the member is perturbed at its step's scale
+        torch.testing.assert_close(weight.detach(), 0.1 * 0.5**3 * space.noise.member_noise(3, 0, "w", (4,)))
+    constant = GaussianES(InPlaceSpace([("w", weight)], MemberNoise(0, 4)), 0.1)
+    assert constant.sigma_at(7) == 0.1
     with pytest.raises(ValueError, match=r"sigma_decay must be in \(0, 1\]"):
-        GaussianES(space, sigma_decay=1.5)
+        GaussianES(space, 0.1, sigma_decay=1.5)
+    for sigma in (0.0, -0.1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+            GaussianES(space, sigma)
 
 
 def test_the_pseudo_gradient_scales_with_the_steps_sigma():
     weight = torch.nn.Parameter(torch.zeros(4))
-    space = InPlaceSpace([("w", weight)], MemberNoise(0, 4), sigma=0.1)
-    strategy = GaussianES(space, sigma_decay=0.5)
+    space = InPlaceSpace([("w", weight)], MemberNoise(0, 4))
+    strategy = GaussianES(space, 0.1, sigma_decay=0.5)
     fitness = torch.tensor([1.0, 0.0, 0.0, 1.0])
     strategy.ask(0)
     first = strategy.tell(0, fitness).coefficients

@@ -11,10 +11,10 @@ from trl_es.core.strategies import GeneticAlgorithm
 from trl_es.core.svd import SVDSpace
 
 
-def make_space(population=6, antithetic=True, sigma=0.1):
+def make_space(population=6, antithetic=True):
     torch.manual_seed(0)
     params = [(f"t{i}", nn.Parameter(torch.randn(3, 2))) for i in range(3)]
-    return InPlaceSpace(params, MemberNoise(5, population, antithetic), sigma=sigma), params
+    return InPlaceSpace(params, MemberNoise(5, population, antithetic)), params
 
 
 def weights(params):
@@ -23,7 +23,7 @@ def weights(params):
 
 def test_ga_is_registered_and_built_from_config():
     space, _ = make_space()
-    args = type("Args", (), {"ga_elite": False, "ga_min_improvement": 0.5})()
+    args = type("Args", (), {"sigma": 0.1, "ga_elite": False, "ga_min_improvement": 0.5})()
     strategy = STRATEGIES["ga"].from_config(space, args)
     assert isinstance(strategy, GeneticAlgorithm) and (strategy.elite, strategy.min_improvement) == (False, 0.5)
 
@@ -43,13 +43,13 @@ def test_ga_is_registered_and_built_from_config():
 )
 def test_selection_by_hand(fitness, elite, margin, winner):
     space, _ = make_space()
-    strategy = GeneticAlgorithm(space, elite=elite, min_improvement=margin)
+    strategy = GeneticAlgorithm(space, 0.1, elite=elite, min_improvement=margin)
     assert strategy.select(torch.tensor(fitness)) == winner
 
 
 def test_the_winner_becomes_the_weights_bit_identically_and_joins_the_genome():
     space, params = make_space()
-    strategy = GeneticAlgorithm(space)
+    strategy = GeneticAlgorithm(space, 0.1)
     with strategy.perturbed(4, [3]):
         scored = weights(params)
     parent = weights(params)
@@ -73,8 +73,8 @@ def test_the_winner_becomes_the_weights_bit_identically_and_joins_the_genome():
 
 
 def test_elitism_climbs_a_toy_objective_monotonically():
-    space, params = make_space(population=8, sigma=0.05)
-    strategy = GeneticAlgorithm(space)
+    space, params = make_space(population=8)
+    strategy = GeneticAlgorithm(space, 0.05)
     targets = [torch.ones(3, 2) * 0.5 for _ in params]
 
     def objective():
@@ -94,12 +94,12 @@ def test_elitism_climbs_a_toy_objective_monotonically():
 
 def test_genome_state_round_trips_and_bad_state_is_named():
     space, _ = make_space()
-    strategy = GeneticAlgorithm(space)
+    strategy = GeneticAlgorithm(space, 0.1)
     strategy.tell(0, torch.tensor([0.0, 1.0, 0.0, 0.0, 0.0, 0.0]))
     strategy.tell(1, torch.tensor([0.0, 0.0, 0.0, 0.0, 0.0, 1.0]))
     state = strategy.state_dict()
     assert state == {"genome": [[0, 1], [1, 5]]} and strategy.seed_log_state() == {}
-    other = GeneticAlgorithm(make_space()[0])
+    other = GeneticAlgorithm(make_space()[0], 0.1)
     other.load_state_dict(state)
     assert other.genome == [(0, 1), (1, 5)]
     with pytest.raises(ValueError, match=r"needs 'genome', a list of \[step, member\] pairs"):
@@ -109,8 +109,8 @@ def test_genome_state_round_trips_and_bad_state_is_named():
 def test_singular_value_space_applies_the_scored_member_bit_identically():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
-    space = SVDSpace([("0", model[0]), ("2", model[2])], MemberNoise(1, 4), sigma=0.1, svd_fraction=1.0)
-    strategy = GeneticAlgorithm(space)
+    space = SVDSpace([("0", model[0]), ("2", model[2])], MemberNoise(1, 4), svd_fraction=1.0)
+    strategy = GeneticAlgorithm(space, 0.1)
     with strategy.perturbed(2, [1]):
         scored = [p.detach().clone() for p in model.parameters()]
     apply_update(space, 2, strategy.tell(2, torch.tensor([0.0, 1.0, 0.5, 0.2])))
@@ -120,12 +120,12 @@ def test_singular_value_space_applies_the_scored_member_bit_identically():
 def test_what_ga_cannot_run_on_is_named():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 5))
-    low_rank = LowRankSpace([("0", model[0])], MemberNoise(1, 4), sigma=0.1)
+    low_rank = LowRankSpace([("0", model[0])], MemberNoise(1, 4))
     with pytest.raises(ValueError, match=r"strategy='ga' sets the weights to the winning member, which LowRankSpace"):
-        GeneticAlgorithm(low_rank)
+        GeneticAlgorithm(low_rank, 0.1)
     space, _ = make_space()
     with pytest.raises(ValueError, match=r"min_improvement must be finite and >= 0, got -1"):
-        GeneticAlgorithm(space, min_improvement=-1)
-    strategy = GeneticAlgorithm(space)
+        GeneticAlgorithm(space, 0.1, min_improvement=-1)
+    strategy = GeneticAlgorithm(space, 0.1)
     with pytest.raises(ValueError, match=r"the parent \(member 0\) must be evaluated on its own"):
         strategy.perturbed(0, [0, 1])

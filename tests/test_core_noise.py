@@ -63,9 +63,9 @@ def test_invalid_population(bad):
 def test_perturb_changes_every_tensor_and_copy_restore_is_bit_exact():
     params = make_params()
     before = [p.detach().clone() for _, p in params]
-    space = InPlaceSpace(params, MemberNoise(0, 4), sigma=0.1, restore="copy")
+    space = InPlaceSpace(params, MemberNoise(0, 4), restore="copy")
     for member in range(4):
-        with space.perturbed(step=5, members=[member]):
+        with space.perturbed(step=5, members=[member], sigma=0.1):
             for (_, p), b in zip(params, before):
                 assert not torch.equal(p, b)
             # sigma * eps exactly (up to fp32 rounding of the addition)
@@ -79,16 +79,16 @@ def test_perturb_changes_every_tensor_and_copy_restore_is_bit_exact():
 def test_subtract_restore_is_close_and_restore_survives_exceptions():
     params = make_params()
     before = [p.detach().clone() for _, p in params]
-    space = InPlaceSpace(params, MemberNoise(0, 4), sigma=0.1, restore="subtract")
-    with space.perturbed(0, [1]):
+    space = InPlaceSpace(params, MemberNoise(0, 4), restore="subtract")
+    with space.perturbed(0, [1], 0.1):
         pass
     for (_, p), b in zip(params, before):
         torch.testing.assert_close(p.detach(), b, rtol=0, atol=1e-6)
 
-    exact = InPlaceSpace(params, MemberNoise(0, 4), sigma=0.1, restore="copy")
+    exact = InPlaceSpace(params, MemberNoise(0, 4), restore="copy")
     snapshot = [p.detach().clone() for _, p in params]
     with pytest.raises(RuntimeError, match="boom"):
-        with exact.perturbed(0, [0]):
+        with exact.perturbed(0, [0], 0.1):
             raise RuntimeError("boom")
     for (_, p), b in zip(params, snapshot):
         assert torch.equal(p, b)
@@ -96,12 +96,10 @@ def test_subtract_restore_is_close_and_restore_survives_exceptions():
 
 def test_space_rejects_bad_arguments():
     params = make_params()
-    with pytest.raises(ValueError, match="sigma"):
-        InPlaceSpace(params, MemberNoise(0, 4), sigma=0.0)
     with pytest.raises(ValueError, match="unique"):
-        InPlaceSpace(params + params[:1], MemberNoise(0, 4), sigma=0.1)
+        InPlaceSpace(params + params[:1], MemberNoise(0, 4))
     with pytest.raises(ValueError, match="one member"):
-        with InPlaceSpace(params, MemberNoise(0, 4), sigma=0.1).perturbed(0, [0, 1]):
+        with InPlaceSpace(params, MemberNoise(0, 4)).perturbed(0, [0, 1], 0.1):
             pass
 
 
@@ -165,7 +163,7 @@ def _chunked_space(restore="copy", chunk_size=7, dtype=torch.float32):
         ("b", torch.nn.Parameter(torch.randn(6, 5, dtype=dtype).t())),  # strided: edited through a flat copy
         ("c", torch.nn.Parameter(torch.randn(3, dtype=dtype))),  # smaller than a chunk
     ]
-    return InPlaceSpace(params, MemberNoise(1, 4, chunk_size=chunk_size), sigma=0.1, restore=restore), params
+    return InPlaceSpace(params, MemberNoise(1, 4, chunk_size=chunk_size), restore=restore), params
 
 
 @pytest.mark.parametrize("restore", ["copy", "subtract"])
@@ -175,7 +173,7 @@ def test_chunk_by_chunk_perturb_and_restore(restore):
     before = [p.detach().clone() for _, p in params]
     for member in range(4):
         start = [p.detach().clone() for _, p in params]  # subtract restores leave ~1e-7 drift: compare to these
-        with space.perturbed(3, [member]):
+        with space.perturbed(3, [member], 0.1):
             for (name, p), b in zip(params, start):
                 eps = space.noise.member_noise(3, member, name, p.shape)
                 assert torch.equal(p.detach(), b + eps * 0.1), name  # same ops as whole-tensor noise, exactly

@@ -136,7 +136,7 @@ def _space(restore: str, chunk_size: int = 7):
         ("c", torch.nn.Parameter(torch.randn(3, dtype=torch.bfloat16))),  # not fp32: the torch path
     ]
     noise = MemberNoise(1, 4, chunk_size=chunk_size, generator="philox")
-    return InPlaceSpace(params, noise, sigma=0.1, restore=restore), params
+    return InPlaceSpace(params, noise, restore=restore), params
 
 
 @pytest.mark.parametrize("restore", ["copy", "subtract"])
@@ -144,7 +144,7 @@ def test_in_place_space_perturbs_with_philox_noise_and_restores(restore):
     space, params = _space(restore)
     before = [p.detach().clone() for _, p in params]
     for member in range(4):
-        with space.perturbed(3, [member]):
+        with space.perturbed(3, [member], 0.1):
             for (name, p), b in zip(params, before):
                 eps = space.noise.member_noise(3, member, name, p.shape)
                 assert torch.equal(p.detach(), b + (eps * 0.1).to(p.dtype)), name
@@ -158,9 +158,9 @@ def test_in_place_space_perturbs_with_philox_noise_and_restores(restore):
 
 def test_apply_member_is_bit_identical_to_the_evaluated_member_and_the_update_to_torch_sgd():
     space, params = _space("copy")
-    with space.perturbed(4, [2]):
+    with space.perturbed(4, [2], 0.1):
         evaluated = [p.detach().clone() for _, p in params]
-    space.apply_member(4, 2)
+    space.apply_member(4, 2, 0.1)
     for (name, p), e in zip(params, evaluated):
         assert torch.equal(p.detach(), e), name
 

@@ -10,12 +10,12 @@ def make_space(restore="copy", population=4, chunk_size=2**20):
     torch.manual_seed(0)
     params = [(f"t{i}", torch.nn.Parameter(torch.randn(3, 2))) for i in range(4)]
     noise = MemberNoise(5, population, chunk_size=chunk_size)
-    return InPlaceSpace(params, noise, sigma=0.1, restore=restore), params
+    return InPlaceSpace(params, noise, restore=restore), params
 
 
 def test_gaussian_update_is_the_pseudo_gradient_by_hand():
     space, params = make_space()
-    strategy = STRATEGIES["gaussian"](space, fitness_shaping="centered_rank")
+    strategy = STRATEGIES["gaussian"](space, 0.1, fitness_shaping="centered_rank")
     fitness = torch.tensor([1.0, 0.0, 3.0, 2.0])
     before = [param.detach().clone() for _, param in params]
     update = strategy.tell(0, fitness)
@@ -36,7 +36,7 @@ def test_gaussian_update_is_the_pseudo_gradient_by_hand():
 def test_stateless_strategy_refuses_foreign_state():
     space, _ = make_space()
     with pytest.raises(ValueError, match="GaussianES keeps no state"):
-        GaussianES(space).load_state_dict({"mean": [0.0]})
+        GaussianES(space, 0.1).load_state_dict({"mean": [0.0]})
 
 
 class Interrupt(BaseException):
@@ -62,7 +62,7 @@ def test_failure_at_any_chunk_while_perturbing_leaves_the_weights_as_they_were(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(space.noise, "direction_chunk", failing)
-    with pytest.raises(Interrupt), space.perturbed(0, [1]):
+    with pytest.raises(Interrupt), space.perturbed(0, [1], 0.1):
         pass
     chunks_per_tensor = -(-6 // chunk_size)
     for (name, param), saved in zip(params, before, strict=True):
@@ -80,8 +80,8 @@ def test_population_keeps_one_clean_copy_and_retakes_it_when_the_weights_changed
     with torch.no_grad(), space.population(0):
         seen = []
         for member in range(3):
-            with space.perturbed(0, [member]):
-                with plain.perturbed(0, [member]):
+            with space.perturbed(0, [member], 0.1):
+                with plain.perturbed(0, [member], 0.1):
                     for (_, p), (_, q) in zip(params, plain.named_params, strict=True):
                         assert torch.equal(p, q)  # the member sees the same weights either way
             for (_, p), (_, q) in zip(params, plain.named_params, strict=True):
@@ -89,11 +89,11 @@ def test_population_keeps_one_clean_copy_and_retakes_it_when_the_weights_changed
             seen.append(space._clean.copies)
         assert seen[0] is seen[1] is seen[2]  # one copy for the three members
         params[2][1].add_(1.0)  # something else edits a weight between members
-        with space.perturbed(0, [3]):
+        with space.perturbed(0, [3], 0.1):
             pass
         assert seen[0] is not space._clean.copies  # the stale copy was not used
         assert torch.equal(params[2][1], plain.named_params[2][1] + 1.0)  # restored to the edited weights
-        with pytest.raises(Interrupt), space.perturbed(0, [4]):
+        with pytest.raises(Interrupt), space.perturbed(0, [4], 0.1):
             raise Interrupt()  # a failing member is restored from the kept copy too
         assert torch.equal(params[2][1], plain.named_params[2][1] + 1.0)
     assert space._clean is None  # freed before the update
@@ -103,5 +103,5 @@ def test_population_does_nothing_for_subtract_restore():
     space, params = make_space(restore="subtract")
     with space.population(0):
         assert space._clean is None
-        with space.perturbed(0, [0]):
+        with space.perturbed(0, [0], 0.1):
             pass

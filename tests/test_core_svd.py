@@ -43,9 +43,9 @@ def assert_bits(model, before):
         assert torch.equal(bits(p), before[name]), f"{name} changed"
 
 
-def make_space(model=None, population=4, sigma=0.1, **kwargs):
+def make_space(model=None, population=4, **kwargs):
     model = model or MLP()
-    space = SVDSpace(svd_target_modules(model), MemberNoise(0, population), sigma, **kwargs)
+    space = SVDSpace(svd_target_modules(model), MemberNoise(0, population), **kwargs)
     return model, space
 
 
@@ -72,7 +72,7 @@ def test_top_fraction_and_search_dim():
     assert make_space(svd_fraction=0.01)[1].search_dim == 2  # at least one value per matrix
     assert make_space(svd_fraction=1.0)[1].search_dim == 11
     layer = nn.Linear(30, 40)
-    assert SVDSpace([("l", layer)], MemberNoise(0, 2), 0.1, svd_fraction=0.1).search_dim == 3  # not 4 (float error)
+    assert SVDSpace([("l", layer)], MemberNoise(0, 2), svd_fraction=0.1).search_dim == 3  # not 4 (float error)
     for _, values in space.named_tensors():
         assert values.dtype == torch.float32 and values.is_leaf
 
@@ -86,12 +86,12 @@ def explicit_weight(original, k, new_top):
 
 
 def test_members_equal_explicit_rebuilds_both_signs():
-    model, space = make_space(population=6, sigma=0.05)
+    model, space = make_space(population=6)
     reference = MLP()
     originals = {name: p.detach().clone() for name, p in model.named_parameters()}
     x = torch.randn(3, 6)
     for member in range(6):  # three mirrored pairs
-        with space.perturbed(step=2, members=[member]):
+        with space.perturbed(step=2, members=[member], sigma=0.05):
             got = model(x)
             for name, values in space.named_tensors():
                 weight_name = name.removesuffix(".singular_values")
@@ -105,7 +105,7 @@ def test_members_equal_explicit_rebuilds_both_signs():
         for name, p in model.named_parameters():
             assert torch.equal(p, originals[name])
     with pytest.raises(ValueError, match="one member at a time"):
-        with space.perturbed(0, [0, 1]):
+        with space.perturbed(0, [0, 1], 0.1):
             pass
 
 
@@ -125,12 +125,12 @@ def test_restore_is_exact_when_any_target_fails(error, monkeypatch):
 
         monkeypatch.setattr(space, "_write", flaky)
         with pytest.raises(error, match="injected"):
-            with space.perturbed(0, [1]):
+            with space.perturbed(0, [1], 0.1):
                 pass
         assert_bits(model, before)
     monkeypatch.setattr(space, "_write", write)
     with pytest.raises(ValueError, match="in the body"):
-        with space.perturbed(0, [1]):
+        with space.perturbed(0, [1], 0.1):
             assert not torch.equal(model.fc1.weight, MLP().fc1.weight)
             raise ValueError("in the body")
     assert_bits(model, before)
@@ -200,21 +200,19 @@ def test_bad_input_is_named():
     noise = MemberNoise(0, 2)
     for fraction in (0.0, -0.5, 1.5):
         with pytest.raises(ValueError, match="svd_fraction must be in"):
-            SVDSpace([("fc1", model.fc1)], noise, 0.1, svd_fraction=fraction)
+            SVDSpace([("fc1", model.fc1)], noise, svd_fraction=fraction)
     with pytest.raises(ValueError, match="no modules to decompose"):
-        SVDSpace([], noise, 0.1)
+        SVDSpace([], noise)
     with pytest.raises(ValueError, match=r"repeated: \['fc1'\]"):
-        SVDSpace([("fc1", model.fc1), ("fc1", model.fc2)], noise, 0.1)
+        SVDSpace([("fc1", model.fc1), ("fc1", model.fc2)], noise)
     with pytest.raises(ValueError, match="'b.weight' is the same tensor as 'a.weight'"):
-        SVDSpace([("a", model.fc1), ("b", model.fc1)], noise, 0.1)
+        SVDSpace([("a", model.fc1), ("b", model.fc1)], noise)
     odd = nn.Linear(3, 3)
     odd.weight = nn.Parameter(torch.zeros(2, 3, 3))
     with pytest.raises(ValueError, match=r"odd.weight: SVD needs a 2-D weight, got shape \(2, 3, 3\)"):
-        SVDSpace([("odd", odd)], noise, 0.1)
+        SVDSpace([("odd", odd)], noise)
     with pytest.raises(TypeError, match="'act' is Tanh"):
-        SVDSpace([("act", nn.Tanh())], noise, 0.1)
-    with pytest.raises(ValueError, match="sigma"):
-        SVDSpace([("fc1", model.fc1)], noise, 0.0)
+        SVDSpace([("act", nn.Tanh())], noise)
     with pytest.raises(
         ValueError, match=r"matches no nn.Linear layer of the model; nn.Linear layers: \['fc1', 'fc2'\]"
     ):
@@ -222,7 +220,7 @@ def test_bad_input_is_named():
     peft_model = lora_mlp()
     base_linear = ("plain", nn.Linear(2, 2))
     with pytest.raises(ValueError, match="LoRA layers .* and plain layers"):
-        SVDSpace(svd_target_modules(peft_model) + [base_linear], noise, 0.1)
+        SVDSpace(svd_target_modules(peft_model) + [base_linear], noise)
 
 
 def test_lora_factors_decomposed_separately_and_load_with_plain_peft(tmp_path):
@@ -233,7 +231,7 @@ def test_lora_factors_decomposed_separately_and_load_with_plain_peft(tmp_path):
     targets = svd_target_modules(model)
     assert [name for name, _ in targets] == ["base_model.model.fc1", "base_model.model.fc2"]
     assert [name for name, _ in svd_target_modules(model, ["fc2"])] == ["base_model.model.fc2"]
-    space = SVDSpace(targets, MemberNoise(0, 4), 0.1, svd_fraction=0.5)
+    space = SVDSpace(targets, MemberNoise(0, 4), svd_fraction=0.5)
     assert space.mode == "lora"
     assert [name for name, _ in space.named_tensors()] == [
         f"base_model.model.{layer}.lora_{factor}.default.weight.singular_values"
@@ -242,7 +240,7 @@ def test_lora_factors_decomposed_separately_and_load_with_plain_peft(tmp_path):
     ]
     assert space.search_dim == 4 * 2  # rank 4 -> 2 values per factor, two factors, two layers
     assert_bits(model, before)
-    with space.perturbed(1, [2]):
+    with space.perturbed(1, [2], 0.1):
         changed = {n for n, p in model.named_parameters() if not torch.equal(bits(p), before[n])}
     assert changed == {n for n in before if ".lora_A." in n or ".lora_B." in n}
     assert_bits(model, before)
@@ -266,26 +264,24 @@ def test_resume_from_a_checkpoint_of_moved_weights(tmp_path):
     space.after_update()
     torch.save(space.state_dict(), tmp_path / "svd.pt")
     torch.save(model.state_dict(), tmp_path / "model.pt")
-    with space.perturbed(1, [3]):
+    with space.perturbed(1, [3], 0.1):
         member_weights = {n: p.detach().clone() for n, p in model.named_parameters()}
 
     # A new process: the model comes back with its moved weights, the space is rebuilt over it, then loads.
     resumed_model = MLP()
     resumed_model.load_state_dict(torch.load(tmp_path / "model.pt"))
-    resumed = SVDSpace(svd_target_modules(resumed_model), MemberNoise(0, 4), 0.1)
+    resumed = SVDSpace(svd_target_modules(resumed_model), MemberNoise(0, 4))
     values_before = [t for _, t in resumed.named_tensors()]
     resumed.load_state_dict(torch.load(tmp_path / "svd.pt", weights_only=True))
     assert [t for _, t in resumed.named_tensors()] == values_before  # same tensors: optimizers keep working
     assert torch.equal(resumed.get_vector(), space.get_vector())
-    with resumed.perturbed(1, [3]):
+    with resumed.perturbed(1, [3], 0.1):
         for n, p in resumed_model.named_parameters():
             assert torch.equal(p, member_weights[n]), n
     for n, p in resumed_model.named_parameters():
         assert torch.equal(p, model.state_dict()[n])
 
     with pytest.raises(ValueError, match=r"evolves 3 singular values \(svd_fraction=0.5\), this space 6"):
-        SVDSpace(svd_target_modules(MLP()), MemberNoise(0, 4), 0.1, svd_fraction=1.0).load_state_dict(
-            space.state_dict()
-        )
+        SVDSpace(svd_target_modules(MLP()), MemberNoise(0, 4), svd_fraction=1.0).load_state_dict(space.state_dict())
     with pytest.raises(ValueError, match="build the space over the same target modules"):
-        SVDSpace([("fc1", MLP().fc1)], MemberNoise(0, 4), 0.1).load_state_dict(space.state_dict())
+        SVDSpace([("fc1", MLP().fc1)], MemberNoise(0, 4)).load_state_dict(space.state_dict())

@@ -19,9 +19,9 @@ def test_antithetic_pairs_with_equal_fitness_cancel():
     assert torch.equal(coefficients, torch.zeros(3))
 
     param = torch.nn.Parameter(torch.randn(8))
-    space = InPlaceSpace([("w", param)], noise, sigma=0.1)
+    space = InPlaceSpace([("w", param)], noise)
     space.write_gradients(
-        0, pseudo_gradient_coefficients(torch.tensor([0.3, 0.3, -0.1, -0.1, 0.5, 0.5]), space.noise, space.sigma)
+        0, pseudo_gradient_coefficients(torch.tensor([0.3, 0.3, -0.1, -0.1, 0.5, 0.5]), space.noise, 0.1)
     )
     assert torch.equal(param.grad, torch.zeros(8))
 
@@ -39,16 +39,14 @@ def test_coefficients_match_the_formula():
 
 def _es_gradient(theta, reward, population, sigma, step=0, shaping="zscore"):
     param = torch.nn.Parameter(theta.clone())
-    space = InPlaceSpace([("theta", param)], MemberNoise(123, population), sigma)
+    space = InPlaceSpace([("theta", param)], MemberNoise(123, population))
     fitness = torch.empty(population)
     for member in range(population):
-        with space.perturbed(step, [member]):
+        with space.perturbed(step, [member], sigma):
             fitness[member] = reward(param.detach())
     space.write_gradients(
         step,
-        pseudo_gradient_coefficients(
-            shape_fitness(member_fitness(fitness[:, None]), shaping), space.noise, space.sigma
-        ),
+        pseudo_gradient_coefficients(shape_fitness(member_fitness(fitness[:, None]), shaping), space.noise, sigma),
     )
     return param.grad
 
@@ -78,7 +76,7 @@ def test_sgd_on_the_es_gradient_climbs_the_reward():
     torch.manual_seed(1)
     target = torch.randn(10)
     param = torch.nn.Parameter(torch.zeros(10))
-    space = InPlaceSpace([("theta", param)], MemberNoise(0, 20), sigma=0.05)
+    space = InPlaceSpace([("theta", param)], MemberNoise(0, 20))
     optimizer = torch.optim.SGD([param], lr=0.05)
 
     def reward(x):
@@ -88,10 +86,10 @@ def test_sgd_on_the_es_gradient_climbs_the_reward():
     for step in range(60):
         fitness = torch.empty(20)
         for member in range(20):
-            with space.perturbed(step, [member]):
+            with space.perturbed(step, [member], 0.05):
                 fitness[member] = reward(param.detach())
         space.write_gradients(
-            step, pseudo_gradient_coefficients(shape_fitness(fitness, "centered_rank"), space.noise, space.sigma)
+            step, pseudo_gradient_coefficients(shape_fitness(fitness, "centered_rank"), space.noise, 0.05)
         )
         optimizer.step()
     assert reward(param.detach()) > 0.2 * start  # distance to the optimum shrank at least 5x (start is negative)
@@ -99,9 +97,9 @@ def test_sgd_on_the_es_gradient_climbs_the_reward():
 
 def test_low_precision_weights_get_an_fp32_accumulated_update():
     param = torch.nn.Parameter(torch.zeros(1000, dtype=torch.bfloat16))
-    space = InPlaceSpace([("w", param)], MemberNoise(0, 64), sigma=1e-3)
+    space = InPlaceSpace([("w", param)], MemberNoise(0, 64))
     shaped = torch.linspace(-0.5, 0.5, 64)
-    space.write_gradients(0, pseudo_gradient_coefficients(shaped, space.noise, space.sigma))
+    space.write_gradients(0, pseudo_gradient_coefficients(shaped, space.noise, 1e-3))
     assert param.grad.dtype == torch.bfloat16
     assert param.grad.abs().sum() > 0
 

@@ -302,11 +302,11 @@ def test_batched_members_are_measured_each_under_its_own_perturbation(tiny_model
     prompts = [[5, 6, 7], [8, 9]] * 4  # member-major: 4 blocks of the same 2 prompts
     # each member's own completions, of differing lengths
     completions = [row for m in range(4) for row in ([10 + m, 11], [12, 13 + m, 14][: 2 + m % 2])]
-    with space.perturbed(0, [0, 1, 2, 3]):
+    with space.perturbed(0, [0, 1, 2, 3], trainer.args.sigma):
         batched, _ = completion_logps(model, prompts, completions, None, 4, 0, 1.0)
     for m in range(4):
         rows = slice(2 * m, 2 * m + 2)
-        with space.perturbed(0, [m]):
+        with space.perturbed(0, [m], trainer.args.sigma):
             alone, _ = completion_logps(model, prompts[rows], completions[rows], None, 1, 0, 1.0)
         for row, completion in enumerate(completions[rows]):
             torch.testing.assert_close(batched[2 * m + row, : len(completion)], alone[row, : len(completion)])

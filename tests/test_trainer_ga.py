@@ -146,13 +146,13 @@ def test_ga_improves_held_out_accuracy_on_the_embedded_task(tmp_path):
 
 def test_sigma_decay_shrinks_the_mutation_scale_step_by_step(tiny_model_dir, tmp_path, monkeypatch):
     trainer = ga_trainer(tiny_model_dir, tmp_path, sigma_decay=0.5, max_steps=3)
-    seen, perturbed = [], trainer.strategy.perturbed
+    seen, perturbed = [], trainer.perturbation_space.perturbed
 
-    def record_sigma(step, members):
-        seen.append((step, trainer.perturbation_space.sigma))
-        return perturbed(step, members)
+    def record_sigma(step, members, sigma):  # what the strategy hands the space for each child
+        seen.append((step, sigma))
+        return perturbed(step, members, sigma)
 
-    monkeypatch.setattr(trainer.strategy, "perturbed", record_sigma)
+    monkeypatch.setattr(trainer.perturbation_space, "perturbed", record_sigma)
     trainer.train()
     assert sorted(set(seen)) == [(0, 0.1), (1, 0.05), (2, 0.025)]
     logged = [entry["ga_sigma"] for entry in trainer.state.log_history if "ga_sigma" in entry]

@@ -26,7 +26,7 @@ def test_member_logits_equal_explicitly_perturbed_qwen2(tiny_model_dir, tmp_path
     assert "lm_head" not in {name for name, _ in space.named_linears}
     ids = torch.randint(0, 200, (3, 7))
     members = [0, 1, 2, 3]  # two mirrored pairs: both signs
-    with torch.no_grad(), space.perturbed(5, members):
+    with torch.no_grad(), space.perturbed(5, members, trainer.args.sigma):
         batched = model(input_ids=ids.repeat(len(members), 1)).logits
     for g, member in enumerate(members):
         explicit = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
@@ -35,7 +35,7 @@ def test_member_logits_equal_explicitly_perturbed_qwen2(tiny_model_dir, tmp_path
         with torch.no_grad():
             for name, _module in space.named_linears:
                 a, b = space.factors(5, direction, name)
-                modules[name].weight += sign * space.sigma * (a @ b.T) / math.sqrt(space.rank)
+                modules[name].weight += sign * trainer.args.sigma * (a @ b.T) / math.sqrt(space.rank)
             expected = explicit(input_ids=ids).logits
         got = batched[g * 3 : (g + 1) * 3]
         assert float((got - expected).norm() / expected.norm()) < 1e-5

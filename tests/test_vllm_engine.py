@@ -132,9 +132,9 @@ def test_a_member_built_in_the_engine_completes_as_the_spaces_member(engine, hf,
     changed = 0
     with members.population():
         for member in (0, 1, 5):  # a direction, its antithetic partner, another direction
-            with space.perturbed(4, [member]):
+            with space.perturbed(4, [member], SIGMA):
                 expected = hf_greedy(model, tokenizer, prompt_ids)
-            with members.perturbed(4, [member], space.sigma):
+            with members.perturbed(4, [member], SIGMA):
                 assert engine_greedy(llm, prompt_ids) == expected, f"member {member}"
             changed += sum(a != b for a, b in zip(expected, base))
     assert changed > 0, "no member changed an answer: the comparison would prove nothing"
@@ -147,7 +147,7 @@ def test_restore_leaves_the_engine_bit_identical(engine, hf):
     params, packs = llm.collective_rpc(engine_state)[0]
     with members.population():
         for member in (2, 3):
-            with members.perturbed(7, [member], space.sigma):
+            with members.perturbed(7, [member], SIGMA):
                 moved, _ = llm.collective_rpc(engine_state)[0]
                 assert any(not torch.equal(moved[name], params[name]) for name in params)
     after_params, after_packs = llm.collective_rpc(engine_state)[0]
@@ -166,7 +166,7 @@ def test_trls_weight_push_reaches_the_packed_engine(engine, hf, prompt_ids):
         for name, tensor in named:
             worker.model_runner.model.load_weights([(name, tensor)])
 
-    with space.perturbed(9, [0]):  # some other weights, as after an update
+    with space.perturbed(9, [0], SIGMA):  # some other weights, as after an update
         expected = hf_greedy(model, tokenizer, prompt_ids)
         llm.collective_rpc(push, args=(list(model.named_parameters()),))
         assert engine_greedy(llm, prompt_ids) == expected

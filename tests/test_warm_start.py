@@ -34,7 +34,7 @@ def test_shipped_adapter_is_a_plain_peft_adapter_with_room_to_improve():
 
     model = load_adapted(ARITHMETIC_POLICY_DIR, ARITHMETIC_LORA_DIR)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    space = SVDSpace(svd_target_modules(model), MemberNoise(0, 2), sigma=0.1)
+    space = SVDSpace(svd_target_modules(model), MemberNoise(0, 2))
     assert space.mode == "lora"
     assert space.search_dim == 4 * 4 * 2 * 2  # layers x q/k/v/o x (A, B) x ceil(0.5 * rank 4)
     space.set_vector(space.get_vector())

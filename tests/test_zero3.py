@@ -126,24 +126,24 @@ def test_shards_with_padding_match_the_unsharded_space(monkeypatch, chunk_size):
     noise = MemberNoise(seed=3, population_size=4, chunk_size=chunk_size)
     fitness = torch.tensor([0.5, -0.5, 0.25, -0.25])
     reference = torch.nn.Parameter(full.clone())
-    plain = InPlaceSpace([("w", reference)], noise, sigma)
-    with plain.perturbed(step, [member]):
+    plain = InPlaceSpace([("w", reference)], noise)
+    with plain.perturbed(step, [member], sigma):
         perturbed = reference.detach().flatten().clone()
-    plain.write_gradients(step, pseudo_gradient_coefficients(fitness, plain.noise, plain.sigma))
+    plain.write_gradients(step, pseudo_gradient_coefficients(fitness, plain.noise, sigma))
     grads: dict[int, torch.Tensor] = {}
     monkeypatch.setattr(comm, "get_world_size", lambda group=None: 1)  # no all-reduce of the norm here
     for rank in range(world):
         monkeypatch.setattr(comm, "get_rank", lambda group=None, rank=rank: rank)
         param = fake_zero3_param(full, rank, world, grads)
         before = param.ds_tensor.clone()
-        space = ZeRO3Space([("w", param)], noise, sigma, engine=lambda: None)
+        space = ZeRO3Space([("w", param)], noise, engine=lambda: None)
         start, partition = rank * param.ds_tensor.ds_numel, param.ds_tensor.ds_numel
         real = min(partition, full.numel() - start)
-        with space.perturbed(step, [member]):
+        with space.perturbed(step, [member], sigma):
             assert torch.equal(param.ds_tensor[:real], perturbed[start : start + real])
             assert torch.equal(param.ds_tensor[real:], before[real:])  # padding untouched
         assert torch.equal(param.ds_tensor, before)
-        space.write_gradients(step, pseudo_gradient_coefficients(fitness, space.noise, space.sigma))
+        space.write_gradients(step, pseudo_gradient_coefficients(fitness, space.noise, sigma))
         assert torch.equal(grads[rank][real:], torch.zeros(partition - real))
     gathered = torch.cat([grads[rank] for rank in range(world)])[: full.numel()]
     assert torch.equal(gathered, reference.grad.flatten())

@@ -49,7 +49,7 @@ def check_perturb_restore(trainer):
     space, step = trainer.perturbation_space, trainer.state.global_step
     before_full = full_weights(trainer)
     before_shards = [shard.clone() for shard in space.local_tensors()]
-    with space.perturbed(step, [1]):
+    with space.perturbed(step, [1], trainer.args.sigma):
         during = full_weights(trainer)
     after_shards = space.local_tensors()
     after_full = full_weights(trainer)

@@ -320,7 +320,7 @@ class ReferenceKL(TrainerCallback):
             model,
             reference,
             args.beta,
-            space.noise.population_size,
+            args.population_size,
             pad_token_id,
             args.temperature,
             sync=args.sync_ref_model,

@@ -114,7 +114,7 @@ def build_space(model, args, noise: MemberNoise, launch: Launch = Launch()) -> P
         # Only the singular values evolve: the optimizer is built over them. The model's parameters keep their
         # requires_grad (DDP insists on some), but no gradient ever reaches them.
         targets = svd_target_modules(model, args.perturbation_target_modules)
-        return SVDSpace(targets, noise, args.sigma, args.svd_fraction)
+        return SVDSpace(targets, noise, args.svd_fraction)
     if requested == "low_rank":
         if peft:
             raise ValueError(
@@ -124,7 +124,6 @@ def build_space(model, args, noise: MemberNoise, launch: Launch = Launch()) -> P
         return LowRankSpace(
             low_rank_targets(model, args.perturbation_target_modules),
             noise,
-            args.sigma,
             rank=args.perturbation_rank,
             # default: one batched generate per process, the population split evenly over processes
             members_per_forward=args.population_batch_size or max(1, noise.population_size // launch.num_processes),
@@ -142,8 +141,8 @@ def build_space(model, args, noise: MemberNoise, launch: Launch = Launch()) -> P
         raise ValueError("The model has no trainable parameters (requires_grad=True) to evolve.")
     if deepspeed:
         # The engine exists only once train() has prepared the model; the space asks for it when it needs it.
-        return ZeRO3Space(named, noise, args.sigma, engine=launch.deepspeed_engine, restore=args.perturbation_restore)
-    return InPlaceSpace(named, noise, args.sigma, restore=args.perturbation_restore)
+        return ZeRO3Space(named, noise, engine=launch.deepspeed_engine, restore=args.perturbation_restore)
+    return InPlaceSpace(named, noise, restore=args.perturbation_restore)
 
 
 def space_name(space: PerturbationSpace, model) -> str:

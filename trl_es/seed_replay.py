@@ -171,11 +171,11 @@ def replay_steps(model, log: SeedLog) -> int:
     for record in log.records:
         if record.state is not None:
             strategy.load_state_dict(record.state)
-        strategy.ask(record.step)  # the step's sigma (sigma_decay): a selected winner is added at that scale
+        strategy.ask(record.step)
         if record.skip:
             continue  # no signal that step: the run made no update
         if record.selection:
-            update = StrategyUpdate(UpdateKind.SELECTION, winner=record.winner)
+            update = StrategyUpdate(UpdateKind.SELECTION, winner=record.winner, sigma=strategy.sigma_at(record.step))
         else:
             update = StrategyUpdate(UpdateKind.GRADIENT, coefficients=record.coefficients.to(device))
             for group, number in zip(optimizer.param_groups, recorded_groups):

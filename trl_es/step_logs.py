@@ -43,7 +43,7 @@ class StepLogsMixin:
                 f"strategy='ga': the parent has been kept for {GA_STALL_GENERATIONS} generations in a row (step "
                 f"{step}): none of the {self.strategy.population_size - 1} children beat it by more than "
                 f"ga_min_improvement={self.args.ga_min_improvement:g}, so the weights have not changed. Usually the "
-                f"children are too few or sigma={self.perturbation_space.sigma:g} is too small to change a greedy "
+                f"children are too few or sigma={self.strategy.sigma_at(step):g} is too small to change a greedy "
                 "completion (too large and every child is worse): raise population_size, or tune sigma with "
                 "log_frac_changed_completions.",
                 UserWarning,
@@ -54,7 +54,7 @@ class StepLogsMixin:
         # CMA-ES and GA move the weights without the optimizer: its learning rate is not what they use.
         if "learning_rate" in logs and self.strategy.update_kind is not UpdateKind.GRADIENT:
             del logs["learning_rate"]
-            logs.update(self.strategy.step_size_logs())
+            logs.update(self.strategy.step_size_logs(self.state.global_step - 1))  # the step just made
         super().log(logs, start_time)
 
     def _log_reward_metrics(self, mode: str, rewards_per_func: torch.Tensor) -> float:
@@ -93,7 +93,7 @@ class StepLogsMixin:
         if results.frac_changed is not None:
             metrics["es/frac_changed_completions"].append(results.frac_changed)
         if self.args.sigma_decay != 1.0:
-            metrics["es/sigma"].append(float(self.perturbation_space.sigma))
+            metrics["es/sigma"].append(self.strategy.sigma_at(self.state.global_step))  # the step being logged
         # Prompts on which every member that completed them scored the same carry no ES signal (an unscorable
         # completion counts as 0 here).
         seen = seen_mask(*rewards.shape, self.args.prompt_groups)

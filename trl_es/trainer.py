@@ -412,7 +412,7 @@ class ESTrainer(UpdateStepMixin, StepLogsMixin, ReferenceModelAttribute, GRPOTra
         with contextlib.ExitStack() as stack:
             if self.reference_kl.enabled or self.router_balance.enabled:
                 stack.enter_context(self.strategy.perturbed(step, members))
-            stack.enter_context(self.engine_members.perturbed(step, members, self.perturbation_space.sigma))
+            stack.enter_context(self.engine_members.perturbed(step, members, self.strategy.sigma_at(step)))
             yield
 
     @contextlib.contextmanager

@@ -132,7 +132,7 @@ class UpdateStepMixin:
         space = self.perturbation_space
         gradient = self._gradient_step() if update.kind is UpdateKind.GRADIENT else None
         self._snapshot_weights()
-        settings = f"sigma={space.sigma}, fitness shaping {self.args.fitness_shaping!r}"
+        settings = f"sigma={self.strategy.sigma_at(step)}, fitness shaping {self.args.fitness_shaping!r}"
         with self._update_guard:  # Ctrl-C waits until every tensor is written
             try:
                 applied = apply_update(space, step, update, gradient)
@@ -234,7 +234,8 @@ class UpdateStepMixin:
             raise FloatingPointError(
                 f"ES step {self.state.global_step}: the update pushed {huge[:5]} to magnitudes up to {largest:.3g}, "
                 f"beyond {overflow_bound(dtype):.3g}, where the next forward overflows {dtype} ({settings}, sigma="
-                f"{space.sigma}): the step is far too large. " + self._put_back_weights_before_update()
+                f"{self.strategy.sigma_at(self.state.global_step)}): the step is far too large. "
+                + self._put_back_weights_before_update()
             )
 
     def _sampling_overflow(self, step: int, members):
@@ -243,12 +244,12 @@ class UpdateStepMixin:
         is undone."""
 
         def describe() -> str:
-            space = self.perturbation_space
+            space, sigma = self.perturbation_space, self.strategy.sigma_at(step)
             largest = max((float(t.detach().abs().amax()) for t in space.local_tensors() if t.numel()), default=0.0)
             return (
                 f"ES step {step}: member(s) {list(members)} met inf/NaN token probabilities while sampling (the "
                 f"forward overflowed). Their perturbation is undone: the weights are the step's unperturbed ones "
-                f"(largest |weight| {largest:.3g}). Either sigma={space.sigma} is too large for these weights, or an "
+                f"(largest |weight| {largest:.3g}). Either sigma={sigma} is too large for these weights, or an "
                 f"earlier update made them too large (learning_rate={self.args.learning_rate}; see "
                 "es/update_to_weight_ratio)"
             )

@@ -76,7 +76,7 @@ def apply_update(
     pseudo-gradient is NaN or infinite (:class:`UpdateRefused`; the gradients written are cleared again)."""
     if update.kind is UpdateKind.SELECTION:
         if update.winner is not None:  # None: the parent survived, the weights stay
-            space.apply_member(step, update.winner)
+            space.apply_member(step, update.winner, update.sigma)
         applied = AppliedUpdate()
     elif update.kind is UpdateKind.SET:
         space.set_vector(update.values)

@@ -58,7 +58,6 @@ class LowRankSpace(PerturbationSpace):
         named_linears: the layers to evolve, with stable names (the names seed the factors). Only their weights are
             perturbed and updated; biases, embeddings, norms and untargeted layers stay as they are.
         noise: member -> seeded direction mapping.
-        sigma: perturbation scale (of ``E_i``, whose entries have unit variance like full-rank Gaussian noise).
         rank: ``r``.
         members_per_forward: how many members one forward serves (default: the whole population;
             ``ESConfig.population_batch_size``).
@@ -75,13 +74,12 @@ class LowRankSpace(PerturbationSpace):
         self,
         named_linears: Sequence[tuple[str, nn.Linear]],
         noise: MemberNoise,
-        sigma: float,
         rank: int = 1,
         members_per_forward: int | None = None,
         share_inputs: bool = False,
         kernel: str = "auto",
     ):
-        super().__init__(noise, sigma)
+        super().__init__(noise)
         if rank < 1:
             raise ValueError(f"perturbation_rank must be >= 1, got {rank}")
         if not named_linears:
@@ -131,11 +129,12 @@ class LowRankSpace(PerturbationSpace):
         return a[direction], b[direction]
 
     @contextlib.contextmanager
-    def perturbed(self, step: int, members: Sequence[int]) -> Iterator[None]:
+    def perturbed(self, step: int, members: Sequence[int], sigma: float) -> Iterator[None]:
+        """``sigma``: the scale of ``E_i``, whose entries have unit variance like full-rank Gaussian noise."""
         members = list(members)
         directions, signs = zip(*(self.noise.direction_and_sign(member) for member in members))
         directions = torch.tensor(directions)
-        scales = torch.tensor(signs) * (self.sigma / math.sqrt(self.rank))
+        scales = torch.tensor(signs) * (sigma / math.sqrt(self.rank))
         patched = []
         bound = None
         if self._compiled is not None:

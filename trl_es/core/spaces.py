@@ -3,7 +3,7 @@
 A strategy (``core.strategies``) speaks to a space through this interface only::
 
     for members in space.member_groups():          # e.g. [[0], [1], ...] or [[0, 1, ..., N-1]]
-        with space.perturbed(step, members):        # the model now acts as those members
+        with space.perturbed(step, members, sigma): # the model now acts as those members (sigma: the strategy's)
             ...generate len(members) blocks of rows, member-major...
     space.write_gradients(step, coefficients)       # t.grad <- sum_k c_k eps_k(t) for every evolved tensor t
     ...the optimizer steps space.named_tensors()...
@@ -51,11 +51,10 @@ class PerturbationSpace(ABC):
     #: True when :meth:`apply_member` can make one member's perturbation permanent (what selection strategies need).
     applies_members: bool = False
 
-    def __init__(self, noise: MemberNoise, sigma: float):
-        if not 0 < sigma < float("inf"):
-            raise ValueError(f"sigma must be finite and > 0, got {sigma}")
+    def __init__(self, noise: MemberNoise):
+        # No sigma here: the strategy owns the perturbation scale and its schedule, and passes the step's scale to
+        # every call that perturbs (evosax's split: the space knows where noise goes, the strategy how much).
         self.noise = noise
-        self.sigma = sigma
 
     def member_groups(self) -> list[list[int]]:
         members = list(range(self.noise.population_size))
@@ -79,8 +78,9 @@ class PerturbationSpace(ABC):
         return sum(tensor.numel() for _, tensor in self.named_tensors())
 
     @abstractmethod
-    def perturbed(self, step: int, members: Sequence[int]) -> contextlib.AbstractContextManager[None]:
-        """Context in which the model behaves as ``members``; on exit the weights are exactly as before."""
+    def perturbed(self, step: int, members: Sequence[int], sigma: float) -> contextlib.AbstractContextManager[None]:
+        """Context in which the model behaves as ``members`` (``theta + sigma * eps_member``); on exit the weights
+        are exactly as before."""
 
     @contextlib.contextmanager
     def population(self, step: int) -> Iterator[None]:
@@ -93,7 +93,7 @@ class PerturbationSpace(ABC):
     def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         """``t.grad = sum_k coefficients[k] * eps_k(t)`` for every evolved tensor ``t`` (accumulated in fp32)."""
 
-    def apply_member(self, step: int, member: int) -> None:
+    def apply_member(self, step: int, member: int, sigma: float) -> None:
         """Make ``member``'s perturbation permanent: ``theta += sigma * eps_member`` (selection strategies, GA).
 
         Spaces that support it compute the sum exactly as :meth:`perturbed` does, so the weights afterwards are
@@ -143,7 +143,6 @@ class InPlaceSpace(PerturbationSpace):
     Args:
         named_params: the tensors to evolve, with stable names (the names seed the noise).
         noise: member -> seeded direction mapping.
-        sigma: perturbation scale.
         restore: ``"copy"`` keeps a copy of the perturbed tensors and copies it back (bit-exact, one extra copy of
             the evolved weights while a member is evaluated); ``"subtract"`` regenerates the noise and subtracts it
             (no copy, but float rounding leaves ~1e-7 relative drift per member).
@@ -161,10 +160,9 @@ class InPlaceSpace(PerturbationSpace):
         self,
         named_params: Sequence[tuple[str, torch.nn.Parameter]],
         noise: MemberNoise,
-        sigma: float,
         restore: str = "copy",
     ):
-        super().__init__(noise, sigma)
+        super().__init__(noise)
         if restore not in RESTORE_MODES:
             raise ValueError(f"restore must be one of {RESTORE_MODES}, got {restore!r}")
         names = [name for name, _ in named_params]
@@ -239,7 +237,7 @@ class InPlaceSpace(PerturbationSpace):
     # ------------------------------------------------------------------ PerturbationSpace
 
     @contextlib.contextmanager
-    def perturbed(self, step: int, members: Sequence[int]) -> Iterator[None]:
+    def perturbed(self, step: int, members: Sequence[int], sigma: float) -> Iterator[None]:
         if len(members) != 1:
             raise ValueError(f"{type(self).__name__} evaluates one member at a time, got {list(members)}")
         (member,) = members
@@ -248,7 +246,7 @@ class InPlaceSpace(PerturbationSpace):
             backup = self._backup() if self.restore == "copy" else None
             edited = [0]  # how many chunks carry noise: an exception part-way must only undo those
             try:
-                self._add_noise(step, member, self.sigma, edited)
+                self._add_noise(step, member, sigma, edited)
                 yield
             finally:
                 # Restore even when generation or a reward function raised, or a KeyboardInterrupt hit mid-way.
@@ -260,7 +258,7 @@ class InPlaceSpace(PerturbationSpace):
                     if self._clean is not None:
                         self._clean.mark(restored)
                 else:
-                    self._add_noise(step, member, -self.sigma, [0], limit=edited[0])
+                    self._add_noise(step, member, -sigma, [0], limit=edited[0])
 
     @contextlib.contextmanager
     def population(self, step: int) -> Iterator[None]:
@@ -281,11 +279,11 @@ class InPlaceSpace(PerturbationSpace):
             return [tensor.clone() for tensor in tensors]
         return self._clean.of(tensors)
 
-    def apply_member(self, step: int, member: int) -> None:
+    def apply_member(self, step: int, member: int, sigma: float) -> None:
         # The same chunked addition as perturbing, so the weights are bit-identical to the evaluated member's.
         with torch.no_grad():
             self._before_edit()
-            self._add_noise(step, member, self.sigma, [0])
+            self._add_noise(step, member, sigma, [0])
 
     def write_gradients(self, step: int, coefficients: torch.Tensor) -> None:
         coefficients = coefficients.tolist()

@@ -142,8 +142,8 @@ class SVDSpace(PerturbationSpace):
     Args:
         named_modules: ``(name, module)`` pairs, all ``nn.Linear`` or all PEFT LoRA layers (see
             :func:`svd_target_modules`). Names must be unique: they name the evolved tensors, which seed the noise.
-        noise: member -> seeded direction mapping.
-        sigma: perturbation scale, in units of singular values (absolute, like every space's ``sigma``).
+        noise: member -> seeded direction mapping (its ``sigma``, given per step, is in units of singular values:
+            absolute, like every space's).
         svd_fraction: fraction of each matrix's singular values to evolve, in (0, 1]; at least one per matrix.
     """
 
@@ -155,10 +155,9 @@ class SVDSpace(PerturbationSpace):
         self,
         named_modules: Sequence[tuple[str, nn.Module]],
         noise: MemberNoise,
-        sigma: float,
         svd_fraction: float = DEFAULT_SVD_FRACTION,
     ):
-        super().__init__(noise, sigma)
+        super().__init__(noise)
         if not 0 < svd_fraction <= 1:
             raise ValueError(f"svd_fraction must be in (0, 1], got {svd_fraction}")
         named_modules = list(named_modules)
@@ -247,23 +246,23 @@ class SVDSpace(PerturbationSpace):
                 for target, weight in saved:
                     target.weight.copy_(weight)
 
-    def _member_values(self, step: int, member: int) -> dict[int, torch.Tensor]:
+    def _member_values(self, step: int, member: int, sigma: float) -> dict[int, torch.Tensor]:
         values = {}
         for index, target in enumerate(self._targets):
             eps = self.noise.member_noise(step, member, target.name, target.values.shape, target.values.device)
-            values[index] = target.values.detach() + self.sigma * eps
+            values[index] = target.values.detach() + sigma * eps
         return values
 
-    def perturbed(self, step: int, members: Sequence[int]) -> contextlib.AbstractContextManager[None]:
+    def perturbed(self, step: int, members: Sequence[int], sigma: float) -> contextlib.AbstractContextManager[None]:
         """The model acts as ``s + sigma * eps_member`` for the one member given; exact restore on exit."""
         members = list(members)
         if len(members) != 1:
             raise ValueError(f"SVDSpace evaluates one member at a time, got {members}")
-        return self._acting_as(self._member_values(step, members[0]))
+        return self._acting_as(self._member_values(step, members[0], sigma))
 
-    def apply_member(self, step: int, member: int) -> None:
+    def apply_member(self, step: int, member: int, sigma: float) -> None:
         """``s += sigma * eps_member`` (the same sum :meth:`perturbed` forms) and the weights rebuilt from it."""
-        values = self._member_values(step, member)
+        values = self._member_values(step, member, sigma)
         with torch.no_grad():
             for index, target in enumerate(self._targets):
                 target.values.copy_(values[index])

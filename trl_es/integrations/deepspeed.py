@@ -109,7 +109,6 @@ class ZeRO3Space(InPlaceSpace):
         named_params: the ZeRO-3 parameters to evolve, with the same names as the non-DeepSpeed run (they seed the
             noise).
         noise: member -> seeded direction mapping.
-        sigma: perturbation scale.
         engine: returns the DeepSpeed engine once the Trainer has built it (``None`` before ``train()``).
         restore: ``"copy"`` (bit-exact; holds a copy of this rank's shards) or ``"subtract"``.
     """
@@ -127,14 +126,13 @@ class ZeRO3Space(InPlaceSpace):
         self,
         named_params: Sequence[tuple[str, torch.nn.Parameter]],
         noise: MemberNoise,
-        sigma: float,
         engine: Callable[[], object],
         restore: str = "copy",
     ):
         missing = [name for name, param in named_params if not hasattr(param, "ds_tensor")]
         if missing:
             raise ValueError(f"not ZeRO-3 partitioned parameters: {missing[:5]}")
-        super().__init__(named_params, noise, sigma, restore=restore)
+        super().__init__(named_params, noise, restore=restore)
         self.engine = engine
 
     def num_parameters(self) -> int:

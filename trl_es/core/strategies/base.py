@@ -34,6 +34,7 @@ class StrategyUpdate:
         shaped: the weight each member received, ``(population,)`` (None in an update rebuilt from a seed log).
         coefficients: ``GRADIENT``: the per-direction coefficients of ``t.grad = sum_k c_k eps_k(t)``.
         winner: ``SELECTION``: the member whose perturbation becomes permanent, or ``None`` when the parent is kept.
+        sigma: ``SELECTION``: the scale the winner was evaluated at (``strategy.sigma_at(step)``), made permanent.
         values: ``SET``: the new values of the evolved vector.
     """
 
@@ -41,6 +42,7 @@ class StrategyUpdate:
     shaped: torch.Tensor | None = None
     coefficients: torch.Tensor | None = None
     winner: int | None = None
+    sigma: float | None = None
     values: torch.Tensor | None = None
 
 
@@ -57,34 +59,35 @@ class Strategy(ABC):
     #: learning rate and schedule; the others log :meth:`step_size_logs` instead of ``learning_rate``.
     update_kind: UpdateKind = UpdateKind.GRADIENT
 
-    def __init__(self, space: PerturbationSpace, sigma_decay: float = 1.0):
+    def __init__(self, space: PerturbationSpace, sigma: float, sigma_decay: float = 1.0):
+        if not 0 < sigma < float("inf"):
+            raise ValueError(f"sigma must be finite and > 0, got {sigma}")
         if not 0 < sigma_decay <= 1:
             raise ValueError(f"sigma_decay must be in (0, 1], got {sigma_decay}")
         self.space = space
-        #: The perturbation scale's schedule, ``sigma_t = sigma * sigma_decay ** t``: set in ``ask(t)`` from the step
-        #: number alone, so a resumed run and a replay use the scale the uninterrupted run used at that step.
-        self.initial_sigma = space.sigma
+        #: The perturbation scale and its schedule, ``sigma_t = sigma * sigma_decay ** t`` (:meth:`sigma_at`): a
+        #: function of the step number alone, so a resumed run and a replay use the scale the uninterrupted run used.
+        #: The strategy owns it and hands it to the space with every perturbation; the space keeps no scale.
+        self.sigma = sigma
         self.sigma_decay = sigma_decay
-
-    @property
-    def population_size(self) -> int:
-        return self.space.noise.population_size
+        #: Members per step. The noise is drawn for this many members (antithetic pairs share a direction, and the
+        #: number of directions is part of the noise's seed), so the space's noise is built with it.
+        self.population_size: int = space.noise.population_size
 
     def member_groups(self) -> list[list[int]]:
         return self.space.member_groups()
 
     def sigma_at(self, step: int) -> float:
-        return self.initial_sigma * self.sigma_decay**step
+        """The perturbation scale of ``step``."""
+        return self.sigma * self.sigma_decay**step
 
-    def ask(self, step: int) -> None:
-        """Prepare the members of ``step``: the space perturbs by ``sigma_at(step)`` (seeded strategies have
-        nothing else to prepare)."""
-        if self.sigma_decay != 1.0:
-            self.space.sigma = self.sigma_at(step)
+    def ask(self, step: int) -> None:  # noqa: B027 (a hook: only stateful strategies override it)
+        """Prepare the members of ``step`` (seeded strategies have nothing to prepare: a member is its seed)."""
 
     def perturbed(self, step: int, members: Sequence[int]) -> contextlib.AbstractContextManager[None]:
-        """Context in which the model acts as ``members``; the weights are exactly restored on exit."""
-        return self.space.perturbed(step, members)
+        """Context in which the model acts as ``members`` at ``sigma_at(step)``; the weights are exactly restored on
+        exit."""
+        return self.space.perturbed(step, members, self.sigma_at(step))
 
     @abstractmethod
     def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
@@ -95,8 +98,8 @@ class Strategy(ABC):
     def from_config(cls, space: PerturbationSpace, args) -> "Strategy":
         """Build from an ``ESConfig`` (read as plain attributes: the core imports no config class)."""
 
-    def step_size_logs(self) -> dict[str, float]:
-        """The step size the strategy really moves by, for the logs of a strategy that is not ``GRADIENT``."""
+    def step_size_logs(self, step: int) -> dict[str, float]:
+        """The step size the strategy moved by at ``step``, for the logs of a strategy that is not ``GRADIENT``."""
         return {}
 
     def state_dict(self) -> dict:

@@ -203,7 +203,8 @@ class CMAStrategy(Strategy):
         diagonal: bool = False,
         max_full_dim: int = 1000,
     ):
-        super().__init__(space)
+        # sigma0 is only CMA-ES's starting step size: it adapts it every generation (``sigma_at``), on no schedule.
+        super().__init__(space, sigma0)
         missing = [name for name in VECTOR_METHODS if not hasattr(space, name)]
         if missing:
             raise ValueError(
@@ -224,7 +225,10 @@ class CMAStrategy(Strategy):
 
     update_kind = UpdateKind.SET
 
-    def step_size_logs(self) -> dict[str, float]:
+    def sigma_at(self, step: int) -> float:
+        return self.search.sigma
+
+    def step_size_logs(self, step: int) -> dict[str, float]:
         return {"cma_sigma": self.search.sigma}  # CMA-ES adapts it every generation, starting from sigma0
 
     @classmethod

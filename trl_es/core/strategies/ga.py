@@ -37,6 +37,7 @@ class GeneticAlgorithm(Strategy):
     """Args:
     space: where the children's seeded mutations live; it must be able to make one member permanent
         (``apply_member``: the ``full``, ``lora`` and ``svd`` spaces) and evaluate one member per forward.
+    sigma: the mutation scale: child ``i`` is ``theta + sigma * eps_i``.
     elite: member 0 is the unperturbed parent, which survives unless a child beats it.
     min_improvement: how much a child's fitness must exceed the parent's to replace it (``elite`` only); ties always
         keep the parent.
@@ -47,9 +48,14 @@ class GeneticAlgorithm(Strategy):
     update_kind = UpdateKind.SELECTION
 
     def __init__(
-        self, space: PerturbationSpace, elite: bool = True, min_improvement: float = 0.0, sigma_decay: float = 1.0
+        self,
+        space: PerturbationSpace,
+        sigma: float,
+        elite: bool = True,
+        min_improvement: float = 0.0,
+        sigma_decay: float = 1.0,
     ):
-        super().__init__(space, sigma_decay)
+        super().__init__(space, sigma, sigma_decay)
         if not space.applies_members:
             raise ValueError(
                 f"strategy='ga' sets the weights to the winning member, which {type(space).__name__} cannot do (no "
@@ -73,14 +79,14 @@ class GeneticAlgorithm(Strategy):
 
     @classmethod
     def from_config(cls, space: PerturbationSpace, args) -> "GeneticAlgorithm":
-        return cls(space, args.ga_elite, args.ga_min_improvement, getattr(args, "sigma_decay", 1.0))
+        return cls(space, args.sigma, args.ga_elite, args.ga_min_improvement, getattr(args, "sigma_decay", 1.0))
 
     def perturbed(self, step: int, members: Sequence[int]):
         if self.elite and list(members) == [PARENT]:
             return contextlib.nullcontext()  # the parent is scored as it is
         if self.elite and PARENT in members:
             raise ValueError(f"the parent (member {PARENT}) must be evaluated on its own, got members {list(members)}")
-        return self.space.perturbed(step, members)
+        return self.space.perturbed(step, members, self.sigma_at(step))
 
     def select(self, fitness: torch.Tensor) -> int | None:
         """The member whose mutation wins this step, or ``None`` when the parent survives."""
@@ -94,8 +100,8 @@ class GeneticAlgorithm(Strategy):
         best = int(torch.argmax(scores))
         return best if torch.isfinite(scores[best]) else None
 
-    def step_size_logs(self) -> dict[str, float]:
-        return {"ga_sigma": float(self.space.sigma)}  # the mutation scale (sigma_decay moves it)
+    def step_size_logs(self, step: int) -> dict[str, float]:
+        return {"ga_sigma": self.sigma_at(step)}  # the mutation scale (sigma_decay moves it)
 
     def generations_parent_kept(self, step: int) -> int:
         """How many generations in a row, up to and including ``step``, kept the parent (0 if ``step`` had a winner).
@@ -110,7 +116,7 @@ class GeneticAlgorithm(Strategy):
         if winner is not None:
             self.genome.append((step, winner))
         # The shaped fitness only feeds logging (the completion table's advantage column).
-        return StrategyUpdate(UpdateKind.SELECTION, centered_rank(fitness), winner=winner)
+        return StrategyUpdate(UpdateKind.SELECTION, centered_rank(fitness), winner=winner, sigma=self.sigma_at(step))
 
     def state_dict(self) -> dict:
         return {"genome": [list(gene) for gene in self.genome]}

@@ -21,18 +21,25 @@ class GaussianES(Strategy):
     """Args:
     space: where the members' seeded noise lives.
     fitness_shaping: a name of ``core.fitness.FITNESS_SHAPINGS``.
-    sigma_decay: per-step multiplicative factor of the space's ``sigma`` (1.0: constant).
+    sigma: the perturbation scale.
+    sigma_decay: per-step multiplicative factor of ``sigma`` (1.0: constant).
     """
 
-    def __init__(self, space: PerturbationSpace, fitness_shaping: str = "centered_rank", sigma_decay: float = 1.0):
-        super().__init__(space, sigma_decay)
+    def __init__(
+        self,
+        space: PerturbationSpace,
+        sigma: float,
+        fitness_shaping: str = "centered_rank",
+        sigma_decay: float = 1.0,
+    ):
+        super().__init__(space, sigma, sigma_decay)
         self.fitness_shaping = fitness_shaping
 
     @classmethod
     def from_config(cls, space: PerturbationSpace, args) -> "GaussianES":
-        return cls(space, args.fitness_shaping, getattr(args, "sigma_decay", 1.0))
+        return cls(space, args.sigma, args.fitness_shaping, getattr(args, "sigma_decay", 1.0))
 
     def tell(self, step: int, fitness: torch.Tensor) -> StrategyUpdate:
         shaped = shape_fitness(fitness, self.fitness_shaping)
-        coefficients = pseudo_gradient_coefficients(shaped, self.space.noise, self.space.sigma)
+        coefficients = pseudo_gradient_coefficients(shaped, self.space.noise, self.sigma_at(step))
         return StrategyUpdate(UpdateKind.GRADIENT, shaped, coefficients=coefficients)
