@@ -1,7 +1,7 @@
 """A ten-minute check on one CUDA GPU with no internet: does ES run, how fast, in how much memory, next to GRPO?
 
 Every number in this project so far comes from a 2-core CPU. This script is what to run first when a GPU is lent:
-it builds local Qwen2-style models at three sizes (``trl_es.tasks.build_policy.build_model``, byte tokenizer,
+it builds local Qwen2-style models at three sizes (``benchmarks.build_policy.build_model``, byte tokenizer,
 random init, saved with ``save_pretrained`` and loaded back from that folder: nothing comes from a hub) and, per
 size, in bf16 on the GPU (fp32 with ``--cpu``):
 
@@ -206,7 +206,7 @@ def child(spec: dict, log: Path) -> dict:
 
 
 def build(sizes, folder: Path, device: str, dtype: torch.dtype) -> list[dict]:
-    from trl_es.tasks.build_policy import build_model, build_tokenizer
+    from benchmarks.build_policy import build_model, build_tokenizer
 
     entries = []
     for hidden, layers, intermediate in sizes:

@@ -33,6 +33,10 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's root: benchmarks.build_policy
 
 
 HIDDEN, LAYERS, INTERMEDIATE = 768, 16, 2048
@@ -49,7 +53,7 @@ def load(model_name: str | None):
     """(model, tokenizer): ``model_name`` (a folder or ``builtin:`` name) in fp32, or the random-init ~101M one."""
     import torch
 
-    from trl_es.tasks.build_policy import build_model, build_tokenizer
+    from benchmarks.build_policy import build_model, build_tokenizer
 
     if model_name:
         from transformers import AutoModelForCausalLM, AutoTokenizer

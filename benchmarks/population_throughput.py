@@ -57,15 +57,27 @@ import collections
 import json
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from trl_es.builtin_models import resolve_model
-from trl_es.core import InPlaceSpace, LowRankSpace, MemberNoise, cpu_kernel, philox, pseudo_gradient_coefficients
-from trl_es.tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset
-from trl_es.tasks.build_policy import build_model, build_tokenizer
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout's root: benchmarks.build_policy
+
+import torch  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from benchmarks.build_policy import build_model, build_tokenizer  # noqa: E402
+from trl_es.builtin_models import resolve_model  # noqa: E402
+from trl_es.core import (  # noqa: E402
+    InPlaceSpace,
+    LowRankSpace,
+    MemberNoise,
+    cpu_kernel,
+    philox,
+    pseudo_gradient_coefficients,
+)
+from trl_es.tasks import ARITHMETIC_POLICY_DIR, arithmetic_dataset  # noqa: E402
 
 
 def linears(model):

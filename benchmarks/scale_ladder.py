@@ -6,11 +6,11 @@
 
 A unit is one (rung, arm, seed): ``trl-es compare --config recipes/quickstart.yaml --arms ARM --seed SEED`` on the
 rung's policy, in a process of its own; it writes ``docs/results/scale_ladder/<rung>/<arm>_seed<seed>.json`` when it
-finishes, and nothing when it is stopped (see ``trl_es/compare/ladder.py``). ``--resume`` skips the finished units,
+finishes, and nothing when it is stopped (see ``benchmarks/ladder.py``). ``--resume`` skips the finished units,
 starts a unit only if its estimated duration fits the minutes left, kills and discards one that overruns, and
 re-aggregates after every finished unit, so commit ``docs/results/`` before the session ends.
 
-The rungs are ``trl_es.tasks.build_policy.SIZES`` (one Qwen2-style family, one task and tokenizer; the 0.6M rung is
+The rungs are ``benchmarks.build_policy.SIZES`` (one Qwen2-style family, one task and tokenizer; the 0.6M rung is
 the shipped policy, the others are rebuilt from their seed here and checked against the recorded weight hash). The
 budget rule is the same at every rung: ``BUDGET_ROLLOUTS`` generated completions, or ``BASE_SECONDS`` of training
 times the rung's measured generation cost relative to the 0.6M rung, whichever an arm reaches first. Every other
@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
-from trl_es.compare.ladder import DerivedArm, Ladder, RungStore, estimate_seconds, resume, units  # noqa: E402
-from trl_es.compare.ladder_aggregate import write_aggregate  # noqa: E402
-from trl_es.tasks.build_policy import BASE_WIDTH, SIZES  # noqa: E402
+from benchmarks.build_policy import BASE_WIDTH, SIZES  # noqa: E402
+from benchmarks.ladder import DerivedArm, Ladder, RungStore, estimate_seconds, resume, units  # noqa: E402
+from benchmarks.ladder_aggregate import write_aggregate  # noqa: E402
 
 
 # The experiment. Half the quickstart comparison's budget (307,200 rollouts / 300 s), so that the largest rung's units

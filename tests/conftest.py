@@ -13,7 +13,7 @@ import torch  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from trl_es.tasks.build_policy import build_model, build_tokenizer
+    from benchmarks.build_policy import build_model, build_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-qwen2")
     tokenizer = build_tokenizer()

@@ -9,7 +9,7 @@ import time
 import pytest
 from conftest import tiny_compare_recipe
 
-from trl_es.compare.ladder import (
+from benchmarks.ladder import (
     DerivedArm,
     Ladder,
     RungStore,
@@ -20,7 +20,7 @@ from trl_es.compare.ladder import (
     units,
     weights_sha256,
 )
-from trl_es.compare.ladder_aggregate import aggregate, markdown, plot, write_aggregate
+from benchmarks.ladder_aggregate import aggregate, markdown, plot, write_aggregate
 from trl_es.compare.machine import machine_kind
 
 

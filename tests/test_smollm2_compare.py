@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trl_es.compare.ladder import unit_command, units
+from benchmarks.ladder import unit_command, units
 
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -18,10 +18,10 @@ from transformers import Qwen2Config, Qwen2ForCausalLM, Qwen3MoeConfig, Qwen3Moe
 from trl import GRPOConfig, GRPOTrainer
 from trl.chat_template_utils import qwen3_chat_template
 
+from benchmarks.build_policy import build_tokenizer
 from trl_es import ESTrainer, trl_compat
 from trl_es.core import penalize_router_imbalance
 from trl_es.router_balance import RouterBalance
-from trl_es.tasks.build_policy import build_tokenizer
 
 
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")

@@ -43,7 +43,7 @@ def test_shipped_adapter_is_a_plain_peft_adapter_with_room_to_improve():
 
 
 def test_builder_trains_saves_and_measures(tiny_model_dir, tmp_path):
-    from trl_es.tasks.build_policy import build_lora_adapter
+    from benchmarks.build_policy import build_lora_adapter
 
     info = build_lora_adapter(tiny_model_dir, tmp_path, examples=16, rank=2, eval_size=8, command="test")
     saved = json.loads((tmp_path / "build_info.json").read_text())
@@ -66,7 +66,7 @@ def test_builder_trains_saves_and_measures(tiny_model_dir, tmp_path):
     ],
 )
 def test_builder_names_bad_arguments(argv, message, tmp_path):
-    from trl_es.tasks.build_policy import main
+    from benchmarks.build_policy import main
 
     with pytest.raises(ValueError, match=message):
         main(["--lora", *argv, "--output_dir", str(tmp_path)])

@@ -21,7 +21,7 @@ from datasets import Dataset
 HELD_OUT_SIZE = 1000
 VALIDATION_SIZE = 500
 _SPLIT_SEED = 1234
-# The small Qwen2-style policy shipped with the package (built by ``python -m trl_es.tasks.build_policy``).
+# The small Qwen2-style policy shipped with the package (built by ``python -m benchmarks.build_policy``).
 ARITHMETIC_POLICY_DIR = Path(__file__).resolve().parent.parent / "assets" / "arithmetic-policy"
 # ESSA's warm start for it: a rank-4 LoRA adapter on q/k/v/o after a brief SFT (``build_policy --lora``). Load with
 # ``PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(ARITHMETIC_POLICY_DIR), ARITHMETIC_LORA_DIR)``.

@@ -6,13 +6,13 @@ Training stops as soon as greedy held-out accuracy reaches ``--target_accuracy``
 lands anywhere between 5% and 95% on different machines. The result ships in ``trl_es/assets/arithmetic-policy``
 so every machine starts ES from the same weights; rerun this to rebuild it (~1-3 minutes on 2 CPU cores)::
 
-    python -m trl_es.tasks.build_policy --output_dir trl_es/assets/arithmetic-policy
+    python -m benchmarks.build_policy --output_dir trl_es/assets/arithmetic-policy
 
 ``--lora`` builds ESSA's warm start instead (Gorbatovski et al. 2025: a LoRA adapter briefly SFT-trained before its
 singular values are evolved): a rank-4 adapter on the attention projections of the shipped policy, trained for one
 epoch on a few hundred train problems, saved as ``trl_es/assets/arithmetic-lora`` (~10 s on 2 idle cores)::
 
-    python -m trl_es.tasks.build_policy --lora --output_dir trl_es/assets/arithmetic-lora
+    python -m benchmarks.build_policy --lora --output_dir trl_es/assets/arithmetic-lora
 """
 
 import argparse
@@ -28,8 +28,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
-from .. import evaluation
-from .arithmetic import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
+from trl_es import evaluation
+from trl_es.tasks.arithmetic import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
 
 
 CHAT_TEMPLATE = (
@@ -259,9 +259,7 @@ def main(argv=None):
             rank=args.lora_rank,
             learning_rate=args.lora_learning_rate,
             seed=args.seed,
-            command=shlex.join(
-                ["python", "-m", "trl_es.tasks.build_policy", *(sys.argv[1:] if argv is None else argv)]
-            ),
+            command=shlex.join(["python", "-m", "benchmarks.build_policy", *(sys.argv[1:] if argv is None else argv)]),
         )
         print(json.dumps(info, indent=2))
         return
@@ -312,9 +310,7 @@ def main(argv=None):
         "size": args.size,
         "seed": args.seed,
         "learning_rate": learning_rate,
-        "command": shlex.join(
-            ["python", "-m", "trl_es.tasks.build_policy", *(sys.argv[1:] if argv is None else argv)]
-        ),
+        "command": shlex.join(["python", "-m", "benchmarks.build_policy", *(sys.argv[1:] if argv is None else argv)]),
     }
     Path(args.output_dir, "build_info.json").write_text(json.dumps(info, indent=2) + "\n")
     print(json.dumps(info, indent=2))

@@ -1,6 +1,6 @@
 """The scale ladder as independent units: does the ES-GRPO gap change with the policy's size?
 
-A *rung* is one policy of a family that differs only in size (``trl_es.tasks.build_policy.SIZES``: one task, one
+A *rung* is one policy of a family that differs only in size (``benchmarks.build_policy.SIZES``: one task, one
 tokenizer, each policy SFT-trained into the same starting-accuracy band). A *unit* is one (rung, arm, seed): one
 ``trl-es compare --arms ARM --seed SEED`` run in a process of its own. A unit writes its result file
 (``RESULTS/<rung>/<arm>_seed<seed>.json``) only when it has finished; a unit stopped part-way (the time limit, a
@@ -38,8 +38,8 @@ from pathlib import Path
 
 import yaml
 
-from ..builtin_models import weights_sha256
-from .machine import describe_machine, load_average, machine_kind
+from trl_es.builtin_models import weights_sha256
+from trl_es.compare.machine import describe_machine, load_average, machine_kind
 
 
 @dataclass(frozen=True)
@@ -139,7 +139,7 @@ def generation_seconds(model_dir: Path, rows: int = 128, repeats: int = 5, max_n
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..tasks import arithmetic_dataset
+    from trl_es.tasks import arithmetic_dataset
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -264,17 +264,18 @@ class RungStore:
 
 def build_policy(rung: str, cache: Path) -> Path:
     """The shipped policy for the smallest size; other sizes built once per machine by ``build_policy --size``."""
-    from ..tasks import ARITHMETIC_POLICY_DIR
+    from trl_es.tasks import ARITHMETIC_POLICY_DIR
 
     if rung == "0.6M":
         return ARITHMETIC_POLICY_DIR
     folder = cache / f"arithmetic-policy-{rung}"
     if not (folder / "build_info.json").exists():
-        command = [sys.executable, "-m", "trl_es.tasks.build_policy", "--size", rung, "--output_dir", str(folder)]
+        command = [sys.executable, "-m", "benchmarks.build_policy", "--size", rung, "--output_dir", str(folder)]
         cache.mkdir(parents=True, exist_ok=True)
         print("building:", " ".join(command), flush=True)
         with open(cache / f"build_{rung}.log", "w") as log:
-            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT)
+            # from the checkout's root, where ``benchmarks`` is importable
+            subprocess.run(command, check=True, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).parent.parent)
     return folder
 
 

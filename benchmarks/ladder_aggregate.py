@@ -1,4 +1,4 @@
-"""The scale ladder's aggregate: the finished unit files of ``trl_es.compare.ladder`` -> per-rung gaps, a markdown
+"""The scale ladder's aggregate: the finished unit files of ``benchmarks.ladder`` -> per-rung gaps, a markdown
 table and a figure (``docs/results/scale_ladder.{json,md,png}``).
 
 A rung's main comparison is every plain arm (``es``, ``grpo``, ES variants) over the seeds all of them finished; each
@@ -11,8 +11,9 @@ import math
 import time
 from pathlib import Path
 
+from trl_es.compare.report import mean_or_nan, spread_or_nan, summarize
+
 from .ladder import DerivedArm, write_json_atomic
-from .report import mean_or_nan, spread_or_nan, summarize
 
 
 def load_units(results: Path) -> list[dict]:
