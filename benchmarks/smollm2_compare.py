@@ -63,8 +63,9 @@ SELECT_POINTS = {  # over the recipe's ES arm (sigma 3e-3) and GRPO arm (lr 1e-5
     "grpo": ("grpo", ()),
     "es_sigma2e-3": ("es", ("--sigma", "0.002")),
     "es_sigma5e-3": ("es", ("--sigma", "0.005")),
-    # validation rose from 2e-3 to 5e-3: one point beyond, so the choice is not the grid's edge
+    # validation rose from 2e-3 to 5e-3 and again to 8e-3: points beyond, until the choice is not the grid's edge
     "es_sigma8e-3": ("es", ("--sigma", "0.008")),
+    "es_sigma1.2e-2": ("es", ("--sigma", "0.012")),
     # EGGROLL: many rank-1 directions on few prompts, the same rollouts a step as es (64 members x 16 prompts)
     "eggroll": (
         "es",
