@@ -13,6 +13,12 @@ singular values are evolved): a rank-4 adapter on the attention projections of t
 epoch on a few hundred train problems, saved as ``trl_es/assets/arithmetic-lora`` (~10 s on 2 idle cores)::
 
     python -m benchmarks.build_policy --lora --output_dir trl_es/assets/arithmetic-lora
+
+``--lora --lora_task chat_arithmetic`` builds the same kind of warm start for the real model,
+builtin:smollm2-135m-instruct, on chat arithmetic (conversational SFT rows: the user's question, the assistant's
+bare number), saved as ``trl_es/assets/smollm2-chat-lora`` (builtin:smollm2-chat-lora). It is shipped rather than
+rebuilt because SFT's numbers differ between CPU kinds, and every machine must evolve the same adapter; its
+build_info.json records the base weights' hash it fits.
 """
 
 import argparse
@@ -22,6 +28,8 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,7 +37,9 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, TrainerCallback
 
 from trl_es import evaluation
+from trl_es.builtin_models import BUILTIN, resolve_model, weights_sha256
 from trl_es.tasks.arithmetic import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
+from trl_es.tasks.chat_arithmetic import SMOLLM2_CHAT_LORA_DIR, chat_arithmetic_accuracy, chat_arithmetic_dataset
 
 
 CHAT_TEMPLATE = (
@@ -123,6 +133,36 @@ LORA_DEFAULTS = {
 }
 
 
+@dataclass(frozen=True)
+class WarmStartTask:
+    """What an adapter is SFT-trained on: the task's splits, its reward, the answer as an SFT completion, and how
+    many tokens a greedy held-out answer may take."""
+
+    dataset: Callable
+    reward: Callable
+    completion: Callable  # the answer column -> the SFT completion (a string, or an assistant message)
+    max_new_tokens: int
+
+
+LORA_TASKS = {
+    "arithmetic": WarmStartTask(arithmetic_dataset, arithmetic_accuracy, lambda answer: answer, 4),
+    # Conversational prompt-completion rows: TRL's SFTTrainer applies the base's chat template (SmolLM2's adds its
+    # system prompt, as in ES and GRPO training) and takes the loss on the assistant's answer only.
+    "chat_arithmetic": WarmStartTask(
+        chat_arithmetic_dataset,
+        chat_arithmetic_accuracy,
+        lambda answer: [{"role": "assistant", "content": answer}],
+        16,
+    ),
+}
+
+# Each task's default base policy and the asset its adapter ships as.
+LORA_OUTPUTS = {
+    "arithmetic": (ARITHMETIC_POLICY_DIR, ARITHMETIC_LORA_DIR),
+    "chat_arithmetic": (f"{BUILTIN}smollm2-135m-instruct", SMOLLM2_CHAT_LORA_DIR),
+}
+
+
 def build_lora_adapter(
     base_dir,
     output_dir,
@@ -132,27 +172,33 @@ def build_lora_adapter(
     seed: int = 0,
     eval_size: int = 500,
     command: str | None = None,
+    task: str = "arithmetic",
 ) -> dict:
-    """SFT a LoRA adapter on ``base_dir`` for one epoch over the first ``examples`` train problems; save it (plain
-    peft: adapter_config.json + adapter_model.safetensors) with a build_info.json holding the held-out greedy
-    accuracy of the base and of base + adapter on the first ``eval_size`` test problems."""
+    """SFT a LoRA adapter on ``base_dir`` (a folder or a ``builtin:`` name) for one epoch over the first ``examples``
+    train problems of ``task``; save it (plain peft: adapter_config.json + adapter_model.safetensors) with a
+    build_info.json holding the held-out greedy accuracy of the base and of base + adapter on the first
+    ``eval_size`` test problems. The first examples of ``train`` are never the validation rows (its last 500)."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    for name, value in (("--lora_examples", examples), ("--lora_rank", rank), ("eval_size", eval_size)):
+    for name, value in (("--lora_examples", examples), ("--lora_rank", rank), ("--lora_eval_size", eval_size)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if not learning_rate > 0:
         raise ValueError(f"--lora_learning_rate must be > 0, got {learning_rate}")
+    if task not in LORA_TASKS:
+        raise ValueError(f"--lora_task must be one of {sorted(LORA_TASKS)}, got {task!r}")
+    warm = LORA_TASKS[task]
     start = time.perf_counter()
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(base_dir)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    held_out = arithmetic_dataset("test", size=eval_size)
-    base_accuracy = evaluation.greedy_accuracy(model, tokenizer, held_out, arithmetic_accuracy, 4, 250)
-    train = arithmetic_dataset("train", size=examples).map(
-        lambda row: {"completion": row["answer"]}, remove_columns=["answer"]
+    base_folder = resolve_model(str(base_dir))
+    tokenizer = AutoTokenizer.from_pretrained(base_folder)
+    model = AutoModelForCausalLM.from_pretrained(base_folder, dtype=torch.float32)
+    held_out = warm.dataset("test", size=eval_size)
+    base_accuracy = evaluation.greedy_accuracy(model, tokenizer, held_out, warm.reward, warm.max_new_tokens, 250)
+    train = warm.dataset("train", size=examples).map(
+        lambda row: {"completion": warm.completion(row["answer"])}, remove_columns=["answer"]
     )
     peft_config = LoraConfig(
         r=rank,
@@ -182,7 +228,7 @@ def build_lora_adapter(
         trainer.train()
         train_seconds = time.perf_counter() - train_start
     adapted = trainer.model
-    adapter_accuracy = evaluation.greedy_accuracy(adapted, tokenizer, held_out, arithmetic_accuracy, 4, 250)
+    adapter_accuracy = evaluation.greedy_accuracy(adapted, tokenizer, held_out, warm.reward, warm.max_new_tokens, 250)
     output = Path(output_dir)
     adapted.save_pretrained(output)
     (output / "README.md").unlink(missing_ok=True)  # peft's empty model card template
@@ -195,7 +241,11 @@ def build_lora_adapter(
     config_path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
     info = {
         "command": command,
-        "base_policy": Path(base_dir).name,
+        "task": task,
+        # a builtin base by its name (its folder is a cache path of the build machine), and by its weights' hash:
+        # the adapter fits those weights only
+        "base_policy": str(base_dir) if str(base_dir).startswith(BUILTIN) else Path(base_dir).name,
+        "base_weights_sha256": weights_sha256(base_folder),
         # greedy, on the first eval_size held-out problems: the set of the shipped policy's heldout_500_accuracy
         "heldout_accuracy_base": base_accuracy,
         "heldout_accuracy_base_plus_adapter": adapter_accuracy,
@@ -245,21 +295,31 @@ def main(argv=None):
         help="policy size (hidden, layers, MLP) for the scale ladder; 0.6M is the shipped policy",
     )
     lora = parser.add_argument_group("ESSA warm start (--lora)")
-    lora.add_argument("--lora", action="store_true", help="train a LoRA adapter on the shipped policy instead")
-    lora.add_argument("--base_dir", default=str(ARITHMETIC_POLICY_DIR), help="policy the adapter is trained on")
+    lora.add_argument("--lora", action="store_true", help="train a LoRA adapter on a policy instead")
+    lora.add_argument(
+        "--lora_task",
+        choices=list(LORA_TASKS),
+        default="arithmetic",
+        help="arithmetic: on the shipped policy; chat_arithmetic: on builtin:smollm2-135m-instruct",
+    )
+    lora.add_argument("--base_dir", default=None, help="policy the adapter is trained on (default: the task's)")
     lora.add_argument("--lora_examples", type=int, default=LORA_DEFAULTS["examples"])
     lora.add_argument("--lora_rank", type=int, default=LORA_DEFAULTS["rank"])
     lora.add_argument("--lora_learning_rate", type=float, default=LORA_DEFAULTS["learning_rate"])
+    lora.add_argument("--lora_eval_size", type=int, default=500, help="held-out test problems measured")
     args = parser.parse_args(argv)
     if args.lora:
+        base, output = LORA_OUTPUTS[args.lora_task]
         info = build_lora_adapter(
-            args.base_dir,
-            args.output_dir or str(ARITHMETIC_LORA_DIR),
+            args.base_dir or str(base),
+            args.output_dir or str(output),
             examples=args.lora_examples,
             rank=args.lora_rank,
             learning_rate=args.lora_learning_rate,
             seed=args.seed,
+            eval_size=args.lora_eval_size,
             command=shlex.join(["python", "-m", "benchmarks.build_policy", *(sys.argv[1:] if argv is None else argv)]),
+            task=args.lora_task,
         )
         print(json.dumps(info, indent=2))
         return

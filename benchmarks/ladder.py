@@ -348,7 +348,8 @@ def run_unit(unit: Unit, ladder: Ladder, store: RungStore, work: Path, deadline:
         "ladder": ladder.fingerprint(),
         "run": runs[0],
         "settings": report["arms"][arm]["settings"],
-        "machine": {**report["machine"], "load_average_before_unit": start_load},
+        # the CPU kind too: wall-clock budgets and step times compare only within one kind
+        "machine": {**report["machine"], "load_average_before_unit": start_load, "kind": machine_kind()},
         "duration_s": round(time.time() - started, 1),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "git_commit": _git_commit(),

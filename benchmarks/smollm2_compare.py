@@ -43,7 +43,8 @@ from benchmarks.ladder import (  # noqa: E402
     units,
     write_json_atomic,
 )
-from benchmarks.ladder_aggregate import load_units, write_aggregate  # noqa: E402
+from benchmarks.ladder_aggregate import load_units  # noqa: E402
+from benchmarks.smollm2_report import write_report  # noqa: E402
 from trl_es.builtin_models import resolve_model  # noqa: E402
 
 
@@ -57,8 +58,29 @@ BUDGET_ROLLOUTS = 24_576  # the recipe's: 24 ES steps = 384 GRPO steps; in pract
 # The selection runs each point for a fixed number of its arm's steps (a rollout budget of its own), not seconds:
 # what a point reaches then does not depend on how busy the machine was. ES: 12 steps of 1,024 rollouts (16 members x
 # 64 prompts); GRPO: 20 steps of 64 (8 prompts x 8 samples), about the same training time on an idle machine.
-SELECT_BUDGET = {"es": ("--compare.budget_rollouts", "12288"), "grpo": ("--compare.budget_rollouts", "1280")}
-SELECT_POINTS = {  # over the recipe's ES arm (sigma 3e-3) and GRPO arm (lr 1e-5, temperature 1.0)
+# ESSA's selection units generate as many completions as ES's (12,288).
+SELECT_BUDGET = {
+    "es": ("--compare.budget_rollouts", "12288"),
+    "grpo": ("--compare.budget_rollouts", "1280"),
+    "essa": ("--compare.budget_rollouts", "12288"),
+}
+# A point's family is the arm it competes in, and the family's `trl-es compare` arm runs it. ES's variants (the
+# Qiu-style full space, EGGROLL-style low rank) are one family, GRPO's settings another. ESSA is a third, run as
+# compare's ES arm over its warm start: it is selected among its own points and measured as an arm of its own, so it
+# joined after the ES and GRPO units had run without changing them.
+FAMILY_ARM = {"es": "es", "grpo": "grpo", "essa": "es"}
+REQUIRED_FAMILIES = ("es", "grpo")  # the measurement waits for these; ESSA joins when its selection has finished
+# ESSA (Gorbatovski et al. 2025) on this model: the SFT'd rank-4 LoRA warm start (builtin:smollm2-chat-lora,
+# `python -m benchmarks.build_policy --lora --lora_task chat_arithmetic`); CMA-ES over every singular value of its
+# factors (30 layers x q/k/v/o x A, B x 4 = 960 numbers); 24 members (CMA-ES's default 4 + 3 ln 960 is 24) on 32
+# prompts each, so a step costs about as much as ES's 16 members on 64.
+ESSA = (
+    "--adapter_name_or_path", "builtin:smollm2-chat-lora",
+    "--perturbation", "svd", "--svd_fraction", "1.0",
+    "--strategy", "cma", "--population_size", "24",
+    "--per_device_train_batch_size", "64",
+)  # fmt: skip
+SELECT_POINTS = {  # family -> settings over the recipe's ES arm (sigma 3e-3) and GRPO arm (lr 1e-5, temperature 1.0)
     "es": ("es", ()),
     "grpo": ("grpo", ()),
     "es_sigma2e-3": ("es", ("--sigma", "0.002")),
@@ -74,6 +96,9 @@ SELECT_POINTS = {  # over the recipe's ES arm (sigma 3e-3) and GRPO arm (lr 1e-5
     "grpo_lr3e-5": ("grpo", ("--grpo.learning_rate", "3e-5")),
     "grpo_t0.7": ("grpo", ("--grpo.temperature", "0.7")),
     "grpo_lr3e-5_t0.7": ("grpo", ("--grpo.learning_rate", "3e-5", "--grpo.temperature", "0.7")),
+    # CMA-ES's initial step size, added to the singular values themselves
+    "essa_sigma0.05": ("essa", (*ESSA, "--cma_sigma0", "0.05")),
+    "essa_sigma0.2": ("essa", (*ESSA, "--cma_sigma0", "0.2")),
 }
 
 
@@ -97,17 +122,20 @@ def phase_ladder(base_seconds: float, eval_points: int, seeds, plain_arms, deriv
 
 def select_ladder() -> Ladder:
     derived = [
-        DerivedArm(name, base, ((RUNG, (*settings, *SELECT_BUDGET[base])),))
-        for name, (base, settings) in SELECT_POINTS.items()
+        DerivedArm(name, FAMILY_ARM[family], ((RUNG, (*settings, *SELECT_BUDGET[family])),))
+        for name, (family, settings) in SELECT_POINTS.items()
     ]
     return phase_ladder(SELECT_SECONDS, 1, (42,), (), derived)
 
 
 def selected(select_results: Path) -> dict[str, dict] | None:
-    """{"es": best ES point, "grpo": best GRPO point} by final validation accuracy, or None while units are missing."""
-    ladder = select_ladder()
+    """{family: its best point} by final validation accuracy, for every family whose points have all finished; None
+    while ES's or GRPO's have not."""
     done = {d["unit"]["arm"]: d for d in load_units(select_results)}
-    if any(name not in done for name in ladder.arm_names):
+    finished = {
+        family for family in FAMILY_ARM if all(name in done for name, (of, _) in SELECT_POINTS.items() if of == family)
+    }
+    if not finished.issuperset(REQUIRED_FAMILIES):
         return None
     capped = sorted(name for name, unit in done.items() if unit["run"]["stopped_by"] != "rollouts")
     if capped:
@@ -118,20 +146,25 @@ def selected(select_results: Path) -> dict[str, dict] | None:
         )
     best = {}
     for name, unit in done.items():
-        base, settings = SELECT_POINTS[name]
+        family, settings = SELECT_POINTS[name]
         score = unit["run"]["final_validation_accuracy"]
-        if base not in best or score > best[base]["validation_accuracy"]:
-            best[base] = {"point": name, "overrides": list(settings), "validation_accuracy": score}
-    return best
+        if family in finished and (family not in best or score > best[family]["validation_accuracy"]):
+            best[family] = {"point": name, "overrides": list(settings), "validation_accuracy": score}
+    return {family: best[family] for family in FAMILY_ARM if family in best}
 
 
 def measure_ladder(choice: dict[str, dict]) -> Ladder:
-    """ES and GRPO at their selected points. A chosen point other than the recipe's own is the arm's overrides, part
-    of every unit's command and result file (the units keep the plain names ``es`` and ``grpo`` either way)."""
-    own = {base: tuple(choice[base]["overrides"]) for base in ("es", "grpo")}
-    plain = [base for base in own if not own[base]]
-    derived = [DerivedArm(base, base, ((RUNG, own[base]),)) for base in own if own[base]]
+    """Each selected family at its chosen point, as an arm of its family's name. A chosen point other than the
+    recipe's own is the arm's overrides, part of every unit's command and result file."""
+    own = {family: tuple(point["overrides"]) for family, point in choice.items()}
+    plain = [family for family in own if not own[family]]
+    derived = [DerivedArm(family, FAMILY_ARM[family], ((RUNG, own[family]),)) for family in own if own[family]]
     return phase_ladder(MEASURE_SECONDS, 4, (42, 43, 44), plain, derived)
+
+
+def added_arms(ladder: Ladder) -> tuple[DerivedArm, ...]:
+    """The arms beyond ES and GRPO: each is reported against ES over the seeds both finished."""
+    return tuple(arm for arm in ladder.derived_arms if arm.name not in REQUIRED_FAMILIES)
 
 
 def status(ladder: Ladder, store: RungStore) -> None:
@@ -185,27 +218,48 @@ def main(argv=None) -> int:
         if "measure" not in ladders:
             print("nothing to aggregate: the selection has not finished")
             return 1
-        entries = write_aggregate(stores["measure"].results, results / "smollm2.json", (RUNG,), ())
+        report = write_report(results, RUNG, choice, added_arms(ladders["measure"]))
+        if report is None:
+            print("nothing to aggregate: no measurement unit has finished")
+            return 1
         print((results / "smollm2.md").read_text())
-        return 0 if entries else 1
+        return 0
     if args.max_minutes is None:
         parser.error("--resume needs --max_minutes (the time this session can give the comparison)")
+    return 1 if resume_all(results, work, stores, args.max_minutes) else 0
+
+
+def resume_all(results: Path, work: Path, stores: dict, max_minutes: float) -> bool:
+    """Run pending units until ``max_minutes``: ES's and GRPO's measurement first (the main result), then the
+    selection's pending points (an added family's), then the added arms' measurement. True if a unit failed."""
     import time
 
-    deadline = time.time() + args.max_minutes * 60
-    outcome = resume(ladders["select"], stores["select"], work / "select", args.max_minutes)
-    choice = write_selection(results)
-    if choice is not None and time.time() < deadline:
+    deadline = time.time() + max_minutes * 60
+
+    def minutes_left() -> float:
+        return max(0.0, (deadline - time.time()) / 60)
+
+    def measure(only_required: bool) -> dict:
         ladder = measure_ladder(choice)
-        outcome["measure"] = resume(
+        return resume(
             ladder,
             stores["measure"],
             work / "measure",
-            (deadline - time.time()) / 60,
-            on_finished=lambda: write_aggregate(stores["measure"].results, results / "smollm2.json", (RUNG,), ()),
+            minutes_left(),
+            selected=(lambda unit: unit.arm in REQUIRED_FAMILIES) if only_required else None,
+            on_finished=lambda: write_report(results, RUNG, write_selection(results), added_arms(ladder)),
         )
+
+    outcome = {}
+    choice = write_selection(results)
+    if choice is not None:
+        outcome["measure"] = measure(only_required=True)
+    outcome["select"] = resume(select_ladder(), stores["select"], work / "select", minutes_left())
+    choice = write_selection(results)
+    if choice is not None and minutes_left() > 0:
+        outcome["measure, all arms"] = measure(only_required=False)
     print(json.dumps(outcome, indent=2))
-    return 1 if outcome["failed"] or outcome.get("measure", {}).get("failed") else 0
+    return any(phase["failed"] for phase in outcome.values())
 
 
 if __name__ == "__main__":

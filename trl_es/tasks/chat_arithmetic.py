@@ -12,6 +12,7 @@ number, and the last number is its final claim. Words, units and a trailing peri
 """
 
 import re
+from pathlib import Path
 
 from datasets import Dataset
 
@@ -19,6 +20,9 @@ from .arithmetic import arithmetic_problems
 
 
 QUESTION = "What is {a}+{b}? Answer with the number only."
+# ESSA's warm start on this task: a LoRA adapter for builtin:smollm2-135m-instruct after a brief SFT
+# (``python -m benchmarks.build_policy --lora --lora_task chat_arithmetic``), shipped as builtin:smollm2-chat-lora.
+SMOLLM2_CHAT_LORA_DIR = Path(__file__).resolve().parent.parent / "assets" / "smollm2-chat-lora"
 _NUMBER = re.compile(r"-?\d+(?:,\d{3})*")
 
 

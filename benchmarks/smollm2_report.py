@@ -1,0 +1,130 @@
+"""The SmolLM2 comparison's report: its finished units -> ``docs/results/smollm2/smollm2.{json,md,png}``.
+
+The numbers come from ``benchmarks.ladder_aggregate.aggregate`` (the scale ladder's rules: ES and GRPO over the seeds
+both finished, at equal rollouts and at equal training wall-clock; an added arm such as ESSA against ES apart, over
+the seeds those two finished). What this adds for a single model: the selection that chose each arm's setting, the
+arms' learning curves (a figure of accuracy against rollouts and against wall-clock), and the machine the units ran
+on, since wall-clock numbers are only comparable within one CPU kind.
+"""
+
+import time
+from pathlib import Path
+
+from trl_es.compare.machine import describe_machine
+from trl_es.compare.report import arm_title, plot
+
+from .ladder import DerivedArm, write_json_atomic
+from .ladder_aggregate import _number, aggregate, load_units
+
+
+def _final(final: dict | None) -> str:
+    return f"{final['mean']:.3f} ± {final['std']:.3f}" if final else "-"
+
+
+def _selection_lines(select_units: list[dict], choice: dict) -> list[str]:
+    chosen = {point["point"] for point in choice.values()}
+    lines = [
+        "## Selection (one seed, validation = the last 500 training sums)",
+        "",
+        "| point | its settings | validation | test (256) | s/step |",
+        "|---|---|---|---|---|",
+    ]
+    for done in sorted(select_units, key=lambda d: (d["command"][d["command"].index("--arms") + 1], d["unit"]["arm"])):
+        run, name = done["run"], done["unit"]["arm"]
+        settings = done["command"][done["command"].index("--compare.eval_points") + 2 :]
+        lines.append(
+            f"| {'**' + name + '**' if name in chosen else name} | {' '.join(settings) or '(the recipe)'} | "
+            f"{run['final_validation_accuracy']:.3f} | {run['final_eval_accuracy']:.3f} | {run['mean_step_s']:.0f} |"
+        )
+    return lines + ["", "Bold: the point each arm was measured at (the best validation accuracy of its family)."]
+
+
+def markdown(entry: dict, units: list[dict], select_units: list[dict], choice: dict) -> str:
+    machines = sorted(
+        {describe_machine(d["machine"]["kind"]) if "kind" in d["machine"] else "not recorded" for d in units}
+    )
+    lines = [
+        "# ES vs GRPO on a real pretrained LLM: SmolLM2-135M-Instruct, chat arithmetic",
+        "",
+        f"builtin:smollm2-135m-instruct ({entry['parameters']:,} parameters, weights sha256 "
+        f"{units[0]['rung']['weights_sha256'][:12]}...), recipe `recipes/smollm2_chat.yaml`, greedy accuracy on 256 "
+        f"held-out test sums. Each unit trains one arm for {entry['budget_seconds']} s or "
+        f"{entry['budget_rollouts']:,} rollouts, whichever comes first. Units ran on: {', '.join(machines)}; "
+        f"busy units (wall-clock not comparable): {', '.join(entry['busy_units']) or 'none'}.",
+        "",
+        f"## ES and GRPO (seeds both finished: {', '.join(map(str, entry['seeds'])) or 'none yet'})",
+        "",
+        "| arm | its setting | start | final (mean ± std) | rollouts | training s | peak RSS (MB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, arm in entry["arms"].items():
+        setting = " ".join(choice.get(name, {}).get("overrides", ())) or "(the recipe)"
+        lines.append(
+            f"| {arm_title(name)} | {setting} | {arm['start_accuracy']:.3f} | {_final(arm['final_accuracy'])} | "
+            f"{arm['rollouts']:,.0f} | {arm['train_seconds']:.0f} | {arm['peak_rss_mb']:.0f} |"
+        )
+    for key, label, unit in (("equal_rollouts", "equal rollouts", "rollouts"), ("equal_wall_clock", "equal training "
+                             "wall-clock", "s")):  # fmt: skip
+        at = entry.get(key)
+        if at:
+            lines.append(
+                f"\nAt {label} ({at['at']:,.0f} {unit}, the furthest every run reached): ES "
+                f"{at['es']['mean']:.3f} ± {at['es']['std']:.3f}, GRPO {at['grpo']['mean']:.3f} ± "
+                f"{at['grpo']['std']:.3f}; ES - GRPO {_number(entry[f'es_minus_grpo_{key}'])}."
+            )
+    for name, derived in entry.get("derived", {}).items():
+        lines += [
+            "",
+            f"## {name} against ES (seeds both finished: {', '.join(map(str, derived['seeds'])) or 'none yet'})",
+            "",
+            f"Settings: `{' '.join(derived['settings'])}`. ES final {_final(derived['es_final'])}, {name} final "
+            f"{_final(derived['final'])}; ES - {name}: {_number(derived[f'es_minus_{name}_equal_rollouts'])} at "
+            f"equal rollouts, {_number(derived[f'es_minus_{name}_equal_wall_clock'])} at equal wall-clock.",
+        ]
+    finished = {arm: seeds for arm, seeds in sorted(entry["units"].items()) if arm in ("es", "grpo")}
+    if any(seeds != entry["seeds"] for seeds in finished.values()):
+        unpaired = finished
+        lines += [
+            "",
+            f"Finished units by seed; those without a partner in the other arm are not in the table: {unpaired}",
+        ]
+    if select_units:
+        lines += ["", *_selection_lines(select_units, choice)]
+    return "\n".join(lines) + "\n"
+
+
+def curves(units: list[dict], entry: dict, choice: dict, path: Path) -> bool:
+    """Accuracy against rollouts and against wall-clock, each arm over the seeds its comparison pairs."""
+    seeds_of = {"es": entry["seeds"], "grpo": entry["seeds"]}
+    for name, derived in entry.get("derived", {}).items():
+        seeds_of[name] = derived["seeds"]
+    arms = {}
+    for name, seeds in seeds_of.items():
+        runs = [d["run"] for d in units if d["unit"]["arm"] == name and d["unit"]["seed"] in seeds]
+        if runs:
+            point = choice.get(name, {}).get("point")
+            arms[name] = {"runs": runs, "selected": {"point": point} if point else {}, "settings": {}}
+    if not arms:
+        return False
+    busy = bool(entry["busy_units"])
+    return plot({"arms": arms, "budget": {"seeds": sorted(set(entry["seeds"]))}, "machine": {"busy": busy}}, path)
+
+
+def write_report(results: Path, rung: str, choice: dict, added: tuple[DerivedArm, ...] = ()) -> dict | None:
+    """``results/smollm2.{json,md,png}`` from ``results/measure`` (and the selection table from
+    ``results/select``); None while no measurement unit has finished."""
+    entries = aggregate(results / "measure", (rung,), added)
+    if not entries:
+        return None
+    entry = entries[0]
+    units = load_units(results / "measure")
+    select_units = load_units(results / "select")
+    report = {
+        "comparison": entry,
+        "selected": choice,
+        "generated_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+    write_json_atomic(results / "smollm2.json", report)
+    (results / "smollm2.md").write_text(markdown(entry, units, select_units, choice))
+    curves(units, entry, choice, results / "smollm2.png")
+    return report
