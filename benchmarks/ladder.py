@@ -39,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from trl_es.builtin_models import weights_sha256
-from trl_es.compare.machine import describe_machine, load_average, machine_kind
+from trl_es.compare.machine import describe_machine, load_average, machine_kind, wait_until_quiet
 
 
 @dataclass(frozen=True)
@@ -319,7 +319,8 @@ def run_unit(unit: Unit, ladder: Ladder, store: RungStore, work: Path, deadline:
         f"== unit {unit.name}: budget {record['budget_rollouts']:,} rollouts / {record['budget_seconds']} s",
         flush=True,
     )
-    started, start_load = time.time(), load_average()
+    start_load = wait_until_quiet()  # the previous unit's own load must not mark this one busy
+    started = time.time()
     with open(output / "unit.log", "w") as log:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,

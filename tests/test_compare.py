@@ -303,6 +303,20 @@ def test_validation_size_is_shared_by_every_arm_and_grid_mappings_expand():
         make_plan({**recipe, "compare": {**recipe["compare"], "validation_size": 0}})
 
 
+def test_waiting_for_a_quiet_machine_stops_at_the_start_rule_or_the_timeout(monkeypatch):
+    from trl_es.compare import machine
+
+    loads = iter([[1.9, 1.8, 1.7], [1.6, 1.7, 1.7], [1.4, 1.6, 1.7], [0.1, 0.1, 0.1]])
+    monkeypatch.setattr(machine, "cores", lambda: 2)
+    monkeypatch.setattr(machine, "load_average", lambda: next(loads))
+    monkeypatch.setattr(machine.time, "sleep", lambda seconds: None)
+    assert machine.wait_until_quiet(timeout_s=60, poll_s=5) == [1.4, 1.6, 1.7]  # first at or below 2 - 0.5
+    monkeypatch.setattr(machine, "load_average", lambda: [3.0, 3.0, 3.0])
+    assert machine.wait_until_quiet(timeout_s=0.0) == [3.0, 3.0, 3.0]  # a busy machine is waited for, not forever
+    monkeypatch.setattr(machine, "load_average", lambda: None)  # not Linux: nothing to wait for
+    assert machine.wait_until_quiet(timeout_s=60) is None
+
+
 def test_the_report_flags_a_busy_machine_with_its_rule():
     from trl_es.compare.machine import BUSY_RULE, CpuWindow, machine_record
 

@@ -24,6 +24,15 @@ from benchmarks.ladder_aggregate import aggregate, markdown, plot, write_aggrega
 from trl_es.compare.machine import machine_kind
 
 
+@pytest.fixture(autouse=True)
+def no_waiting_for_a_quiet_machine(monkeypatch):
+    """Units here run beside the rest of the suite: the wait before a unit starts (tested in test_compare) would
+    add minutes."""
+    import benchmarks.ladder
+
+    monkeypatch.setattr(benchmarks.ladder, "wait_until_quiet", lambda: [0.0, 0.0, 0.0])
+
+
 def _recipe(tmp_path, model_dir):
     return str(tiny_compare_recipe(tmp_path, model_dir, compare={"budget_rollouts": 32, "eval_points": 2}))
 
@@ -64,6 +73,7 @@ def test_resume_runs_units_once_and_the_aggregate_pairs_them(tiny_model_dir, tmp
         )
         assert done["rung"]["weights_sha256"] == record["weights_sha256"] and done["duration_s"] > 0
         assert "--arms" in done["command"] and set(done["machine"]) >= {"busy_rule", "load_average_before_unit"}
+        assert done["machine"]["kind"] == machine_kind()  # wall-clock compares only within one CPU kind
     # a second pass finds nothing to do
     again = resume(ladder, store, tmp_path / "work", max_minutes=20)
     assert again["already_done"] == ["small/es_seed3", "small/grpo_seed3"] and not again["finished"]

@@ -111,6 +111,19 @@ class CpuWindow:
         return record
 
 
+def wait_until_quiet(timeout_s: float = 120.0, poll_s: float = 5.0) -> list[float] | None:
+    """Wait (at most ``timeout_s``) until the 1-minute load average is at most ``cores - 0.5``, the start rule of
+    :func:`machine_record`; return the last load average read. A run started right after another heavy one would
+    otherwise be judged busy on that run's own load, which the 1-minute average forgets only over a minute or so
+    (from 2 to 1.5 on two cores takes about 20 s)."""
+    deadline = time.monotonic() + timeout_s
+    load = load_average()
+    while load is not None and load[0] > cores() - 0.5 and time.monotonic() < deadline:
+        time.sleep(poll_s)
+        load = load_average()
+    return load
+
+
 def machine_record(start_load: list[float] | None, runs: list[dict]) -> dict:
     """compare.json's ``machine``: cores, load averages, the rule and its verdict, the busy runs."""
     number = cores()
