@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from trl_es.compare.machine import describe_machine
-from trl_es.compare.report import arm_title, plot
+from trl_es.compare.report import arm_title, mean_or_nan, plot
 
 from .ladder import DerivedArm, write_json_atomic
 from .ladder_aggregate import _number, aggregate, load_units
@@ -73,15 +73,26 @@ def markdown(
         "",
         f"## ES and GRPO (seeds both finished: {', '.join(map(str, entry['seeds'])) or 'none yet'})",
         "",
-        "| arm | its setting | start | final (mean ± std) | rollouts | training s | peak RSS (MB) |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | its setting | start | final (mean ± std) | steps | s / step | rollouts | training s | peak RSS MB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
+    evaluated = []
     for name, arm in entry["arms"].items():
+        runs = [d["run"] for d in units if d["unit"]["arm"] == name and d["unit"]["seed"] in entry["seeds"]]
         setting = " ".join(choice.get(name, {}).get("overrides", ())) or "(the recipe)"
         lines.append(
             f"| {arm_title(name)} | {setting} | {arm['start_accuracy']:.3f} | {_final(arm['final_accuracy'])} | "
+            f"{mean_or_nan([r['steps'] for r in runs]):.0f} | {mean_or_nan([r['mean_step_s'] for r in runs]):.0f} | "
             f"{arm['rollouts']:,.0f} | {arm['train_seconds']:.0f} | {arm['peak_rss_mb']:.0f} |"
         )
+        evaluated.append(f"{name} at {', '.join(f'{x:,}' for x in runs[0]['rollouts'])}")
+    if evaluated:
+        lines += [
+            "",
+            f"Held-out evaluations (rollouts, seed {entry['seeds'][0]}): {'; '.join(evaluated)}. An arm's accuracy at "
+            "a point is its last evaluation at or before it, so a comparison point just short of an arm's next "
+            "evaluation understates that arm.",
+        ]
     for key, label, unit in (("equal_rollouts", "equal rollouts", "rollouts"), ("equal_wall_clock", "equal training "
                              "wall-clock", "s")):  # fmt: skip
         at = entry.get(key)
