@@ -38,7 +38,14 @@ from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM,
 
 from trl_es import evaluation
 from trl_es.builtin_models import BUILTIN, resolve_model, weights_sha256
-from trl_es.tasks.arithmetic import ARITHMETIC_LORA_DIR, ARITHMETIC_POLICY_DIR, arithmetic_accuracy, arithmetic_dataset
+from trl_es.tasks.arithmetic import (
+    ARITHMETIC_LORA_DIR,
+    ARITHMETIC_POLICY_DIR,
+    VALIDATION_SIZE,
+    arithmetic_accuracy,
+    arithmetic_dataset,
+    arithmetic_problems,
+)
 from trl_es.tasks.chat_arithmetic import SMOLLM2_CHAT_LORA_DIR, chat_arithmetic_accuracy, chat_arithmetic_dataset
 
 
@@ -177,7 +184,7 @@ def build_lora_adapter(
     """SFT a LoRA adapter on ``base_dir`` (a folder or a ``builtin:`` name) for one epoch over the first ``examples``
     train problems of ``task``; save it (plain peft: adapter_config.json + adapter_model.safetensors) with a
     build_info.json holding the held-out greedy accuracy of the base and of base + adapter on the first
-    ``eval_size`` test problems. The first examples of ``train`` are never the validation rows (its last 500)."""
+    ``eval_size`` test problems. The examples come before the validation rows (the last 500 of ``train``)."""
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
@@ -189,6 +196,12 @@ def build_lora_adapter(
         raise ValueError(f"--lora_learning_rate must be > 0, got {learning_rate}")
     if task not in LORA_TASKS:
         raise ValueError(f"--lora_task must be one of {sorted(LORA_TASKS)}, got {task!r}")
+    outside_validation = len(arithmetic_problems("train")) - VALIDATION_SIZE
+    if examples > outside_validation:  # settings chosen on validation must not be chosen on the warm start's data
+        raise ValueError(
+            f"--lora_examples must be <= {outside_validation} (the train problems before the validation split), "
+            f"got {examples}"
+        )
     warm = LORA_TASKS[task]
     start = time.perf_counter()
     torch.manual_seed(seed)

@@ -94,6 +94,7 @@ def test_a_shipped_builtin_whose_files_are_missing_is_named(monkeypatch, tmp_pat
         (["--lora_rank", "0"], "--lora_rank must be >= 1, got 0"),
         (["--lora_examples", "0"], "--lora_examples must be >= 1, got 0"),
         (["--lora_learning_rate", "-1"], "--lora_learning_rate must be > 0, got -1.0"),
+        (["--lora_examples", "6601"], r"--lora_examples must be <= 6600 \(the train problems before the validation"),
     ],
 )
 def test_builder_names_bad_arguments(argv, message, tmp_path):
