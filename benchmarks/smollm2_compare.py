@@ -251,7 +251,7 @@ def resume_all(results: Path, work: Path, stores: dict, max_minutes: float) -> b
     def minutes_left() -> float:
         return max(0.0, (deadline - time.time()) / 60)
 
-    def measure(only_required: bool) -> dict:
+    def measure(choice: dict, only_required: bool) -> dict:
         ladder = measure_ladder(choice)
         return resume(
             ladder,
@@ -268,13 +268,13 @@ def resume_all(results: Path, work: Path, stores: dict, max_minutes: float) -> b
         outcome["select"] = resume(select_ladder("select"), stores["select"], work / "select", minutes_left())
         choice = write_selection(results)
     if choice is not None:
-        outcome["measure"] = measure(only_required=True)
+        outcome["measure"] = measure(choice, only_required=True)
     outcome["select_essa"] = resume(
         select_ladder("select_essa"), stores["select_essa"], work / "select_essa", minutes_left()
     )
     choice = write_selection(results)
     if choice is not None and set(choice) - set(REQUIRED_FAMILIES) and minutes_left() > 0:
-        outcome["measure, added arms"] = measure(only_required=False)
+        outcome["measure, added arms"] = measure(choice, only_required=False)
     print(json.dumps(outcome, indent=2))
     return any(phase["failed"] for phase in outcome.values())
 
