@@ -183,3 +183,26 @@ def test_report_pairs_es_and_grpo_seeds_and_reports_an_added_arm_apart(tmp_path)
     assert "| **es_sigma1.2e-2** | --sigma 0.012 | 12 | 0.450 | 0.400 | 100 |" in text
     assert json.loads((tmp_path / "smollm2.json").read_text())["selected"] == choice
     assert (tmp_path / "smollm2.png").stat().st_size > 0
+
+
+def test_resume_runs_es_and_grpo_first_then_essas_selection_then_its_measurement(tmp_path, monkeypatch):
+    bench = _module()
+    _finish(tmp_path, {name: 0.2 for name in bench.phase_points("select")})
+    calls = []
+
+    def fake_resume(ladder, store, work, minutes, selected=None, on_finished=None):
+        chosen = [u.arm for u in units(ladder) if selected is None or selected(u)]
+        calls.append((work.name, sorted(set(chosen))))
+        if work.name == "select_essa":  # ESSA's selection finishes during this pass
+            _finish(tmp_path, {"essa_sigma0.05": 0.3, "essa_sigma0.2": 0.4})
+        return {"finished": [], "failed": []}
+
+    monkeypatch.setattr(bench, "resume", fake_resume)
+    stores = {phase: None for phase in (*bench.SELECT_PHASES, "measure")}
+    assert bench.resume_all(tmp_path, tmp_path / "work", stores, max_minutes=60) is False
+    assert calls == [
+        ("measure", ["es", "grpo"]),
+        ("select_essa", ["essa_sigma0.05", "essa_sigma0.2"]),
+        ("measure", ["es", "essa", "grpo"]),
+    ]
+    assert json.loads((tmp_path / "selected.json").read_text())["essa"]["point"] == "essa_sigma0.2"
