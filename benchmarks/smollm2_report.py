@@ -113,10 +113,9 @@ def markdown(
         ]
     finished = {arm: seeds for arm, seeds in sorted(entry["units"].items()) if arm in ("es", "grpo")}
     if any(seeds != entry["seeds"] for seeds in finished.values()):
-        unpaired = finished
         lines += [
             "",
-            f"Finished units by seed; those without a partner in the other arm are not in the table: {unpaired}",
+            f"Finished units by seed; those without a partner in the other arm are not in the table: {finished}",
         ]
     if select_units:
         lines += ["", *_selection_lines(select_units, choice)]
