@@ -111,6 +111,11 @@ class CpuWindow:
         return record
 
 
+def loaded_at_start(load: list[float] | None) -> bool:
+    """The start rule: a 1-minute load average above ``cores - 0.5`` (other work already running)."""
+    return load is not None and load[0] > cores() - 0.5
+
+
 def wait_until_quiet(timeout_s: float = 120.0, poll_s: float = 5.0) -> list[float] | None:
     """Wait (at most ``timeout_s``) until the 1-minute load average is at most ``cores - 0.5``, the start rule of
     :func:`machine_record`; return the last load average read. A run started right after another heavy one would
@@ -118,7 +123,7 @@ def wait_until_quiet(timeout_s: float = 120.0, poll_s: float = 5.0) -> list[floa
     (from 2 to 1.5 on two cores takes about 20 s)."""
     deadline = time.monotonic() + timeout_s
     load = load_average()
-    while load is not None and load[0] > cores() - 0.5 and time.monotonic() < deadline:
+    while loaded_at_start(load) and time.monotonic() < deadline:
         time.sleep(poll_s)
         load = load_average()
     return load
@@ -128,7 +133,7 @@ def machine_record(start_load: list[float] | None, runs: list[dict]) -> dict:
     """compare.json's ``machine``: cores, load averages, the rule and its verdict, the busy runs."""
     number = cores()
     busy_runs = [run["label"] for run in runs if run.get("machine", {}).get("busy")]
-    busy_at_start = start_load is not None and start_load[0] > number - 0.5
+    busy_at_start = loaded_at_start(start_load)
     return {
         "cores": number,
         "load_average_start": start_load,
