@@ -119,6 +119,37 @@ def test_one_es_step_on_the_chat_task_moves_every_weight(smollm2_dir, tmp_path):
     assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
 
 
+def test_shipped_warm_start_fits_the_pinned_weights_and_opens_a_960_number_svd_space(smollm2_dir):
+    """ESSA's warm start for SmolLM2 (builtin:smollm2-chat-lora): built on these exact weights, better than the base
+    on the held-out sums it was measured on, and its SVD space over every singular value starts bit-identical."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trl_es.core.noise import MemberNoise
+    from trl_es.core.svd import SVDSpace, svd_target_modules
+
+    adapter_dir = builtin_models.Path(resolve_model("builtin:smollm2-chat-lora"))
+    assert sorted(p.name for p in adapter_dir.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "build_info.json",
+    ]
+    info = json.loads((adapter_dir / "build_info.json").read_text())
+    assert info["base_weights_sha256"] == builtin_models.SMOLLM2_WEIGHTS_SHA256
+    assert info["task"] == "chat_arithmetic" and info["heldout_problems"] == 256
+    assert info["heldout_accuracy_base"] < info["heldout_accuracy_base_plus_adapter"]
+
+    base = AutoModelForCausalLM.from_pretrained(smollm2_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    space = SVDSpace(svd_target_modules(model), MemberNoise(0, 2), svd_fraction=1.0)
+    assert space.mode == "lora"
+    assert space.search_dim == 30 * 4 * 2 * 4  # layers x q/k/v/o x (A, B) x rank 4: smollm2_compare's ESSA arm
+    space.set_vector(space.get_vector())
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+
+
 # ---------------------------------------------------------------- the task
 
 
