@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from trl_es.compare.machine import describe_machine
-from trl_es.compare.report import arm_title, mean_or_nan, plot
+from trl_es.compare.report import arm_title, mean_or_nan, plot, spread_or_nan
 
 from .ladder import DerivedArm, write_json_atomic
 from .ladder_aggregate import _number, aggregate, load_units
@@ -52,6 +52,35 @@ def _selection_lines(select_units: list[tuple[str, dict]], choice: dict) -> list
     ]
 
 
+TABLE_HEAD = [
+    "| arm | its setting | start | final (mean ± std) | steps | s / step | rollouts | training s | peak RSS MB |",
+    "|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def _arm_row(title: str, setting: str, runs: list[dict]) -> str:
+    """One arm over its runs (the seeds of one comparison): means of what each run recorded."""
+    finals = [r["final_eval_accuracy"] for r in runs]
+    final = {"mean": mean_or_nan(finals), "std": spread_or_nan(finals)}
+
+    def mean_of(key: str) -> float:
+        return mean_or_nan([r[key] for r in runs])
+
+    return (
+        f"| {title} | {setting} | {mean_or_nan([r['eval_accuracy'][0] for r in runs]):.3f} | {_final(final)} | "
+        f"{mean_of('steps'):.0f} | {mean_of('mean_step_s'):.0f} | {mean_of('rollouts_total'):,.0f} | "
+        f"{mean_of('train_seconds'):.0f} | {mean_of('peak_rss_mb'):.0f} |"
+    )
+
+
+def _runs(units: list[dict], arm: str, seeds) -> list[dict]:
+    return [d["run"] for d in units if d["unit"]["arm"] == arm and d["unit"]["seed"] in seeds]
+
+
+def _setting(choice: dict, arm: str) -> str:
+    return " ".join(choice.get(arm, {}).get("overrides", ())) or "(the recipe)"
+
+
 def markdown(
     entry: dict, units: list[dict], select_units: list[tuple[str, dict]], choice: dict, built_on: dict | None
 ) -> str:
@@ -73,18 +102,12 @@ def markdown(
         "",
         f"## ES and GRPO (seeds both finished: {', '.join(map(str, entry['seeds'])) or 'none yet'})",
         "",
-        "| arm | its setting | start | final (mean ± std) | steps | s / step | rollouts | training s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *TABLE_HEAD,
     ]
     evaluated = []
-    for name, arm in entry["arms"].items():
-        runs = [d["run"] for d in units if d["unit"]["arm"] == name and d["unit"]["seed"] in entry["seeds"]]
-        setting = " ".join(choice.get(name, {}).get("overrides", ())) or "(the recipe)"
-        lines.append(
-            f"| {arm_title(name)} | {setting} | {arm['start_accuracy']:.3f} | {_final(arm['final_accuracy'])} | "
-            f"{mean_or_nan([r['steps'] for r in runs]):.0f} | {mean_or_nan([r['mean_step_s'] for r in runs]):.0f} | "
-            f"{arm['rollouts']:,.0f} | {arm['train_seconds']:.0f} | {arm['peak_rss_mb']:.0f} |"
-        )
+    for name in entry["arms"]:
+        runs = _runs(units, name, entry["seeds"])
+        lines.append(_arm_row(arm_title(name), _setting(choice, name), runs))
         evaluated.append(f"{name} at {', '.join(f'{x:,}' for x in runs[0]['rollouts'])}")
     if evaluated:
         lines += [
@@ -111,6 +134,17 @@ def markdown(
             f"{_final(derived['final'])}; ES - {name}: {_number(derived[f'es_minus_{name}_equal_rollouts'])} at "
             f"equal rollouts, {_number(derived[f'es_minus_{name}_equal_wall_clock'])} at equal wall-clock.",
         ]
+        if derived["seeds"]:  # the three arms side by side over these seeds (GRPO's where it has them)
+            lines += ["", *TABLE_HEAD]
+            for arm, title, setting in (
+                (derived["runs_of"], name, " ".join(derived["settings"])),
+                ("es", arm_title("es"), _setting(choice, "es")),
+                ("grpo", arm_title("grpo"), _setting(choice, "grpo")),
+            ):
+                seeds = sorted({d["unit"]["seed"] for d in units if d["unit"]["arm"] == arm} & set(derived["seeds"]))
+                if seeds:
+                    label = title if seeds == derived["seeds"] else f"{title} (seeds {', '.join(map(str, seeds))})"
+                    lines.append(_arm_row(label, setting, _runs(units, arm, seeds)))
     finished = {arm: seeds for arm, seeds in sorted(entry["units"].items()) if arm in ("es", "grpo")}
     if any(seeds != entry["seeds"] for seeds in finished.values()):
         lines += [
