@@ -258,6 +258,21 @@ def test_ga_records_the_winners_and_replay_applies_them(tiny_model_dir, tmp_path
     assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
 
 
+def test_a_cma_run_logs_compact_steps_and_replay_names_what_it_cannot_rebuild(tiny_model_dir, tmp_path):
+    """CMA-ES (ESSA) sets the weights itself from a search whose state is O(dim^2): the log records its steps without
+    copying that state, and replay refuses the run by its strategy instead of rebuilding something else."""
+    trainer, changed = train_run(
+        tiny_model_dir, tmp_path / "run", "svd", strategy="cma", population_size=4, max_steps=2, cma_sigma0=0.1
+    )
+    assert changed and trainer.strategy.state_dict()["search"]["arrays"]  # the checkpoint side keeps the state
+    log = read_seed_log(tmp_path / "run" / LOG_NAME)
+    assert [record.step for record in log.records] == [0, 1]
+    for record in log.records:
+        assert record.state is None and record.coefficients is None and len(record.line) < 60, record.line[:200]
+    with pytest.raises(ValueError, match="cannot replay strategy 'cma'"):
+        replay(tiny_model_dir, tmp_path / "run" / LOG_NAME)
+
+
 # ------------------------------------------------------------------ damaged or foreign logs
 
 

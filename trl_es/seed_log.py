@@ -21,7 +21,7 @@ Format (JSON lines, UTF-8):
 
   ``c``: the coefficients as little-endian float32 bytes (``"dtype"`` names another dtype); ``lr``: a list when the
   param groups' learning rates differ; ``state``: a strategy's ``seed_log_state()`` when it changed (never for
-  ``gaussian`` or ``ga``). About 120 bytes a step at population 32 (118 on the quickstart recipe,
+  ``gaussian``, ``ga`` or ``cma``). About 120 bytes a step at population 32 (118 on the quickstart recipe,
   ``benchmarks/seed_log_replay.py``).
 
   A selection strategy (``ga``) writes no coefficients but the step's winner, the member whose perturbation became
