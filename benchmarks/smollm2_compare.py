@@ -108,8 +108,10 @@ SELECT_POINTS = {  # name -> (family, settings over the phase's recipe)
     # CMA-ES's initial step size, added to the singular values themselves (the adapter's: A's ~0.59, B's 0.006-0.22)
     "essa_sigma0.05": ("essa", (*ESSA, "--cma_sigma0", "0.05")),
     "essa_sigma0.2": ("essa", (*ESSA, "--cma_sigma0", "0.2")),
-    # validation rose from 0.05 to 0.2 (0.210 -> 0.330): a point beyond, as for ES, so that the choice is not the edge
+    # validation rose from 0.05 to 0.2 (0.210 -> 0.330) and again to 0.5 (0.402): points beyond, as for ES, until the
+    # choice is not the grid's edge
     "essa_sigma0.5": ("essa", (*ESSA, "--cma_sigma0", "0.5")),
+    "essa_sigma1.0": ("essa", (*ESSA, "--cma_sigma0", "1.0")),
 }
 
 

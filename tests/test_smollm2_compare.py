@@ -30,7 +30,7 @@ def test_selection_units_carry_their_setting_and_their_arms_step_budget(tmp_path
     names = [unit.name for unit in units(ladder)]
     assert names[:2] == ["135M/es_seed42", "135M/grpo_seed42"] and len(names) == len(bench.phase_points("select"))
     essa_ladder = bench.select_ladder("select_essa")
-    assert [u.arm for u in units(essa_ladder)] == ["essa_sigma0.05", "essa_sigma0.2", "essa_sigma0.5"]
+    assert [u.arm for u in units(essa_ladder)] == ["essa_sigma0.05", "essa_sigma0.2", "essa_sigma0.5", "essa_sigma1.0"]
     commands = {
         u.arm: unit_command(u, phase, _record(), tmp_path, tmp_path / u.arm)
         for phase in (ladder, essa_ladder)
@@ -89,8 +89,8 @@ def test_essa_joins_the_measurement_once_its_points_finish_without_changing_es_o
     assert "essa" not in bench.selected(results)
     before = bench.measure_ladder(bench.selected(results))
     _finish(results, {"essa_sigma0.05": 0.5, "essa_sigma0.2": 0.4})
-    assert "essa" not in bench.selected(results)  # essa_sigma0.5 has not finished: ESSA is not chosen yet
-    _finish(results, {"essa_sigma0.5": 0.3})
+    assert "essa" not in bench.selected(results)  # not every ESSA point has finished: ESSA is not chosen yet
+    _finish(results, {"essa_sigma0.5": 0.3, "essa_sigma1.0": 0.2})
     choice = bench.selected(results)
     assert choice["essa"]["point"] == "essa_sigma0.05" and choice["essa"]["validation_accuracy"] == 0.5
     measure = bench.measure_ladder(choice)
@@ -200,7 +200,9 @@ def test_resume_runs_es_and_grpo_first_then_essas_selection_then_its_measurement
         chosen = [u.arm for u in units(ladder) if selected is None or selected(u)]
         calls.append((work.name, sorted(set(chosen))))
         if work.name == "select_essa":  # ESSA's selection finishes during this pass
-            _finish(tmp_path, {"essa_sigma0.05": 0.3, "essa_sigma0.2": 0.4, "essa_sigma0.5": 0.35})
+            _finish(
+                tmp_path, {"essa_sigma0.05": 0.3, "essa_sigma0.2": 0.4, "essa_sigma0.5": 0.35, "essa_sigma1.0": 0.1}
+            )
         return {"finished": [], "failed": []}
 
     monkeypatch.setattr(bench, "resume", fake_resume)
@@ -208,7 +210,7 @@ def test_resume_runs_es_and_grpo_first_then_essas_selection_then_its_measurement
     assert bench.resume_all(tmp_path, tmp_path / "work", stores, max_minutes=60) is False
     assert calls == [
         ("measure", ["es", "grpo"]),
-        ("select_essa", ["essa_sigma0.05", "essa_sigma0.2", "essa_sigma0.5"]),
+        ("select_essa", ["essa_sigma0.05", "essa_sigma0.2", "essa_sigma0.5", "essa_sigma1.0"]),
         ("measure", ["es", "essa", "grpo"]),
     ]
     assert json.loads((tmp_path / "selected.json").read_text())["essa"]["point"] == "essa_sigma0.2"
