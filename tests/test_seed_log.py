@@ -258,19 +258,41 @@ def test_ga_records_the_winners_and_replay_applies_them(tiny_model_dir, tmp_path
     assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
 
 
-def test_a_cma_run_logs_compact_steps_and_replay_names_what_it_cannot_rebuild(tiny_model_dir, tmp_path):
-    """CMA-ES (ESSA) sets the weights itself from a search whose state is O(dim^2): the log records its steps without
-    copying that state, and replay refuses the run by its strategy instead of rebuilding something else."""
-    trainer, changed = train_run(
-        tiny_model_dir, tmp_path / "run", "svd", strategy="cma", population_size=4, max_steps=2, cma_sigma0=0.1
-    )
-    assert changed and trainer.strategy.state_dict()["search"]["arrays"]  # the checkpoint side keeps the state
+@pytest.mark.parametrize("perturbation", ["svd", "lora_svd"])
+def test_a_cma_run_logs_its_fitness_not_its_search_state_and_replays_bit_exactly(
+    tiny_model_dir, tmp_path, perturbation
+):  # noqa: E501
+    """CMA-ES (ESSA) sets the weights itself from a search whose state is O(dim^2): each record holds the step's
+    fitness instead, and replay tells a search rebuilt from the run's start the same fitness again. lora_svd: the
+    singular values of a LoRA adapter's factors (ESSA proper), the adapter's initial weights from the header."""
+    peft_config = None
+    if perturbation == "lora_svd":
+        from peft import LoraConfig
+
+        # lora_B starts at zero, so its singular values would be zero: init it randomly, as an SFT'd adapter is
+        peft_config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian")
+    trainer = ESTrainer(
+        tiny_model_dir,
+        reward_funcs=length_reward,
+        args=es_config(
+            tmp_path / "run", perturbation="svd", strategy="cma", population_size=4, max_steps=3, cma_sigma0=0.3,
+            svd_fraction=1.0, temperature=1.0, seed=3,
+        ),
+        train_dataset=arithmetic_dataset("train", size=16),
+        peft_config=peft_config,
+    )  # fmt: skip
+    before = snapshot(trainer.model)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "run"))
+    assert any(not torch.equal(p, before[name]) for name, p in trainer.model.named_parameters())
+    assert trainer.strategy.state_dict()["search"]["arrays"]  # the checkpoint side keeps the state
     log = read_seed_log(tmp_path / "run" / LOG_NAME)
-    assert [record.step for record in log.records] == [0, 1]
+    assert [record.step for record in log.records] == [0, 1, 2]
     for record in log.records:
-        assert record.state is None and record.coefficients is None and len(record.line) < 60, record.line[:200]
-    with pytest.raises(ValueError, match="cannot replay strategy 'cma'"):
-        replay(tiny_model_dir, tmp_path / "run" / LOG_NAME)
+        assert record.state is None and record.coefficients is None and record.fitness.shape == (4,)
+        assert len(record.line) < 120, record.line[:200]  # 4 float32 fitness values, no search state
+    cli_replay(tiny_model_dir, tmp_path / "run" / LOG_NAME, tmp_path / "replayed")
+    assert_same_saved_weights(tmp_path / "run", tmp_path / "replayed")
 
 
 # ------------------------------------------------------------------ damaged or foreign logs
@@ -347,7 +369,7 @@ def _drop_coefficients(header, records):
     ("edit", "message"),
     [
         (lambda h, r: h["es"].update(strategy="cma_es"), "cannot replay strategy 'cma_es'"),
-        (lambda h, r: h["es"].update(perturbation="svd"), "cannot replay perturbation space 'svd'"),
+        (lambda h, r: h["es"].update(perturbation="sparse"), "cannot replay perturbation space 'sparse'"),
         (lambda h, r: h["es"].update(perturbation_restore="subtract"), "perturbation_restore='subtract'"),
         (lambda h, r: h["optimizer"].update({"class": "bitsandbytes.optim.AdamW8bit"}), "cannot replay optimizer"),
         (_drop_coefficients, "step 1 has no coefficients"),

@@ -44,7 +44,7 @@ FIELD_ROLES: dict[str, FieldRole] = {
     "perturbation_restore": FieldRole(seed_log=True),  # memory, not trajectory: a resume may switch it
     "noise_generator": FieldRole(trajectory=True, seed_log=True, replay_default="torch"),
     "prompt_groups": FieldRole(trajectory=True, seed_log=True, replay_default=1),
-    "svd_fraction": FieldRole(trajectory=True),
+    "svd_fraction": FieldRole(trajectory=True, seed_log=True, replay_default=0.5),
     # how rewards become an update, and the update
     "strategy": _SEARCH,
     "fitness_shaping": _SEARCH,
@@ -70,9 +70,16 @@ FIELD_ROLES: dict[str, FieldRole] = {
         why_only=f"it is {_ANCHOR_WHY}; CMA-ES and GA write no gradient",
         replay_default=0.0,
     ),
-    "cma_sigma0": FieldRole(trajectory=True, strategies=("cma",), why_only="CMA-ES's initial step size"),
-    "cma_diagonal": FieldRole(trajectory=True, strategies=("cma",), why_only="CMA-ES's covariance form"),
-    "cma_max_full_dim": FieldRole(strategies=("cma",), why_only="CMA-ES's covariance form"),
+    # in the seed log since CMA-ES runs replay (2026-12-06); a log from before holds no replayable cma or svd run
+    "cma_sigma0": FieldRole(
+        trajectory=True, seed_log=True, replay_default=0.1, strategies=("cma",), why_only="CMA-ES's initial step size"
+    ),
+    "cma_diagonal": FieldRole(
+        trajectory=True, seed_log=True, replay_default=False, strategies=("cma",), why_only="CMA-ES's covariance form"
+    ),
+    "cma_max_full_dim": FieldRole(
+        seed_log=True, replay_default=1000, strategies=("cma",), why_only="CMA-ES's covariance form"
+    ),
     "ga_elite": FieldRole(trajectory=True, strategies=("ga",), why_only="GA's parent survival"),
     "ga_min_improvement": FieldRole(trajectory=True, finite=True, strategies=("ga",), why_only="GA's parent survival"),
     # the KL penalty on the fitness and how its reference moves

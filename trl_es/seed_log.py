@@ -32,6 +32,14 @@ Format (JSON lines, UTF-8):
   and replay adds ``sigma * eps_winner`` through the space, with the expression the run used, instead of stepping
   the optimizer (which had no gradient to step).
 
+  A strategy that sets the evolved tensors itself (``cma``) writes the raw fitness it was told (``"f"``, little-endian
+  float32 bytes; ``"fdtype"`` names another dtype), one value per member::
+
+      {"step":7,"lr":0.0004,"c":null,"f":"<base64>"}
+
+  and replay tells a search rebuilt from the run's start that fitness again: its candidates are a function of (seed,
+  generation) and its state of the fitness told so far, so its new mean, the weights, follows bit for bit.
+
 A penalty on the fitness (``beta`` times the KL to a reference, the router balance loss) changes which coefficients or
 winner a step gets, not how they act: it needs nothing in the log.
 
@@ -242,9 +250,25 @@ def build_header(
         if is_peft_model(model):
             header["peft"]["initial_adapter"] = {
                 name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data": encode_tensor(t)}
-                for name, t in evolved
+                for name, t in adapter_tensors(model)
             }
     return header
+
+
+def adapter_tensors(model) -> list[tuple[str, torch.Tensor]]:
+    """A PEFT model's adapter weights (every tuner layer's adapter parameters), by their ``named_parameters`` names.
+    Not the evolved tensors: the svd space evolves the singular values of these, not the tensors themselves."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    found = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, BaseTunerLayer):
+            for layer_name in module.adapter_layer_names:
+                found += [
+                    (f"{module_name}.{layer_name}.{name}", t)
+                    for name, t in getattr(module, layer_name).named_parameters()
+                ]
+    return found
 
 
 class SeedLogCallback(TrainerCallback):
@@ -357,6 +381,10 @@ class SeedLogCallback(TrainerCallback):
             record["skip"] = True  # no signal (every reward None): the weights were left alone
         elif update.kind is UpdateKind.SELECTION:
             record["c"], record["winner"] = None, update.winner  # replay applies the winner's perturbation
+        elif update.kind is UpdateKind.SET:
+            record["c"], record["f"] = None, encode_tensor(update.fitness)  # replay tells the strategy again
+            if update.fitness.dtype != torch.float32:
+                record["fdtype"] = dtype_name(update.fitness.dtype)
         elif update.coefficients is None:
             record["c"] = None  # the strategy set the tensors itself: replay will refuse this step, by name
         else:
@@ -403,6 +431,7 @@ class SeedRecord:
     skip: bool = False  # a step without signal: the optimizer stepped no tensor
     selection: bool = False  # a selection strategy's step (GA): `winner`'s perturbation is applied, no optimizer
     winner: int | None = None  # None in a selection step: the parent was kept
+    fitness: torch.Tensor | None = None  # a SET strategy's step (CMA-ES): the raw fitness it was told
 
 
 @dataclass
@@ -489,6 +518,14 @@ def _parse_record(raw: bytes, header: dict, expected_step: int) -> SeedRecord:
             coefficients = decode_tensor(record["c"], dtype, (header["es"]["num_directions"],))
         except ValueError as error:
             raise ValueError(f"coefficients: {error}") from error
+    fitness = None
+    if record.get("f") is not None:
+        try:
+            fitness = decode_tensor(
+                record["f"], dtype_from_name(record.get("fdtype", "float32")), (header["es"]["population_size"],)
+            )
+        except ValueError as error:
+            raise ValueError(f"fitness: {error}") from error
     state = _from_jsonable(record["state"]) if "state" in record else None
     winner = record.get("winner")
     population = header["es"]["population_size"]
@@ -505,6 +542,7 @@ def _parse_record(raw: bytes, header: dict, expected_step: int) -> SeedRecord:
         skip=record.get("skip") is True,
         selection="winner" in record,
         winner=winner,
+        fitness=fitness,
     )
 
 

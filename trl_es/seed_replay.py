@@ -34,8 +34,8 @@ from .seed_log import (
 
 logger = logging.getLogger(__name__)
 
-REPLAYABLE_STRATEGIES = ("gaussian", "ga")
-REPLAYABLE_SPACES = ("full", "lora", "low_rank")
+REPLAYABLE_STRATEGIES = ("gaussian", "ga", "cma")
+REPLAYABLE_SPACES = ("full", "lora", "low_rank", "svd")
 # What a log written before a setting existed implies for it (the behaviour of the time).
 ES_SETTING_DEFAULTS = REPLAY_DEFAULTS
 # Chunk size that makes every tensor one chunk: the noise of seed logs written before chunks existed.
@@ -67,10 +67,10 @@ def check_replayable(log: SeedLog) -> None:
             f"{log.path}: cannot replay optimizer {optimizer['class']}; replay imports only torch.optim optimizers."
         )
     for record in log.records:
-        if record.coefficients is None and not record.skip and not record.selection:
+        if record.coefficients is None and record.fitness is None and not record.skip and not record.selection:
             raise ValueError(
-                f"{log.path}: step {record.step} has no coefficients (strategy {es['strategy']!r} set the evolved "
-                "tensors itself), so it cannot be replayed."
+                f"{log.path}: step {record.step} has no coefficients and no fitness (strategy {es['strategy']!r} set "
+                "the evolved tensors itself, in a trl_es that did not record it), so it cannot be replayed."
             )
 
 
@@ -176,6 +176,8 @@ def replay_steps(model, log: SeedLog) -> int:
             continue  # no signal that step: the run made no update
         if record.selection:
             update = StrategyUpdate(UpdateKind.SELECTION, winner=record.winner, sigma=strategy.sigma_at(record.step))
+        elif record.fitness is not None:  # CMA-ES: told the same fitness, the search moves as it did in the run
+            update = strategy.tell(record.step, record.fitness)
         else:
             update = StrategyUpdate(UpdateKind.GRADIENT, coefficients=record.coefficients.to(device))
             for group, number in zip(optimizer.param_groups, recorded_groups):

@@ -36,6 +36,8 @@ class StrategyUpdate:
         winner: ``SELECTION``: the member whose perturbation becomes permanent, or ``None`` when the parent is kept.
         sigma: ``SELECTION``: the scale the winner was evaluated at (``strategy.sigma_at(step)``), made permanent.
         values: ``SET``: the new values of the evolved vector.
+        fitness: ``SET``: the raw fitness the strategy was told; the seed log records it, and replay tells the
+            strategy again (its state after each step follows from its start, its seed and these).
     """
 
     kind: UpdateKind
@@ -44,6 +46,7 @@ class StrategyUpdate:
     winner: int | None = None
     sigma: float | None = None
     values: torch.Tensor | None = None
+    fitness: torch.Tensor | None = None
 
 
 class Strategy(ABC):

@@ -250,15 +250,18 @@ class CMAStrategy(Strategy):
         floor = float(fitness[valid].min()) - 1.0 if valid.any() else 0.0
         filled = torch.where(valid, fitness, torch.full_like(fitness, floor))
         self.search.tell(self._candidates, filled)
-        return StrategyUpdate(UpdateKind.SET, centered_rank(filled), values=self.search.mean.to(torch.float32))
+        told = fitness.detach().cpu().clone()
+        return StrategyUpdate(
+            UpdateKind.SET, centered_rank(filled), values=self.search.mean.to(torch.float32), fitness=told
+        )
 
     def state_dict(self) -> dict:
         return {"search": self.search.state_dict()}
 
     def seed_log_state(self) -> dict:
-        # The seed log cannot use it: replay does not rebuild CMA-ES steps (it refuses strategy 'cma' by name). And it
-        # is O(dim^2) numbers (the covariance and its running mean): at ESSA's 960 singular values on SmolLM2 a copy
-        # was ~20 MB of JSON per step. Checkpoints keep it (state_dict) to resume the search.
+        # The step records imply it: replay rebuilds the search from its start by telling it each step's recorded
+        # fitness again. A copy would be O(dim^2) numbers a step (the covariance and its running mean: ~20 MB of JSON
+        # at ESSA's 960 singular values on SmolLM2). Checkpoints keep it (state_dict) to resume the search.
         return {}
 
     def load_state_dict(self, state: dict) -> None:
