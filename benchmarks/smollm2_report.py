@@ -18,8 +18,10 @@ from .ladder import DerivedArm, write_json_atomic
 from .ladder_aggregate import _number, aggregate, load_units
 
 
-def _final(final: dict | None) -> str:
-    return f"{final['mean']:.3f} ± {final['std']:.3f}" if final else "-"
+def _final(final: dict | None, seeds: int = 2) -> str:
+    if not final:
+        return "-"
+    return f"{final['mean']:.3f} ± {final['std']:.3f}" if seeds > 1 else f"{final['mean']:.3f} (one seed)"
 
 
 def _selection_lines(select_units: list[tuple[str, dict]], choice: dict) -> list[str]:
@@ -66,10 +68,11 @@ def _arm_row(title: str, setting: str, runs: list[dict]) -> str:
     def mean_of(key: str) -> float:
         return mean_or_nan([r[key] for r in runs])
 
+    start = mean_or_nan([r["eval_accuracy"][0] for r in runs])
     return (
-        f"| {title} | {setting} | {mean_or_nan([r['eval_accuracy'][0] for r in runs]):.3f} | {_final(final)} | "
-        f"{mean_of('steps'):.0f} | {mean_of('mean_step_s'):.0f} | {mean_of('rollouts_total'):,.0f} | "
-        f"{mean_of('train_seconds'):.0f} | {mean_of('peak_rss_mb'):.0f} |"
+        f"| {title} | {setting} | {start:.3f} | {_final(final, len(runs))} | {mean_of('steps'):.0f} | "
+        f"{mean_of('mean_step_s'):.0f} | {mean_of('rollouts_total'):,.0f} | {mean_of('train_seconds'):.0f} | "
+        f"{mean_of('peak_rss_mb'):.0f} |"
     )
 
 
@@ -126,13 +129,15 @@ def markdown(
                 f"{at['grpo']['std']:.3f}; ES - GRPO {_number(entry[f'es_minus_grpo_{key}'])}."
             )
     for name, derived in entry.get("derived", {}).items():
+        seeds = len(derived["seeds"])
         lines += [
             "",
             f"## {name} against ES (seeds both finished: {', '.join(map(str, derived['seeds'])) or 'none yet'})",
             "",
-            f"Settings: `{' '.join(derived['settings'])}`. ES final {_final(derived['es_final'])}, {name} final "
-            f"{_final(derived['final'])}; ES - {name}: {_number(derived[f'es_minus_{name}_equal_rollouts'])} at "
-            f"equal rollouts, {_number(derived[f'es_minus_{name}_equal_wall_clock'])} at equal wall-clock.",
+            f"Settings: `{' '.join(derived['settings'])}`. ES final {_final(derived['es_final'], seeds)}, {name} "
+            f"final {_final(derived['final'], seeds)}; ES - {name}: "
+            f"{_number(derived[f'es_minus_{name}_equal_rollouts'])} at equal rollouts, "
+            f"{_number(derived[f'es_minus_{name}_equal_wall_clock'])} at equal wall-clock.",
         ]
         if derived["seeds"]:  # the three arms side by side over these seeds (GRPO's where it has them)
             lines += ["", *TABLE_HEAD]

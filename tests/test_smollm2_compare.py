@@ -182,9 +182,10 @@ def test_report_pairs_es_and_grpo_seeds_and_reports_an_added_arm_apart(tmp_path)
     assert "| ES (trl_es.ESTrainer) | --sigma 0.012 | 0.164 | 0.400 ± 0.010 |" in text
     assert "ES - GRPO -0.220" in text and "## essa against ES (seeds both finished: 42)" in text
     added = text[text.index("## essa against ES") :]  # the added arm beside ES and GRPO over its own seeds
-    assert "| essa | --cma_sigma0 0.05 | 0.164 | 0.450 ± 0.000 | 12 | 100 | 2,048 | 800 | 2800 |" in added
-    assert "| ES (trl_es.ESTrainer) | --sigma 0.012 | 0.164 | 0.410 ± 0.000 |" in added
-    assert "| GRPO (trl.GRPOTrainer) | --grpo.temperature 0.7 | 0.164 | 0.630 ± 0.000 |" in added
+    assert "| essa | --cma_sigma0 0.05 | 0.164 | 0.450 (one seed) | 12 | 100 | 2,048 | 800 | 2800 |" in added
+    assert "| ES (trl_es.ESTrainer) | --sigma 0.012 | 0.164 | 0.410 (one seed) |" in added
+    assert "| GRPO (trl.GRPOTrainer) | --grpo.temperature 0.7 | 0.164 | 0.630 (one seed) |" in added
+    assert "ES final 0.410 (one seed), essa final 0.450 (one seed)" in added
     assert "{'es': [42, 43, 44], 'grpo': [42, 43]}" in text  # the unpaired unit is named, not dropped
     assert "| **es_sigma1.2e-2** | --sigma 0.012 | 12 | 0.450 | 0.400 | 100 |" in text
     assert json.loads((tmp_path / "smollm2.json").read_text())["selected"] == choice
