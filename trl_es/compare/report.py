@@ -229,6 +229,8 @@ def plot(report: dict, path: Path) -> bool:
     except ImportError:
         return False
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    # an arm added to a running comparison may have fewer seeds so far: then each label says how many
+    seed_counts = {len(arm["runs"]) for arm in report["arms"].values() if arm["runs"]}
     for ax, (axis, label) in zip(
         axes,
         (("rollouts", "rollouts (generated completions)"), ("wall_clock_s", "training wall-clock (s)")),
@@ -250,6 +252,8 @@ def plot(report: dict, path: Path) -> bool:
                 setting = f"cma_sigma0 {arm['settings'].get('cma_sigma0', '?')}"
             else:
                 setting = f"lr {arm['learning_rate']:g}" if arm["learning_rate"] is not None else ""
+            if len(seed_counts) > 1:
+                setting += f"{', ' if setting else ''}{len(runs)} seed(s)"
             line = ax.step(xs, mean, where="post", label=f"{arm_title(name)}" + (f", {setting}" if setting else ""))[0]
             ax.fill_between(xs, low, high, step="post", alpha=0.2, color=line.get_color())
         ax.set_xlabel(label)
@@ -257,10 +261,9 @@ def plot(report: dict, path: Path) -> bool:
         ax.grid(alpha=0.3)
     axes[0].legend(loc="lower right", fontsize=7)
     seeds = report["budget"]["seeds"]
+    over = f"{len(seeds)} seed(s)" if len(seed_counts) <= 1 else "each arm's seeds (in the legend)"
     busy = " — BUSY MACHINE: wall-clock not comparable" if report.get("machine", {}).get("busy") else ""
-    figure.suptitle(
-        f"Same base, prompts, rewards and budget; mean and min..max over {len(seeds)} seed(s){busy}", fontsize=10
-    )
+    figure.suptitle(f"Same base, prompts, rewards and budget; mean and min..max over {over}{busy}", fontsize=10)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
