@@ -248,9 +248,12 @@ def build_header(
     if with_base:
         header["base_weights_hash"] = weights_hash(model.named_parameters())
         if is_peft_model(model):
+            # the adapter's weights, and whatever else of the model the space evolves (modules_to_save)
+            parameters = dict(model.named_parameters())
+            initial = dict(adapter_tensors(model)) | {name: t for name, t in evolved if name in parameters}
             header["peft"]["initial_adapter"] = {
                 name: {"dtype": dtype_name(t.dtype), "shape": list(t.shape), "data": encode_tensor(t)}
-                for name, t in adapter_tensors(model)
+                for name, t in initial.items()
             }
     return header
 
