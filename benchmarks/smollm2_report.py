@@ -18,7 +18,7 @@ from .ladder import DerivedArm, write_json_atomic
 from .ladder_aggregate import _number, aggregate, load_units
 
 
-def _final(final: dict | None, seeds: int = 2) -> str:
+def _final(final: dict | None, seeds: int) -> str:
     if not final:
         return "-"
     return f"{final['mean']:.3f} ± {final['std']:.3f}" if seeds > 1 else f"{final['mean']:.3f} (one seed)"
