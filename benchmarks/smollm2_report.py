@@ -12,9 +12,10 @@ import time
 from pathlib import Path
 
 from trl_es.compare.machine import describe_machine
-from trl_es.compare.report import arm_title, mean_or_nan, plot, spread_or_nan
+from trl_es.compare.report import arm_title, mean_or_nan, plot
 
 from .ladder import DerivedArm, write_json_atomic
+from .ladder_aggregate import _final as finals_of
 from .ladder_aggregate import _number, aggregate, load_units
 
 
@@ -62,15 +63,13 @@ TABLE_HEAD = [
 
 def _arm_row(title: str, setting: str, runs: list[dict]) -> str:
     """One arm over its runs (the seeds of one comparison): means of what each run recorded."""
-    finals = [r["final_eval_accuracy"] for r in runs]
-    final = {"mean": mean_or_nan(finals), "std": spread_or_nan(finals)}
 
     def mean_of(key: str) -> float:
         return mean_or_nan([r[key] for r in runs])
 
     start = mean_or_nan([r["eval_accuracy"][0] for r in runs])
     return (
-        f"| {title} | {setting} | {start:.3f} | {_final(final, len(runs))} | {mean_of('steps'):.0f} | "
+        f"| {title} | {setting} | {start:.3f} | {_final(finals_of(runs), len(runs))} | {mean_of('steps'):.0f} | "
         f"{mean_of('mean_step_s'):.0f} | {mean_of('rollouts_total'):,.0f} | {mean_of('train_seconds'):.0f} | "
         f"{mean_of('peak_rss_mb'):.0f} |"
     )
