@@ -198,6 +198,39 @@ def test_resumed_run_continues_the_log_and_checkpoints_replay_to_themselves(tiny
     assert_same_saved_weights(tmp_path / "resumed", tmp_path / "replayed")
 
 
+@pytest.mark.parametrize("sigma_decay", [1.0, 0.5])
+def test_a_log_written_before_a_setting_existed_is_continued_only_at_its_replay_default(
+    tiny_model_dir, tmp_path, caplog, sigma_decay
+):
+    # An older trl_es wrote no sigma_decay (replay reads 1.0 for it). Resumed at 1.0 the old log is continued, header
+    # and all; resumed at 0.5 it cannot be, since replaying it would decay nothing: the resumed run writes no log.
+    settings = dict(save_strategy="steps", save_steps=2, sigma_decay=sigma_decay)
+    train_run(tiny_model_dir, tmp_path / "first", max_steps=2, **settings)
+    checkpoint_log = tmp_path / "first" / "checkpoint-2" / LOG_NAME
+    header, *records = checkpoint_log.read_text().splitlines()
+    header = json.loads(header)
+    assert header["es"].pop("sigma_decay") == sigma_decay
+    checkpoint_log.write_text("\n".join([json.dumps(header), *records]) + "\n")
+
+    with caplog.at_level(logging.WARNING, logger="trl_es.seed_log"):
+        train_run(
+            tiny_model_dir,
+            tmp_path / "resumed",
+            max_steps=4,
+            resume_from_checkpoint=str(checkpoint_log.parent),
+            **settings,
+        )
+    if sigma_decay == 1.0:
+        log = read_seed_log(tmp_path / "resumed" / LOG_NAME)
+        assert [r.step for r in log.records] == [0, 1, 2, 3] and "sigma_decay" not in log.header["es"]
+        assert "No seed log" not in caplog.text
+        cli_replay(tiny_model_dir, tmp_path / "resumed" / LOG_NAME, tmp_path / "replayed")
+        assert_same_saved_weights(tmp_path / "resumed", tmp_path / "replayed")
+    else:
+        assert "No seed log for this run: its ['es'] differ" in caplog.text
+        assert not (tmp_path / "resumed" / LOG_NAME).exists()
+
+
 # sgd: the in-place update, which must apply nothing on the skipped step and log a zero gradient norm
 @pytest.mark.parametrize("optim", ["adamw_torch", "sgd"])
 def test_a_step_without_signal_is_logged_as_skipped_and_replays(tiny_model_dir, tmp_path, optim):

@@ -69,7 +69,7 @@ from accelerate.utils import is_peft_model
 from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
-from .config_fields import SEED_LOG_FIELDS
+from .config_fields import REPLAY_DEFAULTS, SEED_LOG_FIELDS
 from .core import UpdateKind
 
 
@@ -85,6 +85,16 @@ ES_SETTINGS = SEED_LOG_FIELDS
 RESUME_MUST_MATCH = ("es", "optimizer", "evolved")
 # Param-group keys that are not hyperparameters: the tensors, the per-step lr, and the scheduler's bookkeeping.
 _NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
+
+
+def _as_replayed(header: dict, key: str):
+    """``header[key]`` as replay reads it: a log written before an ES setting existed lacks it and replays with the
+    setting's REPLAY_DEFAULTS value, so a run resumed under a newer trl_es at that same value continues the older log
+    (whose header is kept) instead of starting a fresh one."""
+    value = header.get(key)
+    if key != "es" or value is None:
+        return value
+    return {**REPLAY_DEFAULTS, **value}
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -357,7 +367,7 @@ class SeedLogCallback(TrainerCallback):
                 global_step,
             )
             return None
-        differ = [key for key in RESUME_MUST_MATCH if log.header.get(key) != header[key]]
+        differ = [key for key in RESUME_MUST_MATCH if _as_replayed(log.header, key) != _as_replayed(header, key)]
         if differ:
             logger.warning(
                 "No seed log for this run: its %s differ from those of the checkpoint's log %s, so one log could "
