@@ -441,3 +441,23 @@ def test_a_strategy_field_set_for_another_strategy_is_named():
     with pytest.raises(ValueError, match=r"sigma_decay=0.5 is read by strategy 'gaussian' and 'ga' only"):
         ESConfig("out", strategy="cma", perturbation="svd", sigma_decay=0.5, bf16=False)
     assert ESConfig("out", strategy="ga", sigma_decay=0.5, bf16=False).sigma_decay == 0.5
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            dict(vllm_dtype="bf16", use_vllm=True),
+            r"vllm_dtype must be None \(the model's dtype\) or one of \['bfloat16'",
+        ),
+        (dict(vllm_dtype="bfloat16"), r"vllm_dtype='bfloat16' is the dtype of a vLLM engine, but use_vllm=False"),
+        (
+            dict(vllm_dtype="float16", use_vllm=True, vllm_mode="server"),
+            r"with vllm_mode='server' the server runs in the dtype it was started with",
+        ),
+    ],
+)
+def test_a_vllm_dtype_that_cannot_be_honoured_is_named(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        config(**overrides)
+    assert config(vllm_dtype="bfloat16", use_vllm=True, vllm_mode="colocate").vllm_dtype == "bfloat16"

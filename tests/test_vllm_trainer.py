@@ -21,7 +21,7 @@ from trl_es.tasks.chat_arithmetic import chat_arithmetic_accuracy, chat_arithmet
 MODEL = "builtin:smollm2-135m-instruct"
 
 
-def run(tmp_path, use_vllm: bool):
+def run(tmp_path, use_vllm: bool, **overrides):
     args = ESConfig(
         str(tmp_path / ("vllm" if use_vllm else "generate")),
         use_vllm=use_vllm,
@@ -43,6 +43,7 @@ def run(tmp_path, use_vllm: bool):
         bf16=False,
         use_cpu=True,
         seed=3,
+        **overrides,
     )
     trainer = ESTrainer(
         MODEL,
@@ -75,6 +76,34 @@ def test_es_steps_through_vllm_make_the_same_update_as_through_generate(tmp_path
     assert moved
     for name, p in plain.model.named_parameters():
         assert torch.equal(p.detach(), engine_weights[name]), name
+
+
+def test_es_through_a_bf16_engine_keeps_fp32_weights_and_pushes_them_rounded(tmp_path):
+    """vllm_dtype='bfloat16': members are scored in a bf16 engine (formed from the trainer's fp32 weights), the
+    update is made and kept in fp32, and each step's push leaves the engine holding the new weights rounded."""
+    from trl_es.integrations.vllm_engine import engine_hf_weights
+    from trl_es.trl_compat import colocated_vllm, sync_vllm_weights
+
+    trainer, before = run(tmp_path, use_vllm=True, vllm_dtype="bfloat16")
+    llm = colocated_vllm(trainer)
+    assert llm.llm_engine.model_config.dtype == torch.bfloat16
+    assert trainer.engine_members is not None
+    log = read_seed_log(os.path.join(trainer.args.output_dir, "es_seed_log.jsonl"))
+    assert any(not r.skip for r in log.records), "no step had signal: nothing was updated"
+    weights = dict(trainer.model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in weights.values())
+    moved = [name for name, p in weights.items() if not torch.equal(p.detach(), before[name])]
+    assert moved
+    # changes a bf16 model would have rounded away (below half a bf16 unit of their weight): fp32 keeps them
+    lost_in_bf16 = sum(
+        int(((weights[n].detach() != before[n]) & (weights[n].detach().bfloat16() == before[n].bfloat16())).sum())
+        for n in moved
+    )
+    assert lost_in_bf16 > 0
+    sync_vllm_weights(trainer)
+    held = llm.collective_rpc(engine_hf_weights)[0]
+    for name, p in weights.items():
+        assert torch.equal(held[name], p.detach().to(torch.bfloat16)), name
 
 
 def test_grpo_colocate_runs_on_vllm_cpu_and_its_push_reaches_the_engine(tmp_path):

@@ -25,8 +25,10 @@ from .config_fields import (
     NOT_CONVERTED,
     REUSE_REASON,
     STRATEGY_FIELDS,
+    VLLM_DTYPES,
     inplace_update_problem,
     strategy_field_problem,
+    vllm_dtype_problem,
 )
 from .core import (
     FITNESS_SHAPINGS,
@@ -315,6 +317,17 @@ class ESConfig(GRPOConfig):
             "`trl-es replay` rebuilds the trained weights from it and the base model."
         },
     )
+    vllm_dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "use_vllm with vllm_mode='colocate': the dtype the engine generates in. None: the model's own, "
+            "so each member scored is exactly the member the update is computed for. 'bfloat16' or 'float16' below "
+            "an fp32 model: a faster engine that scores each member rounded once to that dtype (formed from the "
+            "trainer's weights and noise), while the weights and the update stay fp32. A server's dtype is its own "
+            "(`trl vllm-serve --dtype`).",
+            "choices": list(VLLM_DTYPES),
+        },
+    )
 
     # GRPOConfig fields whose defaults ES changes.
     learning_rate: float | None = field(
@@ -534,7 +547,7 @@ class ESConfig(GRPOConfig):
             raise ValueError(f"cma_sigma0 must be finite and > 0, got {self.cma_sigma0}.")
         if self.temperature < 0:
             raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}.")
-        problem = inplace_update_problem(self) if self.inplace_update else None
+        problem = vllm_dtype_problem(self) or (inplace_update_problem(self) if self.inplace_update else None)
         if problem:  # what a config alone can tell; the optimizer actually built is checked when training starts
             raise ValueError(problem)
         self._check_drift_and_group_fields()

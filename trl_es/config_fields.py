@@ -87,6 +87,8 @@ FIELD_ROLES: dict[str, FieldRole] = {
     "sync_ref_model": FieldRole(trajectory=True),
     "ref_model_sync_steps": FieldRole(trajectory=True),
     "ref_model_mixup_alpha": FieldRole(trajectory=True, finite=True),
+    # which members are scored: an engine below the model's precision scores each one rounded
+    "vllm_dtype": FieldRole(trajectory=True),
 }
 
 # ES fields with none of the roles above: they change speed, memory or logging, never what a run computes (the
@@ -179,6 +181,27 @@ ES_TAKES_OVER_WHEN_DEFAULT = ("learning_rate", "optim", "max_grad_norm", "disabl
 # Never carried over: ES runs no backward pass, so activation checkpointing (GRPO's default, set through the
 # deprecated alias gradient_checkpointing) would only slow generation.
 NOT_CONVERTED = ("gradient_checkpointing", "activation_checkpointing")
+
+
+#: what ``vllm_dtype`` may name (None: the model's own dtype)
+VLLM_DTYPES = ("bfloat16", "float16", "float32")
+
+
+def vllm_dtype_problem(args) -> str | None:
+    """Why ``vllm_dtype`` cannot be honoured with these settings, or None."""
+    if args.vllm_dtype is None:
+        return None
+    if args.vllm_dtype not in VLLM_DTYPES:
+        return f"vllm_dtype must be None (the model's dtype) or one of {list(VLLM_DTYPES)}, got {args.vllm_dtype!r}."
+    if not args.use_vllm:
+        return f"vllm_dtype={args.vllm_dtype!r} is the dtype of a vLLM engine, but use_vllm=False: set use_vllm=True."
+    if args.vllm_mode != "colocate":
+        return (
+            f"vllm_dtype={args.vllm_dtype!r} sets the dtype of the engine this trainer builds (vllm_mode='colocate'); "
+            f"with vllm_mode={args.vllm_mode!r} the server runs in the dtype it was started with "
+            "(`trl vllm-serve --dtype`). Drop vllm_dtype."
+        )
+    return None
 
 
 def inplace_update_problem(args) -> str | None:

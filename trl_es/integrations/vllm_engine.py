@@ -129,8 +129,10 @@ def hf_blocks(model) -> dict[str, list[tuple[str, int, int]]]:
 # ---------------------------------------------------------------------------------------------- worker functions
 
 
-def engine_setup(worker, evolved: Sequence[str], noise, backend: str) -> dict:
-    """Find every evolved HF tensor in the engine; returns what was found (raises naming what is missing)."""
+def engine_setup(worker, evolved: Sequence[str], noise, backend: str, masters=None) -> dict:
+    """Find every evolved HF tensor in the engine; returns what was found (raises naming what is missing).
+    ``masters`` (HF name -> the trainer's tensor, by reference): for an engine in a lower precision than the trainer,
+    where a member is formed from the trainer's weights and rounded once, not from the engine's rounded copy."""
     model = worker.model_runner.model
     params = dict(model.named_parameters(remove_duplicate=False))
     modules = dict(model.named_modules())
@@ -159,6 +161,7 @@ def engine_setup(worker, evolved: Sequence[str], noise, backend: str) -> dict:
             "targets": targets,
             "params": params,
             "clean": None,  # in_place: the step's clean copies
+            "masters": masters,
             "heads_follow": any(id(params[name]) in embeds for name, _, _ in targets),
         },
     )
@@ -172,14 +175,27 @@ def _add_member(flat: torch.Tensor, noise, step: int, member: int, key: str, sca
         noise.add_span(flat.narrow(0, span.slice_offset, span.count), step, direction, key, numel, span, sign * scale)
 
 
-def _member_tensor(clean: torch.Tensor, blocks, noise, step: int, member: int, sigma: float, out=None):
-    """``clean + sigma * eps_member`` block by block (each HF tensor's own noise), into ``out`` or a new tensor."""
-    weight = clean.clone() if out is None else out.copy_(clean)
+def _member_tensor(clean: torch.Tensor, blocks, noise, step: int, member: int, sigma: float, out=None, masters=None):
+    """``clean + sigma * eps_member`` block by block (each HF tensor's own noise), into ``out`` or a new tensor.
+
+    With ``masters`` (an engine in a lower precision than the trainer), each evolved block is the trainer's own
+    ``master + sigma * eps`` in the master's dtype, rounded to the engine's dtype once at the end: the member the
+    update is computed for, rounded, rather than a sum of two roundings (the engine's rounded clean weight plus
+    noise), which would move every member by up to half a unit in the last place of the clean weight."""
+    if masters is None:
+        weight = clean.clone() if out is None else out.copy_(clean)
+    else:  # rows that are not evolved keep the engine's values (exact through the round trip)
+        weight = clean.to(next(iter(masters.values())).dtype, copy=True)
     columns = weight[0].numel() if weight.ndim > 1 else 1
     flat = weight.view(-1)
     for key, row, rows in blocks:
-        _add_member(flat.narrow(0, row * columns, rows * columns), noise, step, member, key, sigma)
-    return weight
+        block = flat.narrow(0, row * columns, rows * columns)
+        if masters is not None:
+            block.copy_(masters[key].detach().reshape(-1))
+        _add_member(block, noise, step, member, key, sigma)
+    if masters is None:
+        return weight
+    return weight.to(clean.dtype) if out is None else out.copy_(weight)
 
 
 @torch.no_grad()
@@ -197,19 +213,19 @@ def engine_end_population(worker) -> None:
 @torch.no_grad()
 def engine_perturb(worker, step: int, member: int, sigma: float) -> None:
     state = getattr(worker.model_runner.model, STATE)
-    noise, params = state["noise"], state["params"]
+    noise, params, masters = state["noise"], state["params"], state["masters"]
     if state["backend"] == "in_place":
         clean = state["clean"]
         if clean is None:
             raise RuntimeError("engine_perturb outside engine_begin_population / engine_end_population")
         for name, _, blocks in state["targets"]:
-            _member_tensor(clean[name], blocks, noise, step, member, sigma, out=params[name].data)
+            _member_tensor(clean[name], blocks, noise, step, member, sigma, out=params[name].data, masters=masters)
         return
     # repack: the member's weights beside the clean Parameter (kept for restore and for TRL's push), then packed
     state["member"] = {}
     for name, module, blocks in state["targets"]:
         param = params[name]
-        weight = _member_tensor(param.data, blocks, noise, step, member, sigma)
+        weight = _member_tensor(param.data, blocks, noise, step, member, sigma, masters=masters)
         if _is_packed_linear(module, name):
             state["member"][name] = (module, param)
             module.weight = torch.nn.Parameter(weight, requires_grad=False)
@@ -235,6 +251,19 @@ def engine_restore(worker) -> None:
     for name, clean in state.pop("plain_clean", {}).items():
         params[name].data.copy_(clean)
     _repack_heads(worker.model_runner.model, state)
+
+
+@torch.no_grad()
+def engine_hf_weights(worker) -> dict[str, torch.Tensor]:
+    """Every HF tensor as the engine holds it now (a member's while one is built), split out of vLLM's fused
+    parameters: for checking what the engine computes with against the trainer's weights."""
+    model = worker.model_runner.model
+    params = dict(model.named_parameters(remove_duplicate=False))
+    return {
+        key: params[name].detach()[row : row + rows].clone()
+        for name, blocks in hf_blocks(model).items()
+        for key, row, rows in blocks
+    }
 
 
 def _is_packed_linear(module, name: str) -> bool:
@@ -285,7 +314,7 @@ def engine_fix_load_weights(worker) -> None:
 class EngineMembers:
     """The trainer's handle on the members served inside a colocated vLLM engine (``LLM``)."""
 
-    def __init__(self, llm, evolved: Sequence[str], noise, backend: str = "auto"):
+    def __init__(self, llm, evolved: Sequence[str], noise, backend: str = "auto", masters=None):
         if backend == "auto":
             from vllm.platforms import current_platform
 
@@ -295,7 +324,7 @@ class EngineMembers:
             raise ValueError(f"backend must be 'auto', 'repack' or 'in_place', got {backend!r}")
         self.llm = llm
         self.backend = backend
-        self.found = self._call(engine_setup, list(evolved), noise, backend)
+        self.found = self._call(engine_setup, list(evolved), noise, backend, masters)
 
     def _call(self, fn, *args):
         return self.llm.collective_rpc(fn, args=args)[0]
@@ -346,7 +375,7 @@ def colocated_engine_options(model, args, prefix_caching: bool = True):
 
     from .. import trl_compat
 
-    options = {"dtype": _model_dtype(model, args)}
+    options = {"dtype": getattr(args, "vllm_dtype", None) or _model_dtype(model, args)}
     if current_platform.is_cpu():
         install_cpu_weight_hook()
         # A compiled graph holds the oneDNN packs it was traced with: every repack (a member, a weight push) would
@@ -397,7 +426,12 @@ def engine_members_of(trainer) -> "EngineMembers | None":
     space = trainer.perturbation_space
     if trainer.args.strategy != "gaussian" or type(space) is not InPlaceSpace or is_peft_model(trainer.model):
         return None
-    return EngineMembers(llm, [name for name, _ in space.named_tensors()], space.noise)
+    evolved = dict(space.named_tensors())
+    engine_dtype = llm.llm_engine.model_config.dtype
+    # an engine below the trainer's precision forms each member from the trainer's weights (passed by reference:
+    # colocate mode shares the process), so the member scored is the member the update is computed for, rounded
+    lower = any(tensor.dtype != engine_dtype for tensor in evolved.values())
+    return EngineMembers(llm, list(evolved), space.noise, masters=evolved if lower else None)
 
 
 def _current_dispatch_packs() -> bool:
@@ -411,6 +445,7 @@ __all__ = [
     "colocated_engine_options",
     "engine_build_options",
     "engine_fix_load_weights",
+    "engine_hf_weights",
     "engine_members_of",
     "fix_weight_push",
     "hf_blocks",
