@@ -17,6 +17,10 @@ Hugging Face parameter name (``model.layers.0.self_attn.q_proj.weight``), and vL
   noise is added to the live tensors and a clean copy held for the step is copied back. On a CPU it runs with the
   hook's ``pack=False`` (Linears left as plain ``F.linear`` weights), which is how the tests exercise it.
 
+An engine in a lower precision than the trainer (``vllm_dtype``: bf16 under an fp32 model, for speed) gets the
+trainer's tensors by reference (``masters``): a member is then the trainer's ``w + sigma * eps`` rounded once to the
+engine's dtype, the very member the fp32 update is computed for, rounded.
+
 Only what the engine computes with is perturbed: a perturbation living outside the weights (``low_rank``'s forward
 hooks) or in an adapter (``lora``) cannot be served this way (``check_engine_members`` names it). Colocate mode is
 built here; in server mode the same worker functions would be the methods of a ``worker_extension_cls`` reached by
