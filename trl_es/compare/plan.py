@@ -9,7 +9,7 @@ A recipe is an ES training recipe plus optional sections::
     variants:                      # optional: more ES arms, each named, each the ES arm's settings plus its own
       many: {perturbation: low_rank, population_size: 256, prompt_groups: 8}
       essa: {adapter_name_or_path: builtin:arithmetic-lora, perturbation: svd, strategy: cma}
-    grpo: {...}                    # the GRPO arm's own settings, on top of TRL's GRPOConfig defaults
+    grpo: {...}                    # the GRPO arm's own settings, on top of TRL's GRPOConfig defaults (and vllm_dtype)
     compare: {budget_rollouts: ..., budget_seconds: ..., eval_points: ..., validation_size: ..., arms: [...],
               grid: {es: [lr, ...], essa: {cma_sigma0: [...]}, ...}}
 
@@ -32,10 +32,13 @@ from dataclasses import dataclass, field
 from trl import GRPOConfig, ModelConfig, TrlParser
 
 from ..config import ESConfig, derived_learning_rate
+from ..config_fields import vllm_dtype_problem
 from ..recipe_checks import check_recipe_types, type_problem
 from ..recipes import SECTIONS, VARIANTS, ESScriptArguments
 
 
+# ESConfig fields a GRPO arm takes too: its colocated vLLM engine's settings (see parse_arm).
+GRPO_ENGINE_KEYS = ("vllm_dtype",)
 # Training keys that define the task or the measurement rather than an algorithm: every arm uses the same value.
 SHARED_TRAINING_KEYS = (
     "seed",
@@ -133,13 +136,25 @@ def _arm_label(arm: str, point: dict | None = None) -> str:
 
 def parse_arm(kind: str, config: dict, arm: str, point: dict | None = None) -> tuple:
     """``(script_args, training_args, model_args)`` from one arm's whole config, as its process parses them: every
-    value type-checked, the config classes built (their own checks run); errors name the arm (and grid point)."""
+    value type-checked, the config classes built (their own checks run); errors name the arm (and grid point).
+
+    A GRPO arm may set ``vllm_dtype`` as ES's does (its colocated engine's dtype), though ``GRPOConfig`` has no such
+    field: it is kept on the parsed config, where the harness's engine options read it."""
     label = _arm_label(arm, point)
+    engine_dtype = None
+    if kind != "es" and "vllm_dtype" in config:  # GRPO_ENGINE_KEYS
+        config = dict(config)
+        engine_dtype = config.pop("vllm_dtype")
     _check_arm_types(label, kind, config)
     try:
-        return TrlParser(arm_classes(kind)).parse_dict(config, allow_extra_keys=False)
+        parsed = TrlParser(arm_classes(kind)).parse_dict(config, allow_extra_keys=False)
     except (ValueError, TypeError) as error:
         raise ValueError(f"{label}: {error}") from error
+    if kind != "es":
+        parsed[1].vllm_dtype = engine_dtype
+        if problem := vllm_dtype_problem(parsed[1]):
+            raise ValueError(f"{label}: {problem}")
+    return parsed
 
 
 def check_arms(plan: "ComparePlan", grid: bool, output_dir: str) -> None:
@@ -265,7 +280,7 @@ def make_plan(recipe: dict, overrides: dict | None = None, arms: list[str] | Non
     es.update(recipe.get("es") or {})
     grpo = dict(recipe.get("grpo") or {})
     _check_arm_section("grpo section", grpo, shared_names)
-    misplaced = sorted(set(grpo) & _es_only_keys())
+    misplaced = sorted(set(grpo) & _es_only_keys() - set(GRPO_ENGINE_KEYS))
     if misplaced:
         raise ValueError(f"grpo section: {misplaced} are ES fields; GRPOConfig has no such fields.")
     variants = recipe.get(VARIANTS) or {}
