@@ -87,14 +87,19 @@ RESUME_MUST_MATCH = ("es", "optimizer", "evolved")
 _NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr")
 
 
+def logged_es_settings(header: dict) -> dict:
+    """A log header's ES settings as replay reads them: a setting a log written before it existed lacks stands for
+    the behaviour of the time (its REPLAY_DEFAULTS value)."""
+    return {**REPLAY_DEFAULTS, **header["es"]}
+
+
 def _as_replayed(header: dict, key: str):
-    """``header[key]`` as replay reads it: a log written before an ES setting existed lacks it and replays with the
-    setting's REPLAY_DEFAULTS value, so a run resumed under a newer trl_es at that same value continues the older log
-    (whose header is kept) instead of starting a fresh one."""
+    """``header[key]`` as replay reads it (:func:`logged_es_settings` for ``es``), so a run resumed under a newer
+    trl_es at a new setting's replay default continues the older log (whose header is kept) instead of writing none."""
     value = header.get(key)
     if key != "es" or value is None:
         return value
-    return {**REPLAY_DEFAULTS, **value}
+    return logged_es_settings(header)
 
 
 # ---------------------------------------------------------------------------------------------- encoding
@@ -565,6 +570,7 @@ __all__ = [
     "SeedLogCallback",
     "SeedRecord",
     "build_header",
+    "logged_es_settings",
     "read_seed_log",
     "weights_hash",
 ]

@@ -16,7 +16,6 @@ import torch
 
 from . import trl_compat
 from .config import ESConfig
-from .config_fields import REPLAY_DEFAULTS
 from .core import Anchor, StrategyUpdate, UpdateKind, plain_sgd_problem
 from .core.apply import GradientStep, apply_update
 from .search import build_search
@@ -27,6 +26,7 @@ from .seed_log import (
     decode_tensor,
     dtype_from_name,
     dtype_name,
+    logged_es_settings,
     read_seed_log,
     weights_hash,
 )
@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 
 REPLAYABLE_STRATEGIES = ("gaussian", "ga", "cma")
 REPLAYABLE_SPACES = ("full", "lora", "low_rank", "svd")
-# What a log written before a setting existed implies for it (the behaviour of the time).
-ES_SETTING_DEFAULTS = REPLAY_DEFAULTS
 # Chunk size that makes every tensor one chunk: the noise of seed logs written before chunks existed.
 WHOLE_TENSOR_NOISE = 2**62
 
@@ -116,13 +114,11 @@ def build_replay_search(model, log: SeedLog):
     es = log.header["es"]
     # ESConfig's defaults for what the log does not record (a strategy's own settings, e.g. ga_elite): the records
     # say what each step did, so those settings only have to build the strategy. A setting a log written before it
-    # existed lacks takes the behaviour of the time (ES_SETTING_DEFAULTS).
+    # existed lacks takes the behaviour of the time (logged_es_settings).
     defaults = {f.name: f.default for f in dataclasses.fields(ESConfig) if f.default is not dataclasses.MISSING}
     settings = SimpleNamespace(**defaults)
-    vars(settings).update(
-        {name: es[name] if name in es else ES_SETTING_DEFAULTS[name] for name in ES_SETTINGS},
-        perturbation=es["perturbation"],
-    )
+    logged = logged_es_settings(log.header)
+    vars(settings).update({name: logged[name] for name in ES_SETTINGS}, perturbation=es["perturbation"])
     settings.population_batch_size = None  # how members share a forward; replay runs no forward
     # A log without noise_chunk predates chunked noise: each tensor's noise was one draw, i.e. a single chunk.
     settings.noise_chunk = es.get("noise_chunk", WHOLE_TENSOR_NOISE)
