@@ -160,7 +160,7 @@ def main(argv=None) -> int:
         return Timed()
 
     vllm_engine.EngineMembers.perturbed = timed_perturbed
-    completions = {}  # trainer -> the completions of every member, in order
+    completions = {}  # trainer -> its first step: every completion, in order, and each member's mean reward
     arms = [("vllm", True, None)] + ([(f"vllm_{low}", True, low)] if low else []) + [("generate", False, None)]
     for name, use_vllm, dtype in arms:
         trainer = trainer_for(args, os.path.join(args.output_dir, name), use_vllm, dtype)
